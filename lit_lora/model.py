@@ -1,0 +1,315 @@
+"""Llama 2 in one file, written to be read top to bottom.
+
+Llama 2 (Touvron et al. 2023) is a decoder-only transformer: token embeddings, a stack of
+pre-norm blocks, a final norm and a linear head that scores the next token.
+
+    idx ─► tok_embeddings ─► [ Block ] x n_layer ─► RMSNorm ─► lm_head ─► logits
+
+    Block:  x ─► RMSNorm ─► CausalSelfAttention (RoPE, GQA) ─► (+x) ─► RMSNorm ─► SwiGLU MLP ─► (+)
+
+Notation used in the shape comments:
+    B   batch size                      T   sequence length of this forward pass
+    C   embedding size (n_embd)         V   vocabulary size
+    nh  number of query heads           hs  head size (C // nh)
+    nkv number of key/value heads       S   length of the keys/values attended to (T, or the
+                                            filled part of the KV cache when decoding)
+
+Fine-tuning methods plug into this model without changing this file:
+  * LoRA (lit_lora/lora.py): `add_lora` swaps chosen `nn.Linear` projections (q_proj and v_proj by
+    default) for `LoRALinear` wrappers on a built model. Every projection below is a plain
+    `nn.Linear` until then.
+  * LLaMA-Adapter (lit_lora/adapter.py): `add_adapter` fills the `adapter` seam of
+    `CausalSelfAttention` in the top layers.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    """Architecture hyperparameters. Everything a Hugging Face `LlamaConfig` of the Llama 2 family sets."""
+
+    name: str = ""
+    block_size: int = 4096  # context length: the longest sequence the model is used with
+    vocab_size: int = 32000
+    n_layer: int = 32
+    n_head: int = 32
+    n_embd: int = 4096
+    n_kv_heads: Optional[int] = None  # < n_head means grouped-query attention; None means n_head
+    intermediate_size: Optional[int] = None  # SwiGLU hidden size; None derives Meta's default
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # lm_head shares the embedding matrix (small models do this)
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_head
+        if self.n_head % self.n_kv_heads:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if self.intermediate_size is None:
+            # Meta's rule: 2/3 of 4 * C (SwiGLU has three matrices instead of two), rounded up to 256.
+            self.intermediate_size = 256 * math.ceil(int(2 * 4 * self.n_embd / 3) / 256)
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "Config":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model name {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(name=name, **{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown Config fields {unknown}")
+        return cls(**values)
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # Llama 2 (Touvron et al. 2023, Table 1). 70B uses grouped-query attention with 8 key/value heads.
+    "7B": dict(n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008),
+    "13B": dict(n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824),
+    "70B": dict(n_layer=80, n_head=64, n_embd=8192, n_kv_heads=8, intermediate_size=28672),
+    # Small public Llama-2-architecture models that run on a laptop CPU.
+    "TinyLlama-1.1B": dict(block_size=2048, n_layer=22, n_head=32, n_embd=2048, n_kv_heads=4, intermediate_size=5632),
+    "stories15M": dict(block_size=256, n_layer=6, n_head=6, n_embd=288, intermediate_size=768),
+    "stories42M": dict(block_size=1024, n_layer=8, n_head=8, n_embd=512, intermediate_size=1376),
+    "stories110M": dict(block_size=1024, n_layer=12, n_head=12, n_embd=768, intermediate_size=2048),
+    # For tests and CPU experiments: ~4.5M parameters, mostly the Llama 2 sized embedding and head.
+    "tiny": dict(block_size=512, n_layer=2, n_head=4, n_embd=64, n_kv_heads=2, intermediate_size=176),
+}
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight.
+
+    Unlike LayerNorm it neither subtracts the mean nor adds a bias: rescaling is what stabilises
+    training, and it is cheaper. The statistic is taken in float32 even for bf16 inputs.
+    """
+
+    def __init__(self, size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_fp32 = x.float()
+        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_size: int, theta: float, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding tables (Su et al. 2021, "RoFormer", section 3.4) for `positions`.
+
+    RoPE encodes position p by rotating each pair of query/key features by the angle p * f_i, with
+    frequencies f_i = theta^(-2i / hs). The dot product of a rotated query at position m and a
+    rotated key at position n then depends only on m - n: attention sees relative positions.
+
+    Layout: we pair feature i with feature i + hs/2 ("rotate half", the Hugging Face layout), so HF
+    checkpoints and PEFT adapters load without any permutation. Meta's original checkpoints pair
+    neighbours (2i, 2i+1); `scripts/convert_checkpoint.py` permutes their q/k rows once, exactly.
+
+    The tables are computed per forward pass (T x hs/2 sines, negligible next to the matmuls), so
+    the model holds no buffers that would need rebuilding after meta-device initialisation.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, device=positions.device, dtype=torch.float32) / head_size)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hs/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, hs): the same angle for feature i and i + hs/2
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (x_i, x_{i+hs/2}) by the angle of its position: x * cos + rotate_half(x) * sin."""
+    half = x.size(-1) // 2
+    rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, n, T, hs)
+    return x * cos + rotated_half * sin
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The formula `F.scaled_dot_product_attention` computes, spelled out (Vaswani et al. 2017):
+    softmax(q k^T / sqrt(hs), masked where `mask` is False) v. q: (B, nh, T, hs); k, v: (B, nh, S, hs).
+    The fused kernel gives the same result without materialising the (T, S) score matrix."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+    if mask is None:  # plain causal: query t sees keys 0..t
+        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v  # (B, nh, T, hs)
+
+
+class KVCache(nn.Module):
+    """Keys and values of the tokens seen so far, preallocated for `max_seq_length` positions.
+
+    When decoding, each new token's query attends to all earlier keys/values; caching them turns the
+    work per generated token from O(T^2) (re-running the prefix) into O(T).
+    """
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_length: int, head_size: int,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_length, head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, end: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nkv, T, hs) at `input_pos`; return the filled prefix (B, nkv, end, hs)."""
+        batch = k.size(0)
+        self.k[:batch, :, input_pos] = k.to(self.k.dtype)
+        self.v[:batch, :, input_pos] = v.to(self.v.dtype)
+        return self.k[:batch, :, :end], self.v[:batch, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention with rotary positions and grouped-query attention (GQA).
+
+    GQA (Ainslie et al. 2023): nh query heads share nkv <= nh key/value heads, each key/value head
+    serving a group of nh // nkv consecutive query heads. nkv = nh is ordinary multi-head attention;
+    Llama-2-70B uses nkv = 8 for nh = 64, which shrinks the KV cache 8x at almost no quality cost.
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_heads, self.head_size = config.n_head, config.n_kv_heads, config.head_size
+        kv_size = config.n_kv_heads * config.head_size
+        # LoRA enters here: add_lora() (lit_lora/lora.py) replaces q_proj and v_proj by default (any of
+        # the four on request) with LoRALinear(W), computing W x + (alpha / r) B A x.
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, kv_size, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, kv_size, bias=False)
+        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+        # The LLaMA-Adapter seam: None in plain Llama. add_adapter() (lit_lora/adapter.py) sets a module
+        # called as adapter(q, self) -> (B, nh, T, hs), a gated attention over learned prompt tokens that
+        # is added to the ordinary attention output before o_proj.
+        self.adapter: Optional[nn.Module] = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                input_pos: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if input_pos is not None:  # incremental decoding: attend to everything cached so far
+            k, v = self.kv_cache.update(input_pos, mask.size(-1), k, v)  # (B, nkv, S, hs)
+        if self.n_kv_heads != self.n_head:  # GQA: each key/value head serves nh // nkv query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv_heads, dim=1)  # (B, nh, S, hs)
+            v = v.repeat_interleave(self.n_head // self.n_kv_heads, dim=1)  # (B, nh, S, hs)
+
+        # Same result as naive_attention(q, k, v, mask) above, in a fused kernel.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)
+        if self.adapter is not None:
+            y = y + self.adapter(q, self)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)).
+
+    The gate branch decides, feature by feature, how much of the up projection passes. With three
+    matrices instead of two, the hidden size is ~2/3 of the usual 4 * C to keep the parameter count.
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: normalise the input of each sub-layer, never the residual stream."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                input_pos: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+        if self.tok_embeddings.weight.device.type != "meta":  # meta-device models get their weights by loading
+            self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """GPT-2 style N(0, 0.02) for a model trained from scratch (the quickstart's tiny base)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None,
+                     device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        """Preallocate a KV cache in every layer for incremental decoding with `forward(idx, input_pos)`."""
+        max_seq_length = max_seq_length or self.config.block_size
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's context length {self.config.block_size}")
+        weight = self.tok_embeddings.weight  # never wrapped by LoRA or quantized
+        for block in self.layers:
+            block.attn.kv_cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_length, self.config.head_size,
+                                          device=device or weight.device, dtype=dtype or weight.dtype)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.layers:
+            block.attn.kv_cache = None
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, V).
+
+        Without `input_pos` the whole sequence is processed with a causal mask (training, scoring).
+        With `input_pos` (T positions, increasing), keys/values are written to the KV cache set up by
+        `set_kv_cache` and each query attends to every cached position up to its own.
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of length {T} exceeds the context length {self.config.block_size}")
+            positions, mask = torch.arange(T, device=idx.device), None
+        else:
+            cache = self.layers[0].attn.kv_cache
+            if cache is None:
+                raise RuntimeError("forward with input_pos needs a KV cache: call model.set_kv_cache(batch_size) first")
+            end = int(input_pos[-1]) + 1
+            if end > cache.k.size(2) or B > cache.k.size(0):
+                raise ValueError(f"position {end - 1} / batch {B} do not fit the KV cache of shape {tuple(cache.k.shape)}")
+            positions = input_pos
+            mask = input_pos[:, None] >= torch.arange(end, device=idx.device)[None, :]  # (T, S): causal over the cache
+        cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta, self.tok_embeddings.weight.dtype)
+
+        x = self.tok_embeddings(idx)  # (B, T, C)
+        for block in self.layers:
+            x = block(x, cos, sin, input_pos, mask)
+        return self.lm_head(self.norm(x))  # (B, T, V)
