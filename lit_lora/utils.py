@@ -1,0 +1,16 @@
+"""Small helpers shared by the library and the scripts."""
+
+from typing import Tuple
+
+import torch.nn as nn
+
+
+def count_parameters(model: nn.Module) -> Tuple[int, int]:
+    """(trainable, total) parameter counts; a tied weight is counted once. Works on the meta device."""
+    params = list(model.parameters())  # nn.Module.parameters() already yields a shared Parameter once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def parameter_report(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4f} %)"
