@@ -32,6 +32,8 @@ WEIGHTS_NAME = "lit_model.safetensors"
 CONFIG_NAME = "model_config.json"
 TOKENIZER_NAME = "tokenizer.model"
 PathLike = Union[str, Path]
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # reading the umask means setting it: put it straight back
 
 
 class CheckpointError(ValueError):
@@ -48,6 +50,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

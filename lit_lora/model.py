@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -85,11 +86,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "7B": dict(n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008),
     "13B": dict(n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824),
     "70B": dict(n_layer=80, n_head=64, n_embd=8192, n_kv_heads=8, intermediate_size=28672),
-    # Small public Llama-2-architecture models that run on a laptop CPU.
+    # Small public Llama-2-architecture models that run on a laptop CPU (llama2.c's share the embedding
+    # matrix with the head).
     "TinyLlama-1.1B": dict(block_size=2048, n_layer=22, n_head=32, n_embd=2048, n_kv_heads=4, intermediate_size=5632),
-    "stories15M": dict(block_size=256, n_layer=6, n_head=6, n_embd=288, intermediate_size=768),
-    "stories42M": dict(block_size=1024, n_layer=8, n_head=8, n_embd=512, intermediate_size=1376),
-    "stories110M": dict(block_size=1024, n_layer=12, n_head=12, n_embd=768, intermediate_size=2048),
+    "stories15M": dict(tie_embeddings=True, block_size=256, n_layer=6, n_head=6, n_embd=288, intermediate_size=768),
+    "stories42M": dict(tie_embeddings=True, block_size=1024, n_layer=8, n_head=8, n_embd=512, intermediate_size=1376),
+    "stories110M": dict(tie_embeddings=True, block_size=1024, n_layer=12, n_head=12, n_embd=768, intermediate_size=2048),
     # For tests and CPU experiments: ~4.5M parameters, mostly the Llama 2 sized embedding and head.
     "tiny": dict(block_size=512, n_layer=2, n_head=4, n_embd=64, n_kv_heads=2, intermediate_size=176),
 }
@@ -262,6 +264,9 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
+        # Training option: keep only each block's input and recompute its activations during backward,
+        # trading ~1/3 more compute for activation memory that no longer grows with n_layer.
+        self.activation_checkpointing = False
         if self.tok_embeddings.weight.device.type != "meta":  # meta-device models get their weights by loading
             self.apply(self._init_weights)
 
@@ -311,5 +316,8 @@ class Llama(nn.Module):
 
         x = self.tok_embeddings(idx)  # (B, T, C)
         for block in self.layers:
-            x = block(x, cos, sin, input_pos, mask)
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, input_pos, mask)
         return self.lm_head(self.norm(x))  # (B, T, V)

@@ -1,0 +1,58 @@
+"""Step 4 (for comparison): finetune every weight of the model.
+
+    python finetune/full.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --data_dir data/alpaca \
+        --devices 4 --strategy fsdp
+
+Full finetuning of 7B needs ~16 bytes per parameter for weights, gradients and AdamW state (~110 GB):
+shard it over several GPUs with FSDP. See howto/finetune_full.md.
+"""
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from lit_lora.checkpoint import save_checkpoint
+from lit_lora.cli import run
+from lit_lora.train import TrainArgs, fit, make_sampler, start_run
+
+
+def main(
+    checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"),
+    data_dir: Path = Path("data/alpaca"),
+    out_dir: Path = Path("out/full/alpaca"),
+    train: TrainArgs = TrainArgs(learning_rate=3e-5, weight_decay=0.02, global_batch_size=64, micro_batch_size=1, warmup_steps=100),
+    precision: Optional[str] = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    accelerator: str = "auto",
+    resume: Optional[str] = None,
+    overwrite: bool = False,
+) -> Dict[str, Any]:
+    """Finetune all weights; writes a standalone lit-lora checkpoint to `out_dir/final/`.
+
+    Args:
+        checkpoint_dir: the base model (lit_model.safetensors, model_config.json, tokenizer.model).
+        data_dir: prepared data (scripts/prepare_alpaca.py, prepare_dolly.py or prepare_json.py).
+        out_dir: logs, resumable checkpoints, the loss plot and the finetuned checkpoint.
+        train: optimisation hyperparameters.
+        precision: bf16-true, bf16-mixed, 16-mixed or 32-true; default bf16-true on GPUs that support it, else 32-true.
+        devices: devices per node.
+        num_nodes: number of nodes.
+        strategy: auto, ddp or fsdp (Lightning Fabric strategies; fsdp shards weights, gradients and optimizer state).
+        accelerator: auto, cpu or cuda.
+        resume: "auto" (the newest checkpoint in out_dir) or the path of a resumable checkpoint.
+        overwrite: replace a finished run in out_dir.
+    """
+    hyperparameters = dict(locals())
+    session = start_run(checkpoint_dir, data_dir, out_dir, train, precision, devices, num_nodes, strategy, accelerator)
+    session.model.requires_grad_(True)
+    tokenizer_path = session.tokenizer.model_path
+    return fit(session.fabric, session.model, session.train_data, session.val_data, train, out_dir,
+               save_weights=lambda path, model: save_checkpoint(path, model.state_dict(), model.config, tokenizer_path),
+               weights_name="final",
+               sample=make_sampler(session.tokenizer, session.prompt_style, train.sample_instruction),
+               resume=resume, overwrite=overwrite, hyperparameters=hyperparameters)
+
+
+if __name__ == "__main__":
+    run(main)

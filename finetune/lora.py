@@ -1,0 +1,57 @@
+"""Step 4: finetune with LoRA (Hu et al. 2021): only the low-rank A and B matrices train.
+
+    python finetune/lora.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --data_dir data/alpaca
+
+See howto/finetune_lora.md for memory needs, multi-GPU runs and hyperparameter advice.
+"""
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from lit_lora.cli import run
+from lit_lora.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, save_lora_checkpoint
+from lit_lora.train import TrainArgs, fit, make_sampler, start_run
+
+
+def main(
+    checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"),
+    data_dir: Path = Path("data/alpaca"),
+    out_dir: Path = Path("out/lora/alpaca"),
+    lora: LoRAConfig = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=("q", "v")),
+    train: TrainArgs = TrainArgs(learning_rate=3e-4, weight_decay=0.0, global_batch_size=128, micro_batch_size=4, warmup_steps=100),
+    precision: Optional[str] = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    accelerator: str = "auto",
+    resume: Optional[str] = None,
+    overwrite: bool = False,
+) -> Dict[str, Any]:
+    """Finetune a lit-lora checkpoint with LoRA; writes `out_dir/lit_lora.safetensors` (adapter only).
+
+    Args:
+        checkpoint_dir: the base model (lit_model.safetensors, model_config.json, tokenizer.model).
+        data_dir: prepared data (scripts/prepare_alpaca.py, prepare_dolly.py or prepare_json.py).
+        out_dir: logs, resumable checkpoints, the loss plot and the final adapter.
+        lora: rank r, alpha (the update is scaled by alpha / r), dropout, and the targeted projections.
+        train: optimisation hyperparameters.
+        precision: bf16-true, bf16-mixed, 16-mixed or 32-true; default bf16-true on GPUs that support it, else 32-true.
+        devices: devices per node.
+        num_nodes: number of nodes.
+        strategy: auto, ddp or fsdp (Lightning Fabric strategies).
+        accelerator: auto, cpu or cuda.
+        resume: "auto" (the newest checkpoint in out_dir) or the path of a resumable checkpoint.
+        overwrite: replace a finished run in out_dir.
+    """
+    hyperparameters = dict(locals())
+    session = start_run(checkpoint_dir, data_dir, out_dir, train, precision, devices, num_nodes, strategy, accelerator)
+    add_lora(session.model, lora)
+    mark_only_lora_as_trainable(session.model)
+    return fit(session.fabric, session.model, session.train_data, session.val_data, train, out_dir,
+               save_weights=lambda path, model: save_lora_checkpoint(path, model, lora), weights_name="lit_lora.safetensors",
+               sample=make_sampler(session.tokenizer, session.prompt_style, train.sample_instruction),
+               resume=resume, overwrite=overwrite, hyperparameters=hyperparameters)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,393 @@
+"""LoRA: low-rank adaptation of a frozen model (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large
+Language Models"), written to be read top to bottom.
+
+The idea (paper section 4.1)
+----------------------------
+Finetuning changes a pretrained weight W (out x in) by some dW. LoRA bets that dW has low rank
+(the paper finds r = 1..8 enough for GPT-3) and trains it in factored form, dW = (alpha / r) B A,
+with A (r x in) and B (out x r), while W stays frozen:
+
+          x  (.., in)
+          ├───────────────────────────┐
+          ▼                           ▼
+    ┌────────────┐               dropout(x)
+    │ W (out,in) │                    ▼
+    │   frozen   │             ┌────────────┐
+    └────────────┘             │ A  (r, in) │   Kaiming-uniform random
+          │                    └────────────┘
+          │                           ▼ (.., r)   the low-rank bottleneck
+          │                    ┌────────────┐
+          │                    │ B (out, r) │   zeros at init
+          │                    └────────────┘
+          │                           ▼
+          │                     * (alpha / r)
+          ▼                           │
+        ( + ) ◄───────────────────────┘
+          ▼
+    h = W x + (alpha / r) B A x   (.., out)
+
+Why A is random and B is zero. With B = 0 the update B A is exactly zero, so the adapted model
+*starts as the pretrained model*: finetuning begins from a known-good function, not from noise.
+The factors cannot both be zero, though: up to the factor alpha / r, dL/dB = (dL/dh) (A x)^T and
+dL/dA = B^T (dL/dh) x^T, so with A = B = 0 neither ever receives a gradient. A random A
+(Kaiming-uniform, like any nn.Linear, so A x has a sensible scale) lets B move on the very first
+step, and A follows once B is non-zero.
+
+Why the scale is alpha / r. B A is a sum of r rank-one terms; with more of them the update grows.
+Dividing by r keeps the size of the update roughly independent of the rank, so changing r does not
+require retuning the learning rate; alpha is then a fixed knob (the paper sets alpha to the first r
+it tries and does not tune it). alpha = 2 r, as in the defaults here (r=8, alpha=16), gives scale 2.
+
+What it saves. A full update of one matrix trains out * in numbers; LoRA trains r * (in + out). For
+Llama-2-7B's 4096 x 4096 q_proj at r = 8 that is 65,536 instead of 16,777,216 (256x fewer). With the
+default targets (q_proj and v_proj in all 32 layers) 4,194,304 parameters train, 0.06 % of 6.7B.
+The optimizer memory shrinks with them: AdamW keeps two fp32 moments per trainable parameter,
+8 bytes each, i.e. ~54 GB for a full finetune of 7B but ~34 MB here; gradients exist only for A and
+B; the adapter checkpoint is ~17 MB (fp32) instead of a 13.5 GB copy of the model. The frozen base
+can stay in bf16 and is shared by any number of adapters.
+
+Why merging removes all inference overhead. W' = W + (alpha / r) B A has the shape of W, so once
+the update is folded in the model is a plain Llama again: same FLOPs, same latency, no extra layer
+(paper section 4.1, "No Additional Inference Latency"). `unmerge` subtracts the same product to go
+back, e.g. to swap in another task's adapter.
+
+How to use it here
+------------------
+    model = load_checkpoint(checkpoint_dir)                 # a plain Llama
+    lora_config = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=("q", "v"))
+    add_lora(model, lora_config)                            # returns the layers it wrapped
+    mark_only_lora_as_trainable(model)                      # everything else frozen
+    ...train...
+    save_lora_checkpoint("lora.safetensors", model, lora_config)   # A and B only, ~17 MB for 7B
+    with lora_disabled(model): ...                          # the base model's outputs, adapter off
+    merge_lora(model); remove_lora(model)                   # a plain Llama with the update folded in
+
+`add_lora` also adapts any PyTorch model: targets that are not the Llama names below are glob
+patterns over module names (`fnmatch`, `*` also crosses dots), e.g. targets=("classifier.*",) for a
+convnet's classifier Linear layers. See howto/lora_any_model.md.
+"""
+
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from lit_lora.checkpoint import CheckpointError, check_keys_and_shapes, load_adapter_file, save_adapter_file
+from lit_lora.model import Config, Llama
+from lit_lora.quantize import is_quantized_linear, linear_device_dtype
+from lit_lora.utils import count_parameters
+
+# Llama target names -> the module names they select in lit_lora.model.Llama (glob patterns).
+LLAMA_TARGETS: Dict[str, str] = {
+    "q": "layers.*.attn.q_proj",
+    "k": "layers.*.attn.k_proj",
+    "v": "layers.*.attn.v_proj",
+    "o": "layers.*.attn.o_proj",
+    "gate": "layers.*.mlp.gate_proj",
+    "up": "layers.*.mlp.up_proj",
+    "down": "layers.*.mlp.down_proj",
+    "head": "lm_head",
+}
+TARGET_SHORTHANDS: Dict[str, Tuple[str, ...]] = {"mlp": ("gate", "up", "down"), "all": tuple(LLAMA_TARGETS)}
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA settings. `targets`: Llama names q, k, v, o, gate, up, down, head, the shorthands "mlp"
+    (gate, up, down) and "all" (all eight), or glob patterns over module names for any other model.
+    Shorthands are expanded on construction, so a saved config lists every target explicitly."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: Tuple[str, ...] = ("q", "v")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):  # targets="all" means ("all",), not ("a", "l", "l")
+            self.targets = (self.targets,)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        expanded: List[str] = []
+        for target in self.targets:
+            for name in TARGET_SHORTHANDS.get(target, (target,)):
+                if name not in expanded:
+                    expanded.append(name)
+        if not expanded:
+            raise ValueError("LoRA targets are empty: name at least one layer, e.g. targets=('q', 'v')")
+        self.targets = tuple(expanded)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {**asdict(self), "targets": list(self.targets)}
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (kept as the child `base`) plus a trainable low-rank update:
+
+        h = base(x) + (alpha / r) * (dropout(x) @ A^T) @ B^T      A: (r, in), B: (out, r)
+
+    State-dict keys: `<name>.base.weight` (the original weight), `<name>.lora_A`, `<name>.lora_B`.
+    `merge()` folds the update into base.weight, `unmerge()` takes it out again; while `disabled` is
+    set the layer computes base(x) alone (the pretrained model, e.g. as a reference).
+
+    `base` is an `nn.Linear` or a 4-bit layer of lit_lora/quantize.py (QLoRA); A and B live on the
+    base's device in the dtype it computes in (never the 4-bit storage type).
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base = base
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        device, dtype = linear_device_dtype(base)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=dtype))
+        # The init nn.Linear gives its own weight: uniform in +-1/sqrt(in), so A x has the scale of x.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        # Dropout regularises the update only: the frozen path always sees the full input.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._disabled = False
+
+    @property
+    def disabled(self) -> bool:
+        return self._disabled
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        if value and self.merged:
+            raise RuntimeError("cannot disable a merged LoRA layer (its update is inside base.weight): unmerge() it first")
+        self._disabled = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)  # (..., out)
+        if self.merged or self._disabled:  # merged: the update is already inside base.weight
+            return h
+        # (W + s B A) x computed as W x + s B (A x): T * r * (in + out) multiply-adds through an
+        # r-wide bottleneck, instead of materialising the (out, in) matrix B A on every step.
+        update = (self.dropout(x) @ self.lora_A.T) @ self.lora_B.T  # (..., in) -> (..., r) -> (..., out)
+        return h + self.scaling * update
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update as a full matrix, (alpha / r) B A: (out, in), computed in float32."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + (alpha / r) B A. The sum is taken in float32 and rounded once to W's dtype."""
+        if self.merged:
+            raise RuntimeError("LoRA layer is already merged: merging twice would add the update twice")
+        if self._disabled:
+            raise RuntimeError("cannot merge a disabled LoRA layer: re-enable it first")
+        if is_quantized_linear(self.base):
+            raise RuntimeError("the base weight is 4-bit and cannot absorb B A in place: "
+                               "use lit_lora.quantize.merge_lora_4bit(model)")
+        weight = self.base.weight
+        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W <- W - (alpha / r) B A, the exact inverse of `merge` up to rounding (none in float32
+        beyond ~1e-7 relative; a bf16 weight is rounded once more)."""
+        if not self.merged:
+            raise RuntimeError("LoRA layer is not merged")
+        weight = self.base.weight
+        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+
+def lora_layers(model: nn.Module) -> Dict[str, LoRALinear]:
+    """Every LoRALinear in `model`, by qualified module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def _target_patterns(model: nn.Module, config: LoRAConfig) -> Dict[str, str]:
+    """target as written -> glob pattern over module names. Llama names apply to a Llama only."""
+    is_llama = isinstance(model, Llama)
+    return {target: LLAMA_TARGETS[target] if is_llama and target in LLAMA_TARGETS else target for target in config.targets}
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, module)
+
+
+def add_lora(model: nn.Module, config: LoRAConfig) -> Dict[str, nn.Module]:
+    """Wrap every `nn.Linear` (or 4-bit linear, see lit_lora/quantize.py) selected by
+    `config.targets` in a `LoRALinear`, in place.
+
+    Returns {module name: the layer it replaced}; `remove_lora` undoes this. Works on a
+    meta-device model (A and B are created where the wrapped weight lives). Raises ValueError if the
+    model already has LoRA layers, if a target selects no nn.Linear, or if a target's weight is tied
+    to another module (merging would silently change both).
+    """
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA layers: call remove_lora(model) first instead of wrapping twice")
+    linears = {name: m for name, m in model.named_modules() if name and (isinstance(m, nn.Linear) or is_quantized_linear(m))}
+    # A weight listed more than once is shared (e.g. an lm_head tied to the token embedding).
+    occurrences: Dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        occurrences[id(param)] = occurrences.get(id(param), 0) + 1
+
+    chosen: List[str] = []
+    for target, pattern in _target_patterns(model, config).items():
+        matches = [name for name in linears if fnmatchcase(name, pattern)]
+        if not matches:
+            examples = ", ".join(list(linears)[:6]) or "none"
+            raise ValueError(
+                f"LoRA target {target!r} selects no nn.Linear in this {type(model).__name__} (its Linear layers: "
+                f"{examples}{', ...' if len(linears) > 6 else ''}). On a Llama use {', '.join(LLAMA_TARGETS)}, "
+                "'mlp' or 'all'; on other models glob patterns over module names such as 'classifier.*'")
+        for name in matches:
+            if any(occurrences[id(p)] > 1 for p in linears[name].parameters(recurse=False)):
+                raise ValueError(f"LoRA target {target!r}: {name}.weight is tied to another module, and merging "
+                                 "would change both; leave it out of the targets")
+            if name not in chosen:
+                chosen.append(name)
+
+    replaced = {}
+    for name in chosen:
+        replaced[name] = linears[name]
+        _set_submodule(model, name, LoRALinear(linears[name], config.r, config.alpha, config.dropout))
+    return replaced
+
+
+def remove_lora(model: nn.Module) -> Dict[str, LoRALinear]:
+    """Put each LoRALinear's `base` back in its place; returns {name: the removed LoRALinear}.
+
+    An unmerged layer gives back the original weights (the model is the base model again); a merged
+    one keeps the update (after `merge_lora` this yields a plain model with the update folded in,
+    whose state dict has the original names).
+    """
+    removed = lora_layers(model)
+    for name, layer in removed.items():
+        _set_submodule(model, name, layer.base)
+    return removed
+
+
+def merge_lora(model: nn.Module) -> List[str]:
+    """Merge every not-yet-merged LoRA layer; returns the names merged."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to merge")
+    quantized = [name for name, layer in layers.items() if is_quantized_linear(layer.base)]
+    if quantized:  # checked before touching any layer, so a failure never leaves a half-merged model
+        raise RuntimeError(f"{len(quantized)} LoRA layers (e.g. {quantized[0]}) have 4-bit base weights, which cannot "
+                           "absorb B A in place: use lit_lora.quantize.merge_lora_4bit(model)")
+    merged = [name for name, layer in layers.items() if not layer.merged]
+    for name in merged:
+        layers[name].merge()
+    return merged
+
+
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model without its (unmerged) LoRA updates inside the `with` block."""
+    layers = list(lora_layers(model).values())
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("cannot disable merged LoRA layers: their update is inside the weights")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> Tuple[int, int]:
+    """Freeze everything but the LoRA A and B matrices; returns (trainable, total) parameter counts."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers: call add_lora(model, config) first")
+    model.requires_grad_(False)
+    for layer in layers.values():
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    return count_parameters(model)
+
+
+def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Only the adapter: {'<module>.lora_A': (r, in), '<module>.lora_B': (out, r)} for every LoRA layer."""
+    state = {}
+    for name, layer in lora_layers(model).items():
+        state[f"{name}.lora_A"] = layer.lora_A.detach()
+        state[f"{name}.lora_B"] = layer.lora_B.detach()
+    return state
+
+
+def load_lora_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "LoRA state") -> None:
+    """Copy A and B into the model's LoRA layers. The keys and shapes must be exactly the model's
+    adapter (same targets, same rank), else a CheckpointError naming `source`."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers: call add_lora(model, config) first")
+    if any(layer.merged for layer in layers.values()):
+        raise RuntimeError("cannot load LoRA weights into merged layers: their old update is inside the weights")
+    check_keys_and_shapes({name: t.shape for name, t in lora_state_dict(model).items()}, state, source)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.lora_A.copy_(state[f"{name}.lora_A"])
+            layer.lora_B.copy_(state[f"{name}.lora_B"])
+
+
+def lora_state_shapes(model_config: Config, lora_config: LoRAConfig) -> Dict[str, torch.Size]:
+    """Names and shapes of the adapter tensors for this base and LoRA config (built on the meta
+    device: no memory is allocated even for 70B)."""
+    with torch.device("meta"):
+        model = Llama(model_config)
+    add_lora(model, lora_config)
+    return {name: t.shape for name, t in lora_state_dict(model).items()}
+
+
+def save_lora_checkpoint(path: Union[str, Path], model: Llama, lora_config: LoRAConfig) -> Path:
+    """Write A and B only, with the LoRA settings and the base model's Config in the file header."""
+    state = lora_state_dict(model)
+    check_keys_and_shapes(lora_state_shapes(model.config, lora_config), state,
+                          f"the model's LoRA layers (saving with {lora_config})")
+    return save_adapter_file(path, state, method="lora", settings=lora_config.to_dict(), model_config=model.config)
+
+
+def load_lora_checkpoint(path: Union[str, Path]) -> Tuple[LoRAConfig, Config, Dict[str, torch.Tensor]]:
+    """(LoRA settings, base model Config, adapter tensors) of a file written by `save_lora_checkpoint`,
+    with its tensors checked against the settings it declares."""
+    settings, model_config, state = load_adapter_file(path, method="lora")
+    try:
+        lora_config = LoRAConfig(**{**settings, "targets": tuple(settings.get("targets", ()))})
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: invalid LoRA settings {settings} ({error})") from None
+    try:
+        expected = lora_state_shapes(model_config, lora_config)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: its LoRA settings do not fit its base model ({error})") from None
+    check_keys_and_shapes(expected, state, str(path))
+    return lora_config, model_config, state
+
+
+def apply_lora_checkpoint(model: Llama, path: Union[str, Path]) -> LoRAConfig:
+    """add_lora with the file's settings and load its weights; the file's base Config must equal the
+    model's (the name aside). On any error the model is left without LoRA layers."""
+    lora_config, model_config, state = load_lora_checkpoint(path)
+    expected, actual = model_config.to_dict(), model.config.to_dict()
+    differences = [f"{key}={expected[key]!r} (model has {actual[key]!r})" for key in expected
+                   if key != "name" and expected[key] != actual[key]]
+    if differences:
+        raise CheckpointError(f"{path} was trained on a different base model: {', '.join(differences)}")
+    add_lora(model, lora_config)
+    try:
+        load_lora_state_dict(model, state, source=str(path))
+    except Exception:
+        remove_lora(model)
+        raise
+    return lora_config

@@ -1,0 +1,146 @@
+"""LoRA adapters to and from Hugging Face PEFT's format.
+
+A PEFT LoRA adapter for a Llama is a directory:
+
+    adapter_config.json         {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
+    adapter_model.safetensors   base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight  (r, in)
+                                base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight  (out, r)
+                                ... and base_model.model.lm_head.lora_A.weight for the head
+
+PEFT computes exactly what LoRALinear computes, h = W x + (lora_alpha / r) B A x with dropout on the
+LoRA input, so converting is a renaming: "base_model.model." + the Hugging Face module name (from
+lit_lora.hf_names) + ".lora_A.weight". No tensor is transposed or permuted: A and B are stored as
+(r, in) and (out, r) on both sides, and lit-lora's rotary layout is Hugging Face's (rotate-half, see
+`model.rope_cos_sin`), so the q_proj/k_proj rows, and hence the rows of their B, mean the same thing.
+"""
+
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+
+from lit_lora.checkpoint import CheckpointError, check_keys_and_shapes, load_json, load_tensors, save_json, save_tensors
+from lit_lora.hf_names import hf_to_lit_name, lit_to_hf_name
+from lit_lora.lora import LLAMA_TARGETS, LoRAConfig, lora_state_shapes
+from lit_lora.model import Config
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers LlamaForCausalLM
+# PEFT saves a full copy of lm_head beside an adapter that targets it (save_embedding_layers).
+_HEAD_COPY = _PREFIX + "lm_head.base_layer.weight"
+
+# PEFT options that change what a LoRA layer computes; an adapter using any of them cannot be
+# represented by LoRALinear. (field, its "off" value where that is not empty/false/null, what it is)
+_UNSUPPORTED_PEFT_OPTIONS = [
+    ("use_dora", None, "DoRA (weight-decomposed LoRA)"),
+    ("use_rslora", None, "rank-stabilised scaling alpha / sqrt(r)"),
+    ("rank_pattern", None, "per-layer ranks"),
+    ("alpha_pattern", None, "per-layer alphas"),
+    ("bias", "none", "trained biases"),
+    ("lora_bias", None, "a bias on lora_B"),
+    ("modules_to_save", None, "fully trained extra modules"),
+    ("layers_to_transform", None, "LoRA on a subset of the layers"),
+    ("trainable_token_indices", None, "trained embedding rows"),
+    ("layer_replication", None, "replicated layers"),
+]
+
+
+def _hf_module(lit_module: str) -> str:
+    """'layers.0.attn.q_proj' -> 'model.layers.0.self_attn.q_proj' (hf_names maps parameter names)."""
+    return lit_to_hf_name(lit_module + ".weight")[: -len(".weight")]
+
+
+def lit_to_peft_key(name: str) -> str:
+    """'layers.0.attn.q_proj.lora_A' -> 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'."""
+    module, matrix = name.rsplit(".", 1)
+    return f"{_PREFIX}{_hf_module(module)}.{matrix}.weight"
+
+
+def peft_to_lit_key(key: str) -> str:
+    """The inverse of `lit_to_peft_key`; KeyError for anything that is not a LoRA A/B of a Llama layer."""
+    if not key.startswith(_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+        raise KeyError(key)
+    module, matrix, _ = key[len(_PREFIX):].rsplit(".", 2)
+    return f"{hf_to_lit_name(module + '.weight')[: -len('.weight')]}.{matrix}"
+
+
+def save_peft_adapter(output_dir: Union[str, Path], lora_config: LoRAConfig, state: Mapping[str, torch.Tensor],
+                      base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` that `PeftModel.from_pretrained`
+    loads onto the Hugging Face version of the base model."""
+    not_llama = [t for t in lora_config.targets if t not in LLAMA_TARGETS]
+    if not_llama:
+        raise ValueError(f"only adapters on Llama layers ({', '.join(LLAMA_TARGETS)}) can be exported to PEFT; "
+                         f"this one targets {not_llama}")
+    # PEFT matches target_modules against the end of module names: 'q' -> 'q_proj', 'head' -> 'lm_head',
+    # the last component of the Hugging Face name of the target's module in layer 0.
+    target_modules = [_hf_module(LLAMA_TARGETS[t].replace("*", "0")).rsplit(".", 1)[-1] for t in lora_config.targets]
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": lora_config.r,
+        "lora_alpha": lora_config.alpha,
+        "lora_dropout": lora_config.dropout,
+        "target_modules": target_modules,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    output_dir = Path(output_dir)
+    save_tensors({lit_to_peft_key(name): t for name, t in state.items()}, output_dir / PEFT_WEIGHTS_NAME,
+                 metadata={"format": "pt"})
+    save_json(adapter_config, output_dir / PEFT_CONFIG_NAME)
+    return output_dir
+
+
+def load_peft_adapter(peft_dir: Union[str, Path], model_config: Config) -> Tuple[LoRAConfig, Dict[str, torch.Tensor], List[str]]:
+    """Read a PEFT LoRA adapter for a Llama with architecture `model_config`.
+
+    Returns (LoRAConfig, lit-lora adapter state, ignored keys). The targets are read from the
+    tensors present; they must cover every layer. The one key ignored is the full copy of lm_head
+    that PEFT stores beside an adapter on lm_head: its shape is checked against the base (a resized
+    vocabulary cannot be represented), its values are the base model's own.
+    """
+    peft_dir = Path(peft_dir)
+    config_path, weights_path = peft_dir / PEFT_CONFIG_NAME, peft_dir / PEFT_WEIGHTS_NAME
+    if not weights_path.is_file() and (peft_dir / "adapter_model.bin").is_file():
+        raise CheckpointError(f"{peft_dir} holds a pickled adapter_model.bin, which is not loaded for safety; "
+                              "re-save it with PEFT's save_pretrained(..., safe_serialization=True)")
+    adapter_config: Dict[str, Any] = load_json(config_path)
+    if adapter_config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{config_path}: peft_type is {adapter_config.get('peft_type')!r}, not 'LORA'")
+    for field, off, meaning in _UNSUPPORTED_PEFT_OPTIONS:
+        value = adapter_config.get(field)
+        if value and value != off:
+            raise CheckpointError(f"{config_path}: {field}={adapter_config[field]!r} ({meaning}) is not supported by lit-lora's LoRA")
+    tensors, _ = load_tensors(weights_path)
+
+    state, ignored, modules = {}, [], []
+    for key, tensor in tensors.items():
+        if key == _HEAD_COPY:
+            if tuple(tensor.shape) != (model_config.vocab_size, model_config.n_embd):
+                raise CheckpointError(f"{weights_path}: {key} {tuple(tensor.shape)} is not this base model's lm_head "
+                                      f"({model_config.vocab_size}, {model_config.n_embd}): a resized vocabulary?")
+            ignored.append(key)
+            continue
+        try:
+            name = peft_to_lit_key(key)
+        except KeyError:
+            raise CheckpointError(f"{weights_path}: {key!r} is not a LoRA weight of a Llama layer") from None
+        state[name] = tensor
+        modules.append(name.rsplit(".", 1)[0])
+    targets = tuple(t for t in LLAMA_TARGETS if any(fnmatchcase(m, LLAMA_TARGETS[t]) for m in modules))
+    try:
+        lora_config = LoRAConfig(r=adapter_config["r"], alpha=adapter_config["lora_alpha"],
+                                 dropout=adapter_config.get("lora_dropout", 0.0), targets=targets)
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{config_path}: unusable LoRA settings ({error})") from None
+    check_keys_and_shapes(lora_state_shapes(model_config, lora_config), state, f"{weights_path} (read as {lora_config})")
+    return lora_config, state, ignored

@@ -1,0 +1,303 @@
+"""Turn an instruction dataset (Alpaca, Dolly, any JSON list or JSON Lines file) into token ids.
+
+One code path serves scripts/prepare_alpaca.py, prepare_dolly.py and prepare_json.py:
+
+    read the file -> check every record (skip a bad one, or with strict stop at it, naming its line/record)
+    -> choose the validation records: a seeded permutation of record positions
+    -> format prompts (lit_lora/prompts.py) -> tokenize prompts and responses, in batches
+    -> fit max_seq_length (drop the record, or truncate its response and keep EOS)
+    -> write train/val splits (lit_lora/data.py) and prepare_config.json, each atomically
+
+Every sample is `[BOS] + encode(prompt) + encode(response) + [EOS]`; lit_lora/prompts.py explains why
+prompt and response are tokenized separately.
+"""
+
+import json
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
+
+import numpy as np
+import torch
+
+from lit_lora.checkpoint import atomic_path, save_json
+from lit_lora.data import FORMAT_NAME, FORMAT_VERSION, IGNORE_INDEX, PREPARE_CONFIG_NAME, file_sha256, save_prepared
+from lit_lora.prompts import get_prompt_style
+from lit_lora.tokenizer import Tokenizer
+
+ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
+DOLLY_URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
+TRUNCATION_POLICIES = ("drop", "truncate_response")
+FILE_FORMATS = ("auto", "json", "jsonl")
+MAX_LISTED_PROBLEMS = 100  # skipped records named in prepare_config.json; the count is always exact
+
+PathLike = Union[str, Path]
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which keys of a record hold the instruction, the optional input (context) and the response."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+
+
+ALPACA_FIELDS = Fields()
+DOLLY_FIELDS = Fields(instruction="instruction", input="context", output="response")
+
+
+@dataclass(frozen=True)
+class Example:
+    position: int  # index among the file's records, counting bad ones, from 0: decides the split
+    instruction: str
+    input: str
+    output: str
+
+
+def download_if_missing(url: str, path: PathLike) -> Path:
+    """Download `url` to `path` (atomically: an interrupted download leaves nothing) unless it is there."""
+    path = Path(path)
+    if path.is_file():
+        print(f"using {path} (already downloaded)")
+        return path
+    print(f"downloading {url} to {path}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_path(path) as tmp:
+            tmp.write_bytes(response.read())
+    except (OSError, ValueError) as error:  # URLError, HTTPError and timeouts are OSErrors
+        reason = getattr(error, "reason", error)
+        raise OSError(f"could not download {url} ({reason}): check your connection, "
+                      "or download the file yourself and pass --data_file PATH") from None
+    return path
+
+
+def resolve_tokenizer_path(checkpoint_dir: PathLike, tokenizer_path: Optional[PathLike] = None) -> Path:
+    """`tokenizer_path` if given, else the checkpoint's tokenizer.model."""
+    path = Path(tokenizer_path) if tokenizer_path is not None else Path(checkpoint_dir) / "tokenizer.model"
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer not found: {path} (pass --checkpoint_dir holding tokenizer.model, "
+                                "or --tokenizer_path)")
+    return path
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # utf-8-sig: a leading byte-order mark is dropped
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (bad byte at offset {error.start}): save it as UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"{path} is empty: expected a JSON list of records or one JSON record per line")
+    return text
+
+
+def _parse_records(path: Path, text: str, file_format: str) -> List[Tuple[str, Any, Optional[str]]]:
+    """(where, record, parse error) per record; `where` names it for messages: "record 3" or "line 3"."""
+    if file_format == "auto":
+        file_format = "json" if text.lstrip().startswith("[") else "jsonl"
+    if file_format == "json":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records, found a JSON {_json_type(records)}")
+        return [(f"record {number}", record, None) for number, record in enumerate(records, start=1)]
+
+    rows = []
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends, which splitlines() breaks on
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")  # CRLF line endings
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"line {number}", json.loads(line), None))
+        except json.JSONDecodeError as error:
+            rows.append((f"line {number}", None, f"not valid JSON ({error.msg} at column {error.colno})"))
+    return rows
+
+
+def _check_record(record: Any, fields: Fields) -> Tuple[str, str, str]:
+    """(instruction, input, output) of a well-formed record; a ValueError saying what is wrong otherwise."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, found a JSON {_json_type(record)}")
+    values = []
+    for key, required in ((fields.instruction, True), (fields.input, False), (fields.output, True)):
+        if key not in record:
+            if required:
+                raise ValueError(f"missing field {key!r} (the record has: {', '.join(map(str, record)) or 'nothing'})")
+            values.append("")
+            continue
+        value = record[key]
+        if value is None and not required:
+            value = ""
+        if not isinstance(value, str):
+            raise ValueError(f"field {key!r} is a JSON {_json_type(value)}, expected a string")
+        if required and not value.strip():
+            raise ValueError(f"field {key!r} is empty")
+        values.append(value)
+    return values[0], values[1], values[2]
+
+
+def read_examples(path: PathLike, fields: Fields = ALPACA_FIELDS, strict: bool = False,
+                  file_format: str = "auto") -> Tuple[List[Example], int, List[str]]:
+    """The well-formed examples of a JSON list or JSON Lines file, the number of records read, and one
+    message per skipped record ("line 7: missing field 'output' ..."). With `strict`, the first bad
+    record raises a ValueError instead. A file that cannot be read at all always raises."""
+    path = Path(path)
+    if file_format not in FILE_FORMATS:
+        raise ValueError(f"unknown file format {file_format!r}; choose one of {', '.join(FILE_FORMATS)}")
+    rows = _parse_records(path, _read_text(path), file_format)
+    examples, problems = [], []
+    for position, (where, record, parse_error) in enumerate(rows):
+        try:
+            if parse_error is not None:
+                raise ValueError(parse_error)
+            examples.append(Example(position, *_check_record(record, fields)))
+        except ValueError as problem:
+            if strict:
+                raise ValueError(f"{path}: {where}: {problem} (fix it, or leave out --strict to skip bad records)") from None
+            problems.append(f"{where}: {problem}")
+    return examples, len(rows), problems
+
+
+def choose_val_positions(n_records: int, val_split_fraction: float, val_size: Optional[int], seed: int) -> Set[int]:
+    """Positions of the validation records: the first `val_size` (or fraction x n) of a seeded permutation.
+
+    Positions count every record read, before any is skipped or dropped, so the split depends only on
+    the file and the seed: changing max_seq_length or fixing a bad record does not reshuffle it.
+    """
+    if val_size is None:
+        if not 0 <= val_split_fraction < 1:
+            raise ValueError(f"val_split_fraction must be in [0, 1), got {val_split_fraction}")
+        val_size = round(val_split_fraction * n_records)
+    elif not 0 <= val_size < n_records:
+        raise ValueError(f"val_size must be in [0, {n_records}) for {n_records} records, got {val_size}")
+    permutation = np.random.default_rng(seed).permutation(n_records)
+    return set(permutation[:val_size].tolist())
+
+
+def fit_sample(prompt_ids: List[int], response_ids: List[int], bos_id: int, eos_id: int, max_seq_length: int,
+               truncation: str) -> Tuple[Optional[List[int]], str]:
+    """Build [BOS] + prompt + response + [EOS] within `max_seq_length`. Returns (ids or None, outcome):
+
+    "kept"             it fits as it is
+    "truncated"        truncation="truncate_response": the response's tail is cut, EOS still ends it
+    "too_long"         truncation="drop" and it does not fit: dropped whole
+    "prompt_too_long"  not even BOS + prompt + one response token + EOS fit: dropped (a cut prompt would
+                       teach the model a template it never sees at generation time)
+    """
+    ids = [bos_id] + prompt_ids + response_ids + [eos_id]
+    if len(ids) <= max_seq_length:
+        return ids, "kept"
+    if truncation == "drop":
+        return None, "too_long"
+    room = max_seq_length - len(prompt_ids) - 2  # response tokens that fit beside BOS, the prompt and EOS
+    if room < 1:
+        return None, "prompt_too_long"
+    return [bos_id] + prompt_ids + response_ids[:room] + [eos_id], "truncated"
+
+
+def length_percentiles(lengths: List[int]) -> Dict[str, int]:
+    """p50/p90/p99/max of sample lengths in tokens (each an actual length: numpy's "higher" method)."""
+    values = np.asarray(lengths)
+    stats = {f"p{q}": int(np.percentile(values, q, method="higher")) for q in (50, 90, 99)}
+    stats["max"] = int(values.max())
+    return stats
+
+
+def prepare_instruction_data(data_file: PathLike, destination_path: PathLike, tokenizer_path: PathLike, *,
+                             fields: Fields = ALPACA_FIELDS, file_format: str = "auto", max_seq_length: int = 512,
+                             val_split_fraction: float = 0.03865, val_size: Optional[int] = None, seed: int = 42,
+                             mask_prompt: bool = True, prompt_style: str = "alpaca", truncation: str = "drop",
+                             strict: bool = False) -> Dict[str, Any]:
+    """Read, check, split, tokenize and write one dataset; returns what prepare_config.json holds."""
+    data_file, destination_path = Path(data_file), Path(destination_path)
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"unknown truncation {truncation!r}; choose one of {', '.join(TRUNCATION_POLICIES)}")
+    if max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
+    style = get_prompt_style(prompt_style)
+    tokenizer = Tokenizer(tokenizer_path)
+
+    examples, n_records, problems = read_examples(data_file, fields, strict, file_format)
+    if not examples:
+        raise ValueError(f"{data_file}: no usable record among {n_records} (first problem: {problems[0]})")
+    val_positions = choose_val_positions(n_records, val_split_fraction, val_size, seed)
+
+    # One batched call per side: SentencePiece spreads it over `threads` C++ threads (as many as torch may
+    # use). On a busy 2-core machine it is no faster than a loop (scripts/benchmark_prepare.py); the
+    # whole 52k Alpaca still prepares in about 12 s there.
+    encode_batch = tokenizer.processor.encode
+    threads = torch.get_num_threads()
+    prompt_ids = encode_batch([style.format(e.instruction, e.input) for e in examples], out_type=int, num_threads=threads)
+    response_ids = encode_batch([e.output for e in examples], out_type=int, num_threads=threads)
+
+    splits = {"train": ([], []), "val": ([], [])}  # split -> (samples, prompt lengths)
+    outcomes = {"kept": 0, "truncated": 0, "too_long": 0, "prompt_too_long": 0}
+    for example, prompt, response in zip(examples, prompt_ids, response_ids):
+        ids, outcome = fit_sample(prompt, response, tokenizer.bos_id, tokenizer.eos_id, max_seq_length, truncation)
+        outcomes[outcome] += 1
+        if ids is not None:
+            samples, prompt_lengths = splits["val" if example.position in val_positions else "train"]
+            samples.append(ids)
+            prompt_lengths.append(1 + len(prompt))  # BOS + prompt: the positions whose labels are masked
+    lengths = [len(p) + len(r) + 2 for p, r in zip(prompt_ids, response_ids)]
+    if not splits["train"][0]:
+        raise ValueError(f"{data_file}: no training sample left with max_seq_length={max_seq_length} (median "
+                         f"record length {length_percentiles(lengths)['p50']} tokens): raise --max_seq_length")
+
+    counts = {"records_read": n_records, "kept": outcomes["kept"] + outcomes["truncated"],
+              "truncated": outcomes["truncated"], "dropped_malformed": len(problems),
+              "dropped_too_long": outcomes["too_long"], "dropped_prompt_too_long": outcomes["prompt_too_long"],
+              "train": len(splits["train"][0]), "val": len(splits["val"][0])}
+    config = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION,
+        "files": {"train": "train.safetensors", "val": "val.safetensors"},
+        "source": {"path": str(data_file.resolve()), "sha256": file_sha256(data_file),
+                   "size": data_file.stat().st_size, "fields": asdict(fields)},
+        "tokenizer": {"path": str(Path(tokenizer.model_path).resolve()), "sha256": file_sha256(tokenizer.model_path),
+                      "size": Path(tokenizer.model_path).stat().st_size, "vocab_size": tokenizer.vocab_size,
+                      "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
+        "prompt_style": style.name,
+        "sample_layout": "[BOS] + encode(prompt) + encode(response) + [EOS]",
+        "mask_prompt": mask_prompt, "ignore_index": IGNORE_INDEX,
+        "max_seq_length": max_seq_length, "truncation": truncation,
+        "seed": seed, "val_split_fraction": val_split_fraction, "val_size": val_size,
+        "counts": counts,
+        "token_lengths": length_percentiles(lengths),
+        "skipped": problems[:MAX_LISTED_PROBLEMS],
+    }
+    for split, (samples, prompt_lengths) in splits.items():
+        save_prepared(destination_path / config["files"][split], samples, prompt_lengths, mask_prompt)
+    save_json(config, destination_path / PREPARE_CONFIG_NAME)
+    return config
+
+
+def format_summary(config: Dict[str, Any], destination_path: PathLike) -> str:
+    """What a preparer prints: records read, kept, truncated, dropped and why, token-length percentiles."""
+    counts, lengths = config["counts"], config["token_lengths"]
+    dropped = counts["dropped_malformed"] + counts["dropped_too_long"] + counts["dropped_prompt_too_long"]
+    lines = [f"read {counts['records_read']} records from {config['source']['path']}"]
+    lines += [f"  skipped {problem}" for problem in config["skipped"][:10]]
+    if counts["dropped_malformed"] > 10:
+        lines.append(f"  ... {counts['dropped_malformed'] - 10} more skipped records (see {PREPARE_CONFIG_NAME})")
+    lines += [
+        f"kept {counts['kept']} (train {counts['train']}, val {counts['val']}), "
+        f"of which {counts['truncated']} with a truncated response",
+        f"dropped {dropped}: {counts['dropped_malformed']} malformed, {counts['dropped_too_long']} longer than "
+        f"max_seq_length={config['max_seq_length']}, {counts['dropped_prompt_too_long']} with a prompt too long "
+        "to leave room for a response",
+        "tokens per record (BOS + prompt + response + EOS, before truncation): "
+        + ", ".join(f"{name} {value}" for name, value in lengths.items()),
+        f"wrote {Path(destination_path) / config['files']['train']}, {config['files']['val']} and {PREPARE_CONFIG_NAME}",
+    ]
+    return "\n".join(lines)

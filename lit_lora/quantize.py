@@ -1,0 +1,569 @@
+"""QLoRA from scratch: 4-bit NormalFloat base weights, double quantization, LoRA on top.
+
+QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs") finetunes a model whose
+frozen base weights are stored in 4 bits, while the LoRA factors A and B (lit_lora/lora.py) train in
+16/32 bit. Llama-2-7B's weights take 13.5 GB in bf16 and ~3.9 GB this way, so the model, its LoRA
+optimizer state and the activations of a 512-token batch fit a 24 GB GPU, or even a 12 GB one.
+
+Why only the base is compressed
+-------------------------------
+LoRA never changes W: the forward pass reads it, the backward pass reads it again to send the gradient
+on to x (dL/dx = dL/dh W), and that is all. So W can be stored in any compact form that turns back into
+a 16-bit matrix quickly. The storage data type (NF4) and the computation data type (bf16) differ:
+
+    packed NF4 codes + scales ──dequantize──► W (bf16, one layer at a time) ──► h = x W^T + s B A x
+         frozen buffers                        a temporary, freed after use       A, B: 16/32-bit
+                                                                                  Parameters that get
+                                                                                  every gradient
+
+1. NormalFloat4: 16 values placed where a normal distribution puts equal probability (section 3)
+-----------------------------------------------------------------------------------------------
+Pretrained weights are close to normally distributed. Divide a block of them by its largest absolute
+value and the block lies in [-1, 1] with (almost) always the same shape of distribution, so one fixed
+table of 16 values fits every block. For a known distribution the best 16-value table puts the same
+probability mass in each of the 16 bins: its values are quantiles of the distribution ("quantile
+quantization": every 4-bit code is used equally often, so none of the 4 bits is wasted).
+`nf4_code()` builds it:
+
+  * 8 values for the positive half: the normal quantiles at probabilities spaced evenly from 0.5 to
+    0.9677; 7 for the negative half the same way; plus an exact 0. Zero must be exact (padding and
+    zero weights stay zero), and with an exact 0 16 values cannot be symmetric: the extra value goes
+    to the positive side.
+  * Why 0.9677 and not 1: the quantile at probability 1 is infinite. 0.9677083 is the mean of
+    1 - 1/(2*15) and 1 - 1/(2*16), the centres of the outermost bins of 15- and 16-bin grids.
+  * Scaled so the outermost values are exactly -1 and 1 (the block's absmax itself is exact).
+
+      -1    -.70  -.53 -.39 -.28 -.18 -.09  0  .08 .16 .25 .34 .44 .56  .72      1
+       |------|-----|----|----|---|----|---|---|---|---|----|----|-----|------|
+       dense near 0, where most weights are; sparse in the tails (a uniform grid, int4, is not)
+
+2. Blockwise absmax quantization, blocks of 64 (section 2, "Block-wise k-bit Quantization")
+-----------------------------------------------------------------------------------------
+The weight matrix is flattened (row-major) and cut into blocks of 64 values; the last block may be
+shorter. Each block stores its absmax c = max |w| (float32) and, per weight, the index of the table
+value nearest to w / c. One outlier therefore coarsens only its own 64 neighbours, not a whole row.
+
+    w  ──► / c ──► nearest of the 16 NF4 values ──► index 0..15 (4 bits)
+    w' = NF4[index] * c                              (dequantization)
+
+Two indices share one byte, the first in the high nibble:  byte = (i0 << 4) | i1.
+
+    weights  w0 w1 | w2 w3 | ...      ->   bytes  [i0 i1] [i2 i3] ...      (n / 2 bytes)
+
+3. Double quantization: quantize the quantization constants (section 3)
+----------------------------------------------------------------------
+A float32 absmax per 64 weights costs 32/64 = 0.5 bits per parameter, 12.5 % on top of the 4 bits.
+QLoRA quantizes these absmax values too: subtract their mean (they are all positive; centring them
+lets a signed code use both halves), then quantize them blockwise like the weights, in blocks of
+256, to 8 bits each with one float32 absmax per block. The 8-bit table (`dynamic_8bit_code()`) is
+the dynamic tree code of Dettmers 2015 ("8-Bit Approximations for Parallelism in Deep Learning"): a
+sign, a decimal exponent 10^-6..10^0 given by the number of leading zero bits, and the remaining bits
+a linear fraction in [0.1, 1], so it keeps a few significant digits over seven orders of magnitude.
+
+    bits per parameter      4-bit code   scales                          total
+    NF4                     4            32 / 64               = 0.5     4.5
+    NF4 + double quant      4            8 / 64 + 32 / (64*256) = 0.127  4.127  (saves 0.373 bits)
+
+For Llama-2-7B's 6.5 B quantized parameters double quantization saves ~0.3 GB. `bits_per_parameter`
+gives the formula, `quantized_storage` measures real buffers (scripts/qlora_memory.py prints both).
+
+4. Dequantize in the forward pass, and in the backward pass again
+-----------------------------------------------------------------
+`Linear4bit` keeps the codes and scales as buffers (an optimizer never sees them) and, on each call,
+dequantizes the whole matrix to the input's dtype and multiplies. A plain `F.linear(x, W)` would let
+autograd keep the dequantized W of every layer alive until the backward pass, i.e. the whole model in
+16 bits again; `_DequantizedMatmul` saves nothing and dequantizes once more in backward, where it is
+needed only to compute dL/dx. No gradient is ever computed for W.
+
+5. LoRA on top, and merging afterwards
+--------------------------------------
+`add_lora` wraps a `Linear4bit` like an `nn.Linear`; A and B are ordinary 16/32-bit Parameters created
+in the layer's `compute_dtype`, and they receive all the gradient. Folding B A into a 4-bit W cannot be
+done in place and reversibly (the sum is not an NF4 matrix), so `merge_lora_4bit` dequantizes, adds in
+float32, and either keeps the merged matrix in 16 bits (exactly what the trained model computed) or
+requantizes it (4-bit size again, but the rounding now also hits the learned update: the result is no
+longer the model that was evaluated during training; measure before shipping it).
+
+How to use it
+-------------
+    model = load_checkpoint_4bit(checkpoint_dir, mode="nf4-dq", dtype=torch.bfloat16)   # 7B: ~3.9 GB
+    add_lora(model, LoRAConfig(r=8, alpha=16, targets=("q", "v")))
+    mark_only_lora_as_trainable(model)
+    ...train; save_lora_checkpoint(...)...                       # the adapter, as for any base
+    merge_lora_4bit(model)                                       # optional: a plain 16-bit model
+
+or on a model already in memory: `replaced = quantize_model(model, mode="nf4-dq")` (drop `replaced`
+to free the 16-bit weights). On CUDA, `backend="bitsandbytes"` swaps in bitsandbytes' fused kernels
+instead (same format); the from-scratch path here is the default and the one the tests check.
+"""
+
+import math
+import sys
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+
+from lit_lora.checkpoint import (WEIGHTS_NAME, CheckpointError, check_keys_and_shapes, load_config,
+                                 model_state_shapes)
+from lit_lora.model import Llama
+
+MODES = ("nf4", "nf4-dq")
+NF4_BLOCK_SIZE = 64  # weights per absmax
+SCALE_BLOCK_SIZE = 256  # absmax values per second-level scale (double quantization)
+BACKENDS = ("torch", "bitsandbytes")
+
+
+# ----------------------------------------------------------------------------------------------
+# The two lookup tables
+# ----------------------------------------------------------------------------------------------
+
+def nf4_code() -> torch.Tensor:
+    """The 16 NormalFloat4 values, sorted, from -1 to 1 (section 1 of the module docstring).
+
+    Computed as QLoRA's reference code computes them (float32 grid, float64 quantiles, float32
+    normalisation), so they equal bitsandbytes' table bit for bit."""
+    outer = 0.9677083  # mean of 1 - 1/(2*15) and 1 - 1/(2*16): the normal quantile at 1 is infinite
+    positive = torch.special.ndtri(torch.linspace(outer, 0.5, 9, dtype=torch.float32)[:-1].double())  # 8 > 0
+    negative = -torch.special.ndtri(torch.linspace(outer, 0.5, 8, dtype=torch.float32)[:-1].double())  # 7 < 0
+    values = torch.cat([positive, negative, torch.zeros(1, dtype=torch.float64)]).float().sort().values
+    return values / values.max()  # (16,): -1 ... 0 ... 1
+
+
+def dynamic_8bit_code() -> torch.Tensor:
+    """The 256 values of the signed 8-bit dynamic tree code (Dettmers 2015), sorted, in [-1, 1].
+
+    For exponent e = 0..6 there are 2^e fraction values: the midpoints of 2^e equal steps between 0.1
+    and 1, times 10^(e - 6), each with both signs (2 * 127 values), plus 0 and 1. Small magnitudes get
+    few fraction bits, large ones many: a few significant digits from 1e-7 up to 1."""
+    values = [0.0, 1.0]
+    for exponent in range(7):
+        steps = torch.linspace(0.1, 1.0, 2 ** exponent + 1, dtype=torch.float32)
+        fractions = (steps[:-1] + steps[1:]) / 2 * 10.0 ** (exponent - 6)  # (2^e,)
+        values += fractions.tolist() + (-fractions).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)  # (256,)
+
+
+NF4_CODE = nf4_code()
+DYNAMIC_8BIT_CODE = dynamic_8bit_code()
+
+
+# ----------------------------------------------------------------------------------------------
+# Blockwise quantization: the same algorithm for the 4-bit weights and the 8-bit scales
+# ----------------------------------------------------------------------------------------------
+
+def quantize_blockwise(values: torch.Tensor, code: torch.Tensor, block_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Flatten `values`, cut it into blocks of `block_size` (the last one may be shorter) and return
+    (indices, absmax): for every value the index (uint8) of the `code` entry nearest to value / absmax
+    of its block, padded with the index of 0 to a whole number of blocks, and the float32 absmax of
+    each block. `code` must be sorted and contain 0.
+
+    Naive version: indices = argmin_j |values / absmax - code[j]|. `bucketize` finds the same index by
+    comparing with the midpoints between neighbouring code values, without the (n, len(code)) matrix;
+    a value exactly on a midpoint goes to the lower one."""
+    if not values.is_floating_point():
+        raise ValueError(f"only floating-point tensors can be quantized, got {values.dtype}")
+    n = values.numel()
+    n_blocks = math.ceil(n / block_size)
+    blocks = F.pad(values.reshape(-1).float(), (0, n_blocks * block_size - n)).view(n_blocks, block_size)  # a copy
+    absmax = torch.linalg.vector_norm(blocks, ord=math.inf, dim=1)  # (n_blocks,) max |value| per block
+    if not torch.isfinite(absmax).all():
+        raise ValueError("cannot quantize a tensor that contains NaN or infinite values")
+    # Multiply by the reciprocal, as the GPU kernels do (an all-zero block keeps absmax 0 and maps to 0).
+    blocks.mul_(1.0 / absmax.clamp(min=1e-38)[:, None])  # (n_blocks, block_size), now in [-1, 1]
+    code = code.to(blocks.device)
+    midpoints = (code[:-1] + code[1:]) / 2
+    indices = torch.bucketize(blocks.view(-1), midpoints, out_int32=True).to(torch.uint8)  # (n_blocks * block_size,)
+    return indices, absmax
+
+
+def dequantize_blockwise(indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block_size: int,
+                         numel: int) -> torch.Tensor:
+    """code[index] * absmax of its block for the first `numel` indices: a flat float32 tensor."""
+    scale = absmax.float().repeat_interleave(block_size)[:numel]  # (numel,) each block's absmax, repeated
+    return code.to(indices.device)[indices[:numel].int()] * scale
+
+
+def pack_4bit(indices: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit indices per byte, the first in the high nibble: (2 m,) uint8 -> (m,)."""
+    return (indices[0::2] << 4) | indices[1::2]
+
+
+def unpack_4bit(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_4bit`: (m,) bytes -> (2 m,) indices 0..15."""
+    return torch.stack((packed >> 4, packed & 0x0F), dim=1).view(-1)  # (m, 2): high nibble, low nibble
+
+
+def quantize_nf4(weight: torch.Tensor, block_size: int = NF4_BLOCK_SIZE) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A float tensor -> (packed NF4 codes (ceil(n / 2),) uint8, absmax (ceil(n / block_size),) float32)."""
+    indices, absmax = quantize_blockwise(weight, NF4_CODE, block_size)
+    # An odd count is completed by the next padding index, which encodes 0.
+    return pack_4bit(indices[:2 * math.ceil(weight.numel() / 2)]), absmax
+
+
+def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32,
+                   block_size: int = NF4_BLOCK_SIZE) -> torch.Tensor:
+    """(packed codes, absmax) -> the tensor of `shape`, computed in float32 and rounded once to `dtype`."""
+    numel = math.prod(shape)
+    return dequantize_blockwise(unpack_4bit(packed), absmax, NF4_CODE, block_size, numel).view(*shape).to(dtype)
+
+
+def quantize_absmax(absmax: torch.Tensor, block_size: int = SCALE_BLOCK_SIZE) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Double quantization of the per-block absmax values: (codes uint8 (n,), scales float32
+    (ceil(n / block_size),), offset float32 ()). absmax ~ DYNAMIC_8BIT_CODE[code] * scale + offset."""
+    offset = absmax.mean()  # the absmax values are all positive: centre them for the signed code
+    codes, scales = quantize_blockwise(absmax - offset, DYNAMIC_8BIT_CODE, block_size)
+    return codes[:absmax.numel()], scales, offset
+
+
+def dequantize_absmax(codes: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor,
+                      block_size: int = SCALE_BLOCK_SIZE) -> torch.Tensor:
+    """The inverse of `quantize_absmax` (up to its rounding): float32 (n,)."""
+    return dequantize_blockwise(codes, scales, DYNAMIC_8BIT_CODE, block_size, codes.numel()) + offset
+
+
+def bits_per_parameter(mode: str) -> float:
+    """Storage per quantized weight, in bits, for large matrices (section 3 of the module docstring)."""
+    _check_mode(mode)
+    if mode == "nf4":
+        return 4 + 32 / NF4_BLOCK_SIZE
+    return 4 + 8 / NF4_BLOCK_SIZE + 32 / (NF4_BLOCK_SIZE * SCALE_BLOCK_SIZE)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The frozen 4-bit linear layer
+# ----------------------------------------------------------------------------------------------
+
+class _DequantizedMatmul(torch.autograd.Function):
+    """h = x W^T with W dequantized on the fly, forward and backward.
+
+    Saving nothing is the point: `F.linear(x, layer.dequantize())` would make autograd keep every
+    layer's 16-bit W until the backward pass. W is frozen, so the only gradient is dL/dx = dL/dh W."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
+        ctx.layer = layer  # its buffers live anyway: keeping a reference costs nothing
+        return F.linear(x, layer.dequantize(x.dtype))  # (..., in) -> (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> Tuple[Optional[torch.Tensor], None]:
+        grad_x = grad_output @ ctx.layer.dequantize(grad_output.dtype) if ctx.needs_input_grad[0] else None  # (..., in)
+        return grad_x, None
+
+
+class Linear4bit(nn.Module):
+    """A frozen bias-free linear layer stored as NF4: h = x W^T with W dequantized in each call.
+
+    Buffers (in the state dict, never Parameters, so no optimizer touches them):
+        packed_weight   uint8 (ceil(out * in / 2),)   two 4-bit codes per byte, row-major
+        mode "nf4":     absmax         float32 (n_blocks,)        one per 64 weights
+        mode "nf4-dq":  absmax_codes   uint8 (n_blocks,)          8-bit codes of absmax - offset
+                        absmax_scales  float32 (ceil(n_blocks / 256),)
+                        absmax_offset  float32 ()                 the mean absmax
+
+    `in_features` and `out_features` are those of the nn.Linear it replaces; `compute_dtype` is the
+    dtype `dequantize()` returns by default and the dtype LoRA factors on top of it are created in.
+    `forward` computes in the input's dtype. There is no `weight` attribute on purpose: code that
+    would modify `weight` in place (e.g. a LoRA merge) must not silently write into a temporary.
+    """
+
+    def __init__(self, in_features: int, out_features: int, mode: str = "nf4-dq",
+                 compute_dtype: torch.dtype = torch.float32, device: Optional[Union[str, torch.device]] = None) -> None:
+        """An empty layer (`load_weight` fills it); use `Linear4bit.from_weight` to quantize a matrix."""
+        super().__init__()
+        _check_mode(mode)
+        self.in_features, self.out_features, self.mode, self.compute_dtype = in_features, out_features, mode, compute_dtype
+        n_blocks = math.ceil(in_features * out_features / NF4_BLOCK_SIZE)
+        self.register_buffer("packed_weight", torch.empty(math.ceil(in_features * out_features / 2), dtype=torch.uint8, device=device))
+        if mode == "nf4":
+            self.register_buffer("absmax", torch.empty(n_blocks, dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("absmax_codes", torch.empty(n_blocks, dtype=torch.uint8, device=device))
+            self.register_buffer("absmax_scales", torch.empty(math.ceil(n_blocks / SCALE_BLOCK_SIZE), dtype=torch.float32, device=device))
+            self.register_buffer("absmax_offset", torch.empty((), dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, mode: str = "nf4-dq") -> "Linear4bit":
+        """Quantize a float (out, in) matrix; the layer computes in `weight.dtype` by default."""
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, mode, compute_dtype=weight.dtype, device=weight.device)
+        layer.load_weight(weight)
+        return layer
+
+    @torch.no_grad()
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Quantize `weight` (out, in) into this layer's buffers (copied into them: a model allocated
+        up front is filled in place, and the temporaries of each layer free one contiguous region)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a Linear4bit "
+                             f"({self.out_features}, {self.in_features})")
+        packed, absmax = quantize_nf4(weight.to(self.packed_weight.device))
+        self.packed_weight.copy_(packed)
+        if self.mode == "nf4":
+            self.absmax.copy_(absmax)
+        else:
+            for buffer, value in zip((self.absmax_codes, self.absmax_scales, self.absmax_offset), quantize_absmax(absmax)):
+                buffer.copy_(value)
+
+    def block_absmax(self) -> torch.Tensor:
+        """The per-block absmax (float32), dequantized first in mode nf4-dq."""
+        if self.mode == "nf4":
+            return self.absmax
+        return dequantize_absmax(self.absmax_codes, self.absmax_scales, self.absmax_offset)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """W as a dense (out, in) tensor in `dtype` (default `compute_dtype`)."""
+        return dequantize_nf4(self.packed_weight, self.block_absmax(), (self.out_features, self.in_features),
+                              dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DequantizedMatmul.apply(x, self)  # (..., in) -> (..., out)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(device) must move the quantization state, but Module.to(torch.bfloat16) (e.g. Fabric's
+        # bf16-true precision) must not round the float32 scales: a cast only changes compute_dtype.
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype, device=self.packed_weight.device)).dtype
+        exact = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, before in exact.items():
+            if self._buffers[name].dtype != before.dtype:
+                self._buffers[name] = before.to(self._buffers[name].device)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, compute_dtype={self.compute_dtype}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole models: quantize, load straight into 4 bits, merge LoRA, account for memory
+# ----------------------------------------------------------------------------------------------
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, module)
+
+
+def _bitsandbytes_linear(weight: torch.Tensor, mode: str, device: Union[str, torch.device] = "cuda") -> nn.Module:
+    """bitsandbytes' Linear4bit holding `weight` in the same NF4 format (64-weight blocks, double
+    quantization for nf4-dq) on `device`. Imported here only: the library never needs bitsandbytes."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ValueError("backend 'bitsandbytes' needs the bitsandbytes package: pip install bitsandbytes") from None
+    out_features, in_features = weight.shape
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=weight.dtype,
+                              compress_statistics=mode == "nf4-dq", quant_type="nf4", device="meta")
+    layer.weight = bnb.nn.Params4bit(weight.detach().cpu(), requires_grad=False, blocksize=NF4_BLOCK_SIZE,
+                                     compress_statistics=mode == "nf4-dq", quant_type="nf4", module=layer)
+    return layer.to(device)  # bitsandbytes quantizes when the weight moves to its device
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A `Linear4bit`, or bitsandbytes' Linear4bit when bitsandbytes is already imported."""
+    bnb = sys.modules.get("bitsandbytes")
+    return isinstance(module, Linear4bit) or (bnb is not None and isinstance(module, bnb.nn.Linear4bit))
+
+
+def linear_device_dtype(module: nn.Module) -> Tuple[torch.device, torch.dtype]:
+    """Where a linear layer lives and the dtype it computes in: its weight's for an nn.Linear, the
+    compute dtype for a 4-bit layer (never the uint8 storage). LoRA creates A and B with these."""
+    if isinstance(module, Linear4bit):
+        return module.packed_weight.device, module.compute_dtype
+    if is_quantized_linear(module):
+        return module.weight.device, module.compute_dtype or torch.float32
+    return module.weight.device, module.weight.dtype
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The dense (out, in) weight of a quantized linear layer, in its compute dtype."""
+    if isinstance(module, Linear4bit):
+        return module.dequantize()
+    import bitsandbytes.functional as bnb_functional
+
+    weight = bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    return weight.to(module.compute_dtype or weight.dtype)
+
+
+def quantize_model(model: nn.Module, mode: str = "nf4-dq", skip: Sequence[str] = ("lm_head",),
+                   backend: str = "torch") -> Dict[str, nn.Linear]:
+    """Replace every `nn.Linear` of `model` by a 4-bit layer, in place; returns {name: replaced nn.Linear}.
+
+    mode: "nf4" (float32 absmax per 64 weights, 4.5 bits per weight) or "nf4-dq" (double
+    quantization, 4.127 bits). skip: module names or glob patterns kept in 16/32 bit; the default
+    keeps the output head, as QLoRA does (its errors go straight into the logits). backend: "torch",
+    the from-scratch `Linear4bit`, or "bitsandbytes" (CUDA only). On a meta-device model the layers are
+    empty shells with the right buffers (see `load_checkpoint_4bit`).
+
+    Drop the returned dict to free the 16-bit weights; `dequantize_model` goes back to nn.Linear.
+    Linear layers wrapped by LoRA (`<name>.base`) are quantized too; LoRA's A and B never are.
+    """
+    _check_mode(mode)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown quantization backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "bitsandbytes" and not torch.cuda.is_available():
+        raise ValueError("backend 'bitsandbytes' needs a CUDA GPU; use backend 'torch' (the default) elsewhere")
+    occurrences: Dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        occurrences[id(param)] = occurrences.get(id(param), 0) + 1
+    linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear and name}
+    chosen = {name: m for name, m in linears.items()
+              if not any(fnmatchcase(name, p) or fnmatchcase(name, p + ".*") for p in skip)}
+    for name, linear in chosen.items():
+        if linear.bias is not None:
+            raise ValueError(f"{name} has a bias; 4-bit layers here are bias-free (Llama has no biases): add it to skip")
+        if occurrences[id(linear.weight)] > 1:
+            raise ValueError(f"{name}.weight is tied to another module (e.g. the token embedding): "
+                             "quantizing it would store it twice; add it to skip")
+    replaced = {}
+    for name, linear in chosen.items():
+        if backend == "bitsandbytes":
+            if linear.weight.device.type == "meta":
+                raise ValueError("backend 'bitsandbytes' cannot quantize a meta-device model; load the weights first")
+            quantized = _bitsandbytes_linear(linear.weight, mode)
+        elif linear.weight.device.type == "meta":
+            quantized = Linear4bit(linear.in_features, linear.out_features, mode, linear.weight.dtype, device="meta")
+        else:
+            quantized = Linear4bit.from_weight(linear.weight.detach(), mode)
+        _set_submodule(model, name, quantized)
+        replaced[name] = linear
+    return replaced
+
+
+def dequantize_model(model: nn.Module) -> Dict[str, nn.Module]:
+    """Replace every quantized layer by an nn.Linear holding its dequantized weight (compute dtype);
+    returns {name: the quantized layer removed}. The inverse of `quantize_model` up to its rounding."""
+    quantized = {name: m for name, m in model.named_modules() if is_quantized_linear(m)}
+    for name, layer in quantized.items():
+        weight = dequantized_weight(layer)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        _set_submodule(model, name, linear)
+    return quantized
+
+
+def _open_error(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}")
+
+
+def _read_tensor(path: Path, name: str) -> torch.Tensor:
+    # The file is opened for this one tensor: while a safetensors file stays open its memory map keeps
+    # every page read so far resident, and the process would grow by the whole checkpoint.
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise _open_error(path, error) from None
+
+
+@torch.no_grad()
+def load_checkpoint_4bit(checkpoint_dir: Union[str, Path], mode: str = "nf4-dq", dtype: torch.dtype = torch.bfloat16,
+                         device: Optional[Union[str, torch.device]] = None, skip: Sequence[str] = ("lm_head",)) -> Llama:
+    """Load a lit-lora checkpoint directly into a 4-bit model, one tensor at a time.
+
+    The model is built on the meta device with its Linear layers swapped for `Linear4bit` shells, then
+    allocated at once on `device` (default CPU) in its final, 4-bit size. The safetensors file is read
+    tensor by tensor: each projection weight is quantized into its layer as soon as it is read, every
+    other tensor (embedding, norms, skipped layers) is copied in as `dtype`. Peak memory is the 4-bit
+    model plus about one 16-bit weight matrix and its quantization temporaries, never the 16-bit model.
+    Allocating the model first matters: kept 4-bit buffers allocated between one layer's temporaries
+    and the next would fragment the heap, and the process would grow well past the model's size.
+    `dtype` is also the compute dtype of the 4-bit layers.
+    """
+    _check_mode(mode)
+    checkpoint_dir = Path(checkpoint_dir)
+    config = load_config(checkpoint_dir)
+    with torch.device("meta"):
+        model = Llama(config).to(dtype)
+    expected = model_state_shapes(model)
+    quantize_model(model, mode, skip)  # meta: shells only, nothing computed
+    path = checkpoint_dir / WEIGHTS_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {name: torch.empty(f.get_slice(name).get_shape(), device="meta") for name in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise _open_error(path, error) from None
+    check_keys_and_shapes(expected, shapes, str(path))
+
+    model.to_empty(device=device or "cpu")  # the final model, uninitialised
+    if config.tie_embeddings:  # to_empty gave each module its own new Parameter: tie the head again
+        model.lm_head.weight = model.tok_embeddings.weight
+    for name in expected:
+        tensor = _read_tensor(path, name)
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path}: {name} has dtype {tensor.dtype}, expected a floating-point tensor")
+        module = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(module, Linear4bit):
+            module.load_weight(tensor)
+        else:
+            model.get_parameter(name).copy_(tensor)
+        del tensor
+    return model
+
+
+@torch.no_grad()
+def merge_lora_4bit(model: nn.Module, requantize: bool = False) -> Dict[str, nn.Module]:
+    """Fold every LoRA update into its 4-bit base: W' = dequantize(W) + (alpha / r) B A, in float32.
+
+    Each LoRALinear over a quantized layer is replaced by a plain nn.Linear holding W' in the base's
+    compute dtype (the function the adapted model computed, up to that rounding), or, with
+    `requantize=True`, by a new Linear4bit of W' (4-bit size again, but NF4 rounding now also falls on
+    the learned update). Returns {name: the LoRALinear removed}; putting those back undoes it.
+    """
+    from lit_lora.lora import lora_layers  # lora.py imports this module, so not at the top
+
+    merged = {}
+    for name, layer in lora_layers(model).items():
+        if not is_quantized_linear(layer.base):
+            continue
+        if layer.merged:
+            raise RuntimeError(f"{name} is already merged")
+        weight = dequantized_weight(layer.base)
+        dtype = weight.dtype
+        weight = weight.float() + layer.delta_weight()  # (out, in)
+        if requantize:
+            mode = layer.base.mode if isinstance(layer.base, Linear4bit) else "nf4-dq"
+            replacement = Linear4bit.from_weight(weight.to(dtype), mode)
+        else:
+            replacement = nn.Linear(layer.base.in_features, layer.base.out_features, bias=False, device="meta")
+            replacement.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        _set_submodule(model, name, replacement)
+        merged[name] = layer
+    if not merged:
+        raise ValueError("the model has no LoRA layers over 4-bit weights to merge")
+    return merged
+
+
+def quantized_storage(model: nn.Module) -> Dict[str, int]:
+    """Bytes of the model's tensors by role, measured from their sizes (works on the meta device):
+    4-bit codes, absmax (float32, mode nf4), absmax codes and their scales/offsets (nf4-dq), all other
+    parameters and buffers ("unquantized"), and "quantized_params": the weights the 4-bit layers hold."""
+    storage = dict.fromkeys(("codes", "absmax", "absmax_codes", "absmax_scales", "unquantized", "quantized_params"), 0)
+    for module in model.modules():
+        for name, tensor in module.named_buffers(recurse=False):
+            if isinstance(module, Linear4bit):
+                key = {"packed_weight": "codes", "absmax_offset": "absmax_scales"}.get(name, name)
+                storage[key] += tensor.numel() * tensor.element_size()
+        if isinstance(module, Linear4bit):
+            storage["quantized_params"] += module.in_features * module.out_features
+    seen = set()
+    for module in model.modules():
+        tensors = list(module.named_parameters(recurse=False))
+        if not isinstance(module, Linear4bit):
+            tensors += list(module.named_buffers(recurse=False))
+        for _, tensor in tensors:
+            if id(tensor) not in seen:  # a tied weight counts once
+                seen.add(id(tensor))
+                storage["unquantized"] += tensor.numel() * tensor.element_size()
+    storage["total"] = sum(v for k, v in storage.items() if k != "quantized_params")
+    return storage

@@ -1,0 +1,34 @@
+"""Step 2 (Meta's original format): turn Meta's Llama 2 download into a lit-lora checkpoint.
+
+    python scripts/convert_checkpoint.py --checkpoint_dir checkpoints/llama-2-13b
+
+reads `params.json` and the tensor-parallel shards `consolidated.00.pth`, `consolidated.01.pth`, ...,
+joins them, permutes the q/k rows to the rotate-half rotary layout and writes `lit_model.safetensors`,
+`model_config.json` and `tokenizer.model` (found beside the shards or one directory up, where Meta's
+download script puts it).
+"""
+
+from pathlib import Path
+from typing import Optional
+
+from lit_lora.cli import run
+from lit_lora.convert import convert_meta_checkpoint, parse_dtype
+
+
+def main(checkpoint_dir: Path, output_dir: Optional[Path] = None, dtype: Optional[str] = None,
+         block_size: int = 4096) -> Path:
+    """Convert Meta's original Llama 2 checkpoint to lit-lora.
+
+    Args:
+        checkpoint_dir: directory with params.json and consolidated.NN.pth (e.g. llama-2-7b/).
+        output_dir: where to write the lit-lora checkpoint; defaults to checkpoint_dir itself.
+        dtype: float32, float16 or bfloat16 to cast the weights; by default they keep the stored dtype.
+        block_size: the context length to record (4096 for Llama 2; params.json does not say).
+    """
+    output = convert_meta_checkpoint(checkpoint_dir, output_dir, parse_dtype(dtype), block_size)
+    print(f"Wrote the lit-lora checkpoint to {output}")
+    return output
+
+
+if __name__ == "__main__":
+    run(main)

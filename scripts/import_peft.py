@@ -1,0 +1,35 @@
+"""Import a Hugging Face PEFT LoRA adapter as a lit-lora adapter file.
+
+    python scripts/import_peft.py --peft_dir some-peft-adapter --checkpoint_dir checkpoints/Llama-2-7b-hf \
+        --output_path out/lora/imported.safetensors
+
+The adapter must be plain LoRA (no DoRA, rsLoRA, per-layer ranks, biases or modules_to_save) on the
+Llama layers q/k/v/o_proj, gate/up/down_proj or lm_head, in every layer, saved as safetensors.
+"""
+
+from pathlib import Path
+
+from lit_lora.checkpoint import load_config, save_adapter_file
+from lit_lora.cli import run
+from lit_lora.peft_interop import load_peft_adapter
+
+
+def main(peft_dir: Path, checkpoint_dir: Path, output_path: Path) -> Path:
+    """Convert a PEFT adapter directory into one lit-lora adapter file.
+
+    Args:
+        peft_dir: directory with adapter_config.json and adapter_model.safetensors.
+        checkpoint_dir: the lit-lora conversion of the adapter's base model; its config is recorded in
+            the adapter file and every tensor's shape is checked against it.
+        output_path: the lit-lora adapter file to write (use it with apply_lora_checkpoint or generate/lora.py).
+    """
+    model_config = load_config(checkpoint_dir)
+    lora_config, state, ignored = load_peft_adapter(peft_dir, model_config)
+    save_adapter_file(output_path, state, method="lora", settings=lora_config.to_dict(), model_config=model_config)
+    note = f"; ignored PEFT's copies of the base weights {ignored}" if ignored else ""
+    print(f"imported {lora_config} ({len(state)} tensors) to {output_path}{note}")
+    return Path(output_path)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,173 @@
+"""The shared training loop through the finetune scripts' code paths, on a tiny model and real Alpaca data."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_lora.checkpoint import load_checkpoint, load_tensors, save_checkpoint
+from lit_lora.model import Config, Llama
+from lit_lora.prepare import prepare_instruction_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    """Import a script's `main` (scripts are not a package; they are run as files)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.replace("/", "_")[:-3], ROOT / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, llama2_tokenizer_path, shared_data):
+    """A tiny random base checkpoint with the real Llama 2 tokenizer, and the real Alpaca sample prepared."""
+    root = tmp_path_factory.mktemp("finetune")
+    torch.manual_seed(0)
+    model = Llama(Config.from_name("tiny", block_size=256))
+    # A random tiny model's logits are nearly uniform (head std 0.02 over 64 features), which leaves an
+    # adapter nothing to move in a few steps. A wider head gives them the spread of a trained model.
+    torch.nn.init.normal_(model.lm_head.weight, std=0.3)
+    save_checkpoint(root / "base", model.state_dict(), model.config, tokenizer_path=llama2_tokenizer_path)
+    prepare_instruction_data(shared_data / "alpaca" / "alpaca_data_sample.json", root / "data", llama2_tokenizer_path,
+                             max_seq_length=128, val_size=8, seed=42)
+    return root
+
+
+def _train_args(**overrides):
+    from lit_lora.train import TrainArgs
+
+    values = dict(learning_rate=2e-2, global_batch_size=8, micro_batch_size=4, warmup_steps=2, max_steps=10,
+                  eval_interval=1000, eval_iters=2, save_interval=1000, seed=7, sample_instruction="Say hi.")
+    values.update(overrides)
+    return TrainArgs(**values)
+
+
+def _finetune(method: str, tiny_run: Path, out: str, **kwargs):
+    main = _script(f"finetune/{method}.py")
+    return main(checkpoint_dir=tiny_run / "base", data_dir=tiny_run / "data", out_dir=tiny_run / out,
+                accelerator="cpu", **kwargs)
+
+
+def _apply(method: str, model):
+    if method == "lora":
+        from lit_lora.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, save_lora_checkpoint
+
+        config = LoRAConfig(r=8, alpha=16, dropout=0.05)
+        add_lora(model, config)
+        mark_only_lora_as_trainable(model)
+        return lambda path, m: save_lora_checkpoint(path, m, config)
+    from lit_lora.adapter import AdapterConfig, add_adapter, mark_only_adapter_as_trainable, save_adapter_checkpoint
+
+    config = AdapterConfig(prompt_length=10, start_layer=0)
+    add_adapter(model, config)
+    mark_only_adapter_as_trainable(model)
+    return lambda path, m: save_adapter_checkpoint(path, m, config)
+
+
+@pytest.mark.parametrize(("method", "learning_rate", "margin"), [("lora", 2e-2, 1.0), ("adapter", 1e-1, 0.3)])
+def test_finetuning_lowers_val_loss_and_changes_only_the_adapter(tiny_run, method, learning_rate, margin):
+    """The same steps as finetune/lora.py and finetune/adapter.py, holding on to the model to inspect it."""
+    from lit_lora.train import fit, start_run
+
+    args = _train_args(learning_rate=learning_rate)
+    out = tiny_run / method
+    session = start_run(tiny_run / "base", tiny_run / "data", out, args, accelerator="cpu")
+    save_weights = _apply(method, session.model)
+    frozen_before = {n: p.detach().clone() for n, p in session.model.named_parameters() if not p.requires_grad}
+    trainable_before = {n: p.detach().clone() for n, p in session.model.named_parameters() if p.requires_grad}
+    metrics = fit(session.fabric, session.model, session.train_data, session.val_data, args, out,
+                  save_weights=save_weights, weights_name="adapter.safetensors")
+
+    history = json.loads((out / "history.json").read_text())["history"]
+    initial_val_loss = next(h["val_loss"] for h in history if "val_loss" in h)
+    assert history[0]["step"] == 0
+    assert metrics["val_loss"] < initial_val_loss - margin, (initial_val_loss, metrics["val_loss"])
+    params = dict(session.model.named_parameters())
+    assert all(torch.equal(params[n], before) for n, before in frozen_before.items())  # base bit-identical
+    assert all(not torch.equal(params[n], before) for n, before in trainable_before.items())  # every adapter tensor moved
+    saved = load_tensors(out / "adapter.safetensors")[0]
+    assert set(saved) == {n for n in trainable_before}
+    assert (out / "loss.png").stat().st_size > 0 and (out / "final_metrics.json").exists()
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_run, monkeypatch):
+    import lit_lora.train as train_module
+
+    args = dict(train=_train_args(max_steps=6, save_interval=2, learning_rate=3e-3), lora=_lora_config())
+    uninterrupted = _finetune("lora", tiny_run, "resume-reference", **args)
+
+    real_lr_at = train_module.lr_at
+
+    def interrupt_before_step_5(step, total_steps, train_args):  # Ctrl-C after step 4's backward passes
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_lr_at(step, total_steps, train_args)
+
+    monkeypatch.setattr(train_module, "lr_at", interrupt_before_step_5)
+    with pytest.raises(SystemExit):
+        _finetune("lora", tiny_run, "resume-cut", **args)
+    assert [p.name for p in (tiny_run / "resume-cut" / "checkpoints").iterdir()] == ["step-000004.ckpt"]
+    monkeypatch.setattr(train_module, "lr_at", real_lr_at)
+    resumed = _finetune("lora", tiny_run, "resume-cut", resume="auto", **args)
+
+    def train_losses(name):
+        history = json.loads((tiny_run / name / "history.json").read_text())["history"]
+        return [h["train_loss"] for h in history if "train_loss" in h]
+
+    assert len(train_losses("resume-cut")) == 6
+    torch.testing.assert_close(train_losses("resume-cut"), train_losses("resume-reference"), atol=1e-6, rtol=0)
+    reference = load_tensors(tiny_run / "resume-reference" / "lit_lora.safetensors")[0]
+    continued = load_tensors(tiny_run / "resume-cut" / "lit_lora.safetensors")[0]
+    assert all(torch.equal(reference[name], continued[name]) for name in reference)
+    assert resumed["steps"] == uninterrupted["steps"] == 6
+
+    with pytest.raises(FileExistsError, match="already holds a finished run"):
+        _finetune("lora", tiny_run, "resume-cut", **args)
+
+
+def _lora_config():
+    from lit_lora.lora import LoRAConfig
+
+    return LoRAConfig(r=4, alpha=8, dropout=0.1)
+
+
+DDP_SCRIPT = """
+import sys
+from pathlib import Path
+from lit_lora.checkpoint import save_tensors
+from lit_lora.lora import LoRAConfig, add_lora, lora_state_dict, mark_only_lora_as_trainable, save_lora_checkpoint
+from lit_lora.train import TrainArgs, fit, start_run
+
+root, out = Path(sys.argv[1]), Path(sys.argv[2])
+args = TrainArgs(learning_rate=3e-3, global_batch_size=8, micro_batch_size=2, warmup_steps=1, max_steps=3,
+                 eval_iters=1, seed=3)
+session = start_run(root / "base", root / "data", out, args, devices=2, strategy="ddp", accelerator="cpu")
+config = LoRAConfig(r=4, alpha=8, dropout=0.1)
+add_lora(session.model, config)
+mark_only_lora_as_trainable(session.model)
+fit(session.fabric, session.model, session.train_data, session.val_data, args, out,
+    save_weights=lambda path, model: save_lora_checkpoint(path, model, config), weights_name="lit_lora.safetensors")
+save_tensors(lora_state_dict(session.model), out / f"rank{session.fabric.global_rank}.safetensors")
+"""
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_with_two_processes(tiny_run, tmp_path):
+    script = tmp_path / "ddp_lora.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(script), str(tiny_run), str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (load_tensors(out / f"rank{r}.safetensors")[0] for r in (0, 1))
+    assert set(rank0) == set(rank1) and rank0
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    initial = {name: t for name, t in rank0.items() if "lora_B" in name}
+    assert all(t.abs().sum() > 0 for t in initial.values())  # trained: B left zero
