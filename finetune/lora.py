@@ -6,7 +6,7 @@ See howto/finetune_lora.md for memory needs, multi-GPU runs and hyperparameter a
 """
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Literal, Optional
 
 from lit_lora.cli import run
 from lit_lora.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, save_lora_checkpoint
@@ -24,6 +24,7 @@ def main(
     num_nodes: int = 1,
     strategy: str = "auto",
     accelerator: str = "auto",
+    quantize: Optional[Literal["nf4", "nf4-dq"]] = None,
     resume: Optional[str] = None,
     overwrite: bool = False,
 ) -> Dict[str, Any]:
@@ -40,11 +41,12 @@ def main(
         num_nodes: number of nodes.
         strategy: auto, ddp or fsdp (Lightning Fabric strategies).
         accelerator: auto, cpu or cuda.
+        quantize: QLoRA: keep the frozen base in 4 bits, nf4 or nf4-dq (double-quantized scales); see howto/finetune_qlora.md.
         resume: "auto" (the newest checkpoint in out_dir) or the path of a resumable checkpoint.
         overwrite: replace a finished run in out_dir.
     """
     hyperparameters = dict(locals())
-    session = start_run(checkpoint_dir, data_dir, out_dir, train, precision, devices, num_nodes, strategy, accelerator)
+    session = start_run(checkpoint_dir, data_dir, out_dir, train, precision, devices, num_nodes, strategy, accelerator, quantize)
     add_lora(session.model, lora)
     mark_only_lora_as_trainable(session.model)
     return fit(session.fabric, session.model, session.train_data, session.val_data, train, out_dir,

@@ -17,7 +17,6 @@ Lightning Fabric handles devices, precision and distributed strategies (DDP, FSD
 import json
 import math
 import os
-import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, is_dataclass
@@ -35,8 +34,9 @@ from lit_lora.data import IGNORE_INDEX, BatchSampler, check_same_tokenizer, coll
 from lit_lora.generate import generate
 from lit_lora.model import Block, Llama
 from lit_lora.prompts import PromptStyle, get_prompt_style
+from lit_lora.quantize import load_checkpoint_4bit
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import count_parameters, parameter_report
+from lit_lora.utils import count_parameters, parameter_report, peak_memory
 
 CHECKPOINT_DIR_NAME = "checkpoints"
 FINISHED_NAME = "final_metrics.json"
@@ -143,12 +143,20 @@ class Run:
 
 
 def start_run(checkpoint_dir: Path, data_dir: Path, out_dir: Path, train: TrainArgs, precision: Optional[str] = None,
-              devices: int = 1, num_nodes: int = 1, strategy: str = "auto", accelerator: str = "auto") -> Run:
-    """Launch Fabric, load the base checkpoint in the training dtype and the prepared data, with checks."""
+              devices: int = 1, num_nodes: int = 1, strategy: str = "auto", accelerator: str = "auto",
+              quantize: Optional[str] = None) -> Run:
+    """Launch Fabric, load the base checkpoint in the training dtype (or in 4 bits with `quantize`,
+    see lit_lora/quantize.py) and the prepared data, with checks."""
+    if quantize is not None and strategy == "fsdp":
+        raise ValueError("--quantize does not combine with --strategy fsdp: use ddp, or one device")
     precision = precision or default_precision(accelerator)
     fabric = setup_fabric(Path(out_dir), precision, devices, num_nodes, strategy, accelerator, train.activation_checkpointing)
     fabric.seed_everything(train.seed)  # the adapter's random init (LoRA's A) is the same on every rank
-    model = load_checkpoint(checkpoint_dir, dtype=PRECISION_DTYPES.get(precision, torch.float32))
+    dtype = PRECISION_DTYPES.get(precision, torch.float32)
+    if quantize is None:
+        model = load_checkpoint(checkpoint_dir, dtype=dtype)
+    else:
+        model = load_checkpoint_4bit(checkpoint_dir, mode=quantize, dtype=dtype, device=fabric.device)
     tokenizer = Tokenizer(Path(checkpoint_dir) / TOKENIZER_NAME)
     check_same_tokenizer(data_dir, tokenizer.model_path)
     prepared = load_prepare_config(data_dir)
@@ -171,17 +179,12 @@ def make_sampler(tokenizer: Tokenizer, style: PromptStyle, instruction: str,
         model.eval()
         output = generate(model, prompt_ids.to(model.tok_embeddings.weight.device), max_new_tokens,
                           temperature=0.0, eos_id=tokenizer.eos_id)
-        model.clear_kv_cache()
         model.train(was_training)
         return tokenizer.decode(output[len(prompt_ids):])
 
     return sample
 
 
-def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB"
-    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB"  # ru_maxrss is in kB on Linux
 
 
 def rank_batches(sampler: BatchSampler, epoch: int, fabric: L.Fabric) -> List[List[int]]:

@@ -110,14 +110,16 @@ def saved_activation_bytes(config: Config, lora_config: LoRAConfig, tokens: int)
     idx = torch.zeros(1, tokens, dtype=torch.long)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         logits = model(idx)  # (1, T, V)
-        F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), idx[:, 1:].reshape(-1))  # as lit_lora.train
+        targets = idx[:, 1:].reshape(-1)
+        F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets)  # the loss of lit_lora.train
     return sum(saved.values())
 
 
 def measure_loading(n_layer: int) -> Dict[str, float]:
-    """Write a random bf16 checkpoint and measure both loaders. Width 1024 with 7B's MLP ratio and a 4096-token
-    vocabulary, so that the embedding and head (kept in bf16) are ~5 % of the weights, as in 7B."""
-    config = Config(name="bench", block_size=512, vocab_size=4096, n_layer=n_layer, n_head=16, n_embd=1024, intermediate_size=2816)
+    """Write a random bf16 checkpoint and measure both loaders. Width 1024 with 7B's MLP ratio and a
+    4096-token vocabulary, so that the embedding and head (kept in bf16) are ~5 % of the weights, as in 7B."""
+    config = Config(name="bench", block_size=512, vocab_size=4096, n_layer=n_layer, n_head=16, n_embd=1024,
+                    intermediate_size=2816)
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in Llama(config).state_dict().items()}
     torch.manual_seed(0)
@@ -127,7 +129,8 @@ def measure_loading(n_layer: int) -> Dict[str, float]:
         save_checkpoint(directory, state, config)
         del state
         for loader in ("bf16", "nf4-dq"):
-            output = subprocess.run([sys.executable, "-c", LOAD_CHILD, loader, directory], capture_output=True, text=True)
+            output = subprocess.run([sys.executable, "-c", LOAD_CHILD, loader, directory], capture_output=True,
+                                    text=True)
             if output.returncode:
                 raise RuntimeError(f"the {loader} load failed:\n{output.stderr}")
             measured = json.loads(output.stdout.strip().splitlines()[-1])
@@ -135,9 +138,60 @@ def measure_loading(n_layer: int) -> Dict[str, float]:
     return results
 
 
+def report_weights(name: str, lora_config: LoRAConfig) -> Dict[str, float]:
+    storage = {mode: weight_storage(name, mode) for mode in MODES}
+    nf4, dq = storage["nf4"], storage["nf4-dq"]
+    rest, quantized = nf4["unquantized"], nf4["quantized_params"]
+    bf16 = 2 * quantized + rest
+    trainable = lora_trainable(name, lora_config)
+    print(f"\n{name}: {(quantized + rest / 2) / 1e9:.2f} B parameters, {quantized / 1e9:.2f} B of them in the quantized projections")
+    print(f"  bf16     {bf16 / GB:6.2f} GB")
+    print(f"  nf4      {nf4['total'] / GB:6.2f} GB = codes {nf4['codes'] / GB:.3f} + absmax {nf4['absmax'] / GB:.3f}"
+          f" + 16-bit rest {rest / GB:.3f}   ({nf4['total'] / bf16:.3f} x bf16; "
+          f"{bits_per_parameter('nf4'):.3f} bits per quantized weight)")
+    print(f"  nf4-dq   {dq['total'] / GB:6.2f} GB = codes {dq['codes'] / GB:.3f} + absmax codes {dq['absmax_codes'] / GB:.3f}"
+          f" + scales {dq['absmax_scales'] / GB:.4f} + 16-bit rest {rest / GB:.3f}   ({dq['total'] / bf16:.3f} x bf16; "
+          f"{bits_per_parameter('nf4-dq'):.3f} bits per quantized weight)")
+    print(f"  double quantization saves {(nf4['total'] - dq['total']) / GB:.3f} GB")
+    print(f"  LoRA r={lora_config.r} on {','.join(lora_config.targets)}: {trainable / 1e6:.2f} M trainable parameters "
+          f"x 16 bytes (fp32 weight, gradient, AdamW m and v) = {16 * trainable / GB:.3f} GB")
+    return {"bf16": bf16 / GB, "nf4": nf4["total"] / GB, "nf4-dq": dq["total"] / GB, "rest": rest / GB,
+            "lora_trainable": trainable, "lora_training": 16 * trainable / GB}
+
+
+def report_activations(name: str, lora_config: LoRAConfig, seq_lengths: Tuple[int, ...], tokens: int = 64) -> Dict[str, float]:
+    config = Config.from_name(name)
+    one, two = (saved_activation_bytes(Config.from_name(name, n_layer=n), lora_config, tokens) for n in (1, 2))
+    per_layer = (two - one) / tokens  # bytes per token of one block
+    rest = (2 * one - two) / tokens  # bytes per token outside the blocks: embedding, head, loss
+    print(f"\nActivations saved for backward, {name}, LoRA r={lora_config.r} on {','.join(lora_config.targets)}, bf16, "
+          f"batch 1 (measured on CPU at {tokens} tokens):")
+    print(f"  {per_layer / 2**10:.0f} KiB per token per layer x {config.n_layer} layers + {rest / 2**10:.0f} KiB per token "
+          "(embedding, head, loss)")
+    figures = {"per_token_per_layer": per_layer, "per_token_rest": rest}
+    for length in seq_lengths:
+        total = length * (per_layer * config.n_layer + rest)
+        checkpointed = length * (2 * config.n_embd * config.n_layer + per_layer + rest)  # block inputs + one block
+        figures[f"T={length}"] = total / GB
+        print(f"  T={length:5d}: {total / GB:6.2f} GB   with activation checkpointing ~{checkpointed / GB:.2f} GB")
+    return figures
+
+
+def report_loading(n_layer: int) -> Dict[str, float]:
+    results = measure_loading(n_layer)
+    print(f"\nPeak RSS added by loading a {results['checkpoint_mb']:.0f} MB bf16 checkpoint and reading every weight "
+          "(MB = 2^20 bytes):")
+    print(f"  load_checkpoint (bf16):         +{results['bf16_peak_mb']:.0f} MB for a {results['bf16_model_mb']:.0f} MB model")
+    print(f"  load_checkpoint_4bit (nf4-dq):  +{results['nf4-dq_peak_mb']:.0f} MB for a {results['nf4-dq_model_mb']:.0f} MB "
+          f"model ({results['nf4-dq_peak_mb'] / results['checkpoint_mb']:.2f} x the checkpoint, "
+          f"{results['nf4-dq_peak_mb'] / results['bf16_peak_mb']:.2f} x the bf16 load)")
+    return results
+
+
 def main(sizes: Tuple[str, ...] = ("7B", "13B", "70B"), lora_r: int = 8, lora_targets: Tuple[str, ...] = ("q", "v"),
-         activations: bool = False, activation_size: str = "7B", seq_lengths: Tuple[int, ...] = (256, 512, 1024, 2048, 4096),
-         measure_load: bool = False, load_layers: int = 12) -> Dict[str, Dict[str, float]]:
+         activations: bool = False, activation_size: str = "7B",
+         seq_lengths: Tuple[int, ...] = (256, 512, 1024, 2048, 4096), measure_load: bool = False,
+         load_layers: int = 12) -> Dict[str, Dict[str, float]]:
     """Print the memory QLoRA needs; returns the figures printed (GB = 1e9 bytes, MB = 2^20 bytes).
 
     Args:
@@ -149,59 +203,17 @@ def main(sizes: Tuple[str, ...] = ("7B", "13B", "70B"), lora_r: int = 8, lora_ta
         activation_size: the preset whose activations are measured.
         seq_lengths: sequence lengths (batch size 1) to print activations for.
         measure_load: also write a random checkpoint and measure the peak RSS of loading it in bf16
-            and straight into 4 bits (two subprocesses, ~1 GB of RAM, ~1 min).
+            and straight into 4 bits (two subprocesses, ~1 GB of RAM, ~30 s).
         load_layers: layers of that checkpoint (12 layers of width 1024: ~310 MB).
     """
     lora_config = LoRAConfig(r=lora_r, targets=lora_targets)
-    figures: Dict[str, Dict[str, float]] = {}
     print("Llama 2 weights, counted from tensor sizes on the meta device (GB = 1e9 bytes). The projections are")
     print("quantized; the token embedding, norms and lm_head stay bf16 ('16-bit rest').")
-    for name in sizes:
-        storage = {mode: weight_storage(name, mode) for mode in MODES}
-        rest = storage["nf4"]["unquantized"]
-        bf16 = 2 * storage["nf4"]["quantized_params"] + rest
-        trainable = lora_trainable(name, lora_config)
-        nf4, dq = storage["nf4"], storage["nf4-dq"]
-        figures[name] = {"bf16": bf16 / GB, "nf4": nf4["total"] / GB, "nf4-dq": dq["total"] / GB,
-                         "codes": dq["codes"] / GB, "absmax": nf4["absmax"] / GB, "absmax_codes": dq["absmax_codes"] / GB,
-                         "absmax_scales": dq["absmax_scales"] / GB, "rest": rest / GB, "lora_trainable": trainable,
-                         "lora_training": 16 * trainable / GB}
-        print(f"\n{name}: {(nf4['quantized_params'] + rest / 2) / 1e9:.2f} B parameters, "
-              f"{nf4['quantized_params'] / 1e9:.2f} B of them in the quantized projections")
-        print(f"  bf16     {bf16 / GB:6.2f} GB")
-        print(f"  nf4      {nf4['total'] / GB:6.2f} GB = codes {nf4['codes'] / GB:.3f} + absmax {nf4['absmax'] / GB:.3f}"
-              f" + 16-bit rest {rest / GB:.3f}   ({nf4['total'] / bf16:.3f} x bf16; {bits_per_parameter('nf4'):.3f} bits per quantized weight)")
-        print(f"  nf4-dq   {dq['total'] / GB:6.2f} GB = codes {dq['codes'] / GB:.3f} + absmax codes {dq['absmax_codes'] / GB:.3f}"
-              f" + scales {dq['absmax_scales'] / GB:.4f} + 16-bit rest {rest / GB:.3f}   ({dq['total'] / bf16:.3f} x bf16; "
-              f"{bits_per_parameter('nf4-dq'):.3f} bits per quantized weight)")
-        print(f"  double quantization saves {(nf4['total'] - dq['total']) / GB:.3f} GB")
-        print(f"  LoRA r={lora_r} on {','.join(lora_config.targets)}: {trainable / 1e6:.2f} M trainable parameters x 16 bytes "
-              f"(fp32 weight, gradient, AdamW m and v) = {16 * trainable / GB:.3f} GB")
-
+    figures = {name: report_weights(name, lora_config) for name in sizes}
     if activations:
-        config = Config.from_name(activation_size)
-        tokens = 64
-        one, two = (saved_activation_bytes(Config.from_name(activation_size, n_layer=n), lora_config, tokens) for n in (1, 2))
-        per_layer, rest = (two - one) / tokens, (2 * one - two) / tokens  # bytes per token: one block; embedding + head + loss
-        figures["activations"] = {"per_token_per_layer": per_layer, "per_token_rest": rest}
-        print(f"\nActivations saved for backward, {activation_size}, LoRA r={lora_r} on {','.join(lora_config.targets)}, bf16, "
-              f"batch 1 (measured on CPU at {tokens} tokens):")
-        print(f"  {per_layer / 2**10:.0f} KiB per token per layer x {config.n_layer} layers + {rest / 2**10:.0f} KiB per token "
-              "(embedding, head, loss)")
-        for length in seq_lengths:
-            total = length * (per_layer * config.n_layer + rest)
-            checkpointed = length * (2 * config.n_embd * config.n_layer + per_layer + rest)
-            figures["activations"][f"T={length}"] = total / GB
-            print(f"  T={length:5d}: {total / GB:6.2f} GB   with activation checkpointing ~{checkpointed / GB:.2f} GB")
-
+        figures["activations"] = report_activations(activation_size, lora_config, seq_lengths)
     if measure_load:
-        results = measure_loading(load_layers)
-        figures["load"] = results
-        print(f"\nPeak RSS added by loading a {results['checkpoint_mb']:.0f} MB bf16 checkpoint and reading every weight (MB = 2^20 bytes):")
-        print(f"  load_checkpoint (bf16):         +{results['bf16_peak_mb']:.0f} MB for a {results['bf16_model_mb']:.0f} MB model")
-        print(f"  load_checkpoint_4bit (nf4-dq):  +{results['nf4-dq_peak_mb']:.0f} MB for a {results['nf4-dq_model_mb']:.0f} MB model "
-              f"({results['nf4-dq_peak_mb'] / results['checkpoint_mb']:.2f} x the checkpoint, "
-              f"{results['nf4-dq_peak_mb'] / results['bf16_peak_mb']:.2f} x the bf16 load)")
+        figures["load"] = report_loading(load_layers)
     return figures
 
 

@@ -171,3 +171,16 @@ def test_ddp_on_cpu_with_two_processes(tiny_run, tmp_path):
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
     initial = {name: t for name, t in rank0.items() if "lora_B" in name}
     assert all(t.abs().sum() > 0 for t in initial.values())  # trained: B left zero
+
+
+def test_qlora_lowers_val_loss_like_the_16_bit_base(tiny_run):
+    """finetune/lora.py --quantize nf4-dq: the same run on a 4-bit base learns about as much."""
+
+    def loss_drop(out: str, **kwargs) -> float:
+        metrics = _finetune("lora", tiny_run, out, train=_train_args(), lora=_lora_config(), **kwargs)
+        history = json.loads((tiny_run / out / "history.json").read_text())["history"]
+        return history[0]["val_loss"] - metrics["val_loss"]
+
+    full_precision, four_bit = loss_drop("qlora-reference"), loss_drop("qlora", quantize="nf4-dq")
+    assert full_precision > 1.0
+    assert four_bit > 0.8 * full_precision, (full_precision, four_bit)  # within 20 % of the 16-bit run

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_lora.checkpoint import WEIGHTS_NAME, CheckpointError, save_checkpoint
-from lit_lora.lora import LoRAConfig, LoRALinear, add_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
+from lit_lora.lora import (LoRAConfig, LoRALinear, add_lora, apply_lora_checkpoint, lora_layers,
+                           mark_only_lora_as_trainable, merge_lora, save_lora_checkpoint)
 from lit_lora.model import Config, Llama
 from lit_lora.quantize import (DYNAMIC_8BIT_CODE, NF4_CODE, Linear4bit, bits_per_parameter, dequantize_absmax,
                                dequantize_model, dequantize_nf4, load_checkpoint_4bit, merge_lora_4bit, quantize_absmax,
@@ -389,6 +390,23 @@ def test_lora_wraps_linear4bit_and_only_a_b_get_gradients():
 def test_lora_factors_use_the_compute_dtype():
     layer = lora_layers(qlora_model(torch.bfloat16))["layers.0.attn.q_proj"]
     assert layer.base.compute_dtype == torch.bfloat16 and layer.lora_A.dtype == torch.bfloat16
+
+
+def test_qlora_adapter_file_applies_to_a_base_loaded_in_4bit(tmp_path):
+    torch.manual_seed(0)
+    base = Llama(tiny_config())
+    save_checkpoint(tmp_path / "base", base.state_dict(), base.config)
+    lora_config = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "v", "down"))
+    trained = load_checkpoint_4bit(tmp_path / "base", dtype=torch.float32)
+    add_lora(trained, lora_config)
+    with torch.no_grad():
+        for layer in lora_layers(trained).values():
+            layer.lora_B.normal_(0, 0.05)
+    save_lora_checkpoint(tmp_path / "lora.safetensors", trained, lora_config)
+    fresh = load_checkpoint_4bit(tmp_path / "base", dtype=torch.float32)
+    assert apply_lora_checkpoint(fresh, tmp_path / "lora.safetensors") == lora_config
+    idx = torch.randint(0, 256, (1, 10))
+    assert torch.equal(fresh(idx), trained(idx))
 
 
 def test_merging_into_4bit_dequantizes_and_adds():

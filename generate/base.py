@@ -1,0 +1,53 @@
+"""Continue a prompt with a base model (no adapter): plain text completion.
+
+    python generate/base.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --prompt "The capital of France is"
+
+The prompt and its continuation go to stdout as they are produced; timing and memory go to stderr.
+See howto/inference.md.
+"""
+
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from lit_lora.cli import run
+from lit_lora.generate import generate_streaming, load_for_generation
+
+
+def main(
+    checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"),
+    prompt: str = "Hello, my name is",
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    top_p: Optional[float] = None,
+    seed: int = 1234,
+    device: str = "auto",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+) -> str:
+    """Generate a continuation of `prompt` with a lit-lora checkpoint.
+
+    Args:
+        checkpoint_dir: the model (lit_model.safetensors, model_config.json, tokenizer.model).
+        prompt: the text to continue.
+        max_new_tokens: the most tokens to generate (fewer if the model emits EOS or the context ends).
+        temperature: 0 is greedy decoding; below 1 sharper, above 1 more random.
+        top_k: sample only among the k most likely tokens (none: all).
+        top_p: sample only among the most likely tokens whose probability reaches p (nucleus sampling).
+        seed: random seed, for reproducible sampling.
+        device: "auto" (a CUDA GPU if there is one), "cpu", "cuda" or "cuda:N".
+        dtype: "auto" is bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16/AMX), else float32.
+    """
+    torch.manual_seed(seed)
+    model, tokenizer, prompt_ids = load_for_generation(checkpoint_dir, prompt, max_new_tokens, device, dtype)
+    print(prompt, end="", flush=True)  # the continuation is streamed right behind it
+    text, stats = generate_streaming(model, tokenizer, prompt_ids, max_new_tokens,
+                                     temperature=temperature, top_k=top_k, top_p=top_p)
+    print(stats, file=sys.stderr)
+    return prompt + text
+
+
+if __name__ == "__main__":
+    run(main)

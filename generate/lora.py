@@ -1,0 +1,92 @@
+"""Answer an instruction with a LoRA-finetuned model: the base checkpoint plus one or more adapters.
+
+    python generate/lora.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf \
+        --lora_path out/lora/alpaca/lit_lora.safetensors --prompt "Recommend a movie for the weekend."
+
+The adapter file describes itself (rank, alpha, targets, base model), so nothing is retyped. By default
+its update is merged into the weights, W <- W + (alpha / r) B A, and the model runs at exactly the base
+model's speed; `--merge false` keeps the low-rank branch separate instead.
+
+One base, many adapters: `--lora_path '[a.safetensors, b.safetensors]'` (or `--lora_path a.safetensors
+--lora_path+ b.safetensors`) loads the base weights once and answers with each adapter in turn, taking
+the previous one out (unmerge, then remove) before adding the next. Only the response goes to stdout
+(under a `### <adapter>` line each when there are several); timing and memory go to stderr.
+"""
+
+import sys
+from pathlib import Path
+from typing import List, Literal, Optional, Union
+
+import torch
+
+from lit_lora.cli import run
+from lit_lora.generate import generate_streaming, load_for_generation
+from lit_lora.lora import apply_lora_checkpoint, lora_layers, merge_lora, remove_lora
+from lit_lora.prompts import get_prompt_style
+
+
+def main(
+    checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"),
+    lora_path: Union[Path, List[Path]] = Path("out/lora/alpaca/lit_lora.safetensors"),
+    prompt: str = "What food do llamas eat?",
+    input: str = "",
+    merge: bool = True,
+    prompt_style: str = "alpaca",
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    top_p: Optional[float] = None,
+    seed: int = 1234,
+    device: str = "auto",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+) -> List[str]:
+    """Answer `prompt` (an instruction, with an optional `input`) with each LoRA adapter.
+
+    Args:
+        checkpoint_dir: the base model the adapters were trained on.
+        lora_path: an adapter file written by finetune/lora.py, or a list of them ('[a, b]').
+        prompt: the instruction.
+        input: optional context for the instruction (the "### Input:" part of the Alpaca template).
+        merge: fold the update into the weights (no inference overhead); false keeps it as a separate branch.
+        prompt_style: the instruction template the adapters were trained with (lit_lora/prompts.py).
+        max_new_tokens: the most tokens to generate (fewer if the model emits EOS or the context ends).
+        temperature: 0 is greedy decoding; below 1 sharper, above 1 more random.
+        top_k: sample only among the k most likely tokens (none: all).
+        top_p: sample only among the most likely tokens whose probability reaches p (nucleus sampling).
+        seed: random seed, for reproducible sampling (each adapter starts from it).
+        device: "auto" (a CUDA GPU if there is one), "cpu", "cuda" or "cuda:N".
+        dtype: "auto" is bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16/AMX), else float32.
+    """
+    paths = lora_path if isinstance(lora_path, list) else [lora_path]
+    if not paths:
+        raise ValueError("--lora_path names no adapter file")
+    instruction = get_prompt_style(prompt_style).format(prompt, input)
+    model, tokenizer, prompt_ids = load_for_generation(checkpoint_dir, instruction, max_new_tokens, device, dtype)
+
+    for path in paths:  # check every file against the base before the first answer, not after it
+        apply_lora_checkpoint(model, path)
+        remove_lora(model)
+    answers = []
+    for path in paths:
+        lora_config = apply_lora_checkpoint(model, path)
+        model.eval()  # the new LoRA layers are built in training mode: switch their dropout off
+        if merge:
+            merge_lora(model)
+        print(f"{path}: LoRA r={lora_config.r} alpha={lora_config.alpha} on {', '.join(lora_config.targets)}, "
+              f"{'merged into the weights' if merge else 'kept unmerged'}", file=sys.stderr)
+        if len(paths) > 1:
+            print(f"### {path}", flush=True)
+        torch.manual_seed(seed)
+        answer, stats = generate_streaming(model, tokenizer, prompt_ids, max_new_tokens,
+                                           temperature=temperature, top_k=top_k, top_p=top_p, continuation=False)
+        answers.append(answer)
+        print(stats, file=sys.stderr)
+        for layer in lora_layers(model).values():  # back to the base weights for the next adapter
+            if layer.merged:
+                layer.unmerge()
+        remove_lora(model)
+    return answers
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,346 @@
+import io
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import lit_from_hf, make_hf_llama
+from lit_lora.adapter import AdapterConfig, add_adapter, apply_adapter_checkpoint, save_adapter_checkpoint
+from lit_lora.checkpoint import load_checkpoint, save_checkpoint
+from lit_lora.generate import (TextStreamer, choose_dtype, cpu_supports_fast_bf16, generate, sample_next_token,
+                               top_k_filter, top_p_filter)
+from lit_lora.hf_names import lit_to_hf_name
+from lit_lora.lora import LoRAConfig, add_lora, apply_lora_checkpoint, lora_layers, merge_lora, remove_lora, save_lora_checkpoint
+from lit_lora.model import Config, Llama
+from lit_lora.prompts import get_prompt_style
+from lit_lora.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+NEW_TOKENS = 64
+
+
+def generate_script(name):
+    """The `main` of generate/<name>.py, called in-process (no interpreter start per test)."""
+    return runpy.run_path(str(ROOT / "generate" / f"{name}.py"))["main"]
+
+
+def hf_greedy(hf_model, prompt, max_new_tokens=NEW_TOKENS, eos_id=None):
+    """transformers' own generate(): greedy, with its KV cache, stopping at eos_id only if one is given."""
+    hf_model.generation_config.eos_token_id = None  # the tiny config's default EOS (2) must not stop it early
+    hf_model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        return hf_model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id,
+                                 attention_mask=torch.ones_like(prompt))
+
+
+def varied(ids):
+    """The comparison is not between two runs of one repeated token."""
+    return len(set(ids.tolist())) >= 8
+
+
+# 1. Greedy decoding equals transformers' generate() ---------------------------------------------------
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2], ids=["MHA", "GQA"])
+def test_greedy_matches_transformers_generate(n_kv_heads):
+    hf = make_hf_llama(n_kv_heads=n_kv_heads)
+    ours = lit_from_hf(hf)
+    prompt = torch.randint(0, hf.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    expected = hf_greedy(hf, prompt)
+    actual = generate(ours, prompt[0], NEW_TOKENS, temperature=0.0)
+    assert actual.shape == (9 + NEW_TOKENS,)  # 1-D in, 1-D out; no early stop without eos_id
+    assert varied(actual[9:])
+    assert torch.equal(actual, expected[0])
+    assert ours.layers[0].attn.kv_cache is None  # the cache is gone again
+
+
+def test_batch_and_eos_match_transformers_generate():
+    hf = make_hf_llama(n_kv_heads=2)
+    ours = lit_from_hf(hf)
+    prompts = torch.randint(0, hf.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(1))
+    full = hf_greedy(hf, prompts, max_new_tokens=20)
+    assert torch.equal(generate(ours, prompts, 20, temperature=0.0), full)  # (B, T) in, (B, T + new) out
+    for row in range(3):
+        assert torch.equal(generate(ours, prompts[row], 20, temperature=0.0), full[row])
+
+    # Pick as EOS a token that row 0 produces at step 5: row 0 stops there, the others run on.
+    eos_id = int(full[0, 6 + 5])
+    first_eos = [int((full[row, 6:] == eos_id).nonzero()[0]) if (full[row, 6:] == eos_id).any() else None for row in range(3)]
+    expected = hf_greedy(hf, prompts[:1], max_new_tokens=20, eos_id=eos_id)
+    actual = generate(ours, prompts[0], 20, temperature=0.0, eos_id=eos_id)
+    assert torch.equal(actual, expected[0]) and actual[-1] == eos_id and len(actual) == 6 + first_eos[0] + 1
+    batch = generate(ours, prompts, 20, temperature=0.0, eos_id=eos_id)
+    for row in range(3):
+        stop = 6 + (first_eos[row] + 1 if first_eos[row] is not None else 20)
+        assert torch.equal(batch[row, :stop], full[row, :stop])
+        assert (batch[row, stop:] == eos_id).all()  # finished rows are padded with EOS
+
+
+def test_generation_stops_at_the_end_of_the_context():
+    ours = lit_from_hf(make_hf_llama())  # block_size 128
+    prompt = torch.randint(0, 256, (120,))
+    assert generate(ours, prompt, 50, temperature=0.0).shape == (128,)
+    with pytest.raises(ValueError, match="the prompt is 128 tokens long, but the model's context holds 128"):
+        generate(ours, torch.zeros(128, dtype=torch.long), 5)
+
+
+# 1b. With a LoRA adapter (merged and not) against PEFT, and with a LLaMA-Adapter against PEFT -----------
+
+def randomize(params, seed, std):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in params:
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2], ids=["MHA", "GQA"])
+def test_greedy_with_lora_matches_peft_generate(n_kv_heads):
+    from peft import LoraConfig, get_peft_model
+
+    hf = make_hf_llama(n_kv_heads=n_kv_heads)
+    ours = lit_from_hf(hf)
+    prompt = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(2))
+    base_output = generate(ours, prompt[0], NEW_TOKENS, temperature=0.0)
+    add_lora(ours, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "v", "down")))
+    randomize([p for layer in lora_layers(ours).values() for p in (layer.lora_A, layer.lora_B)], seed=3, std=0.2)
+
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                               target_modules=["q_proj", "v_proj", "down_proj"])).eval()
+    peft_layers = {name: m for name, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_A")}
+    assert len(peft_layers) == len(lora_layers(ours))
+    with torch.no_grad():
+        for name, layer in lora_layers(ours).items():
+            twin = peft_layers[lit_to_hf_name(name + ".weight").removesuffix(".weight")]
+            twin.lora_A["default"].weight.copy_(layer.lora_A)
+            twin.lora_B["default"].weight.copy_(layer.lora_B)
+    expected = hf_greedy(peft_model, prompt)[0]
+
+    unmerged = generate(ours, prompt[0], NEW_TOKENS, temperature=0.0)
+    merge_lora(ours)
+    merged = generate(ours, prompt[0], NEW_TOKENS, temperature=0.0)
+    assert not torch.equal(expected, base_output)  # the adapter changes the answer, so the test can fail
+    assert varied(expected[7:])
+    assert torch.equal(unmerged, expected)
+    assert torch.equal(merged, expected)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2], ids=["MHA", "GQA"])
+def test_greedy_with_llama_adapter_matches_peft_generate(n_kv_heads):
+    from peft import AdaptionPromptConfig, get_peft_model
+
+    hf = make_hf_llama(n_kv_heads=n_kv_heads, n_layer=4)
+    ours = lit_from_hf(hf)
+    prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(4))
+    base_output = generate(ours, prompt[0], NEW_TOKENS, temperature=0.0)
+    add_adapter(ours, AdapterConfig(prompt_length=6, start_layer=1))
+    adapters = [block.attn.adapter for block in ours.layers if block.attn.adapter is not None]
+    randomize([a.prompt for a in adapters], seed=5, std=1.0)
+    randomize([a.gate for a in adapters], seed=6, std=1.0)
+
+    peft_model = get_peft_model(hf, AdaptionPromptConfig(adapter_len=6, adapter_layers=3, target_modules="self_attn",
+                                                         task_type="CAUSAL_LM")).eval()
+    with torch.no_grad():
+        for block, hf_layer in zip(ours.layers, peft_model.base_model.model.model.layers):
+            assert hasattr(hf_layer.self_attn, "adaption_prompt") == (block.attn.adapter is not None)
+            if block.attn.adapter is not None:
+                hf_layer.self_attn.adaption_prompt.copy_(block.attn.adapter.prompt[None])  # PEFT's is (1, L, C)
+                hf_layer.self_attn.adaption_gate.copy_(block.attn.adapter.gate)
+    expected = hf_greedy(peft_model, prompt)[0]
+    actual = generate(ours, prompt[0], NEW_TOKENS, temperature=0.0)
+    assert not torch.equal(expected, base_output)
+    assert varied(expected[8:])
+    assert torch.equal(actual, expected)
+
+
+# 2. Sampling ------------------------------------------------------------------------------------------
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = lit_from_hf(make_hf_llama())
+    prompt = torch.randint(0, 256, (5,))
+    def sample(seed, **settings):
+        torch.manual_seed(seed)
+        return generate(model, prompt, 30, temperature=1.0, **settings)
+    first, again, other = sample(0), sample(0), sample(1)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    generator = torch.Generator().manual_seed(7)
+    with_generator = generate(model, prompt, 30, temperature=1.0, top_k=20, top_p=0.9, generator=generator)
+    generator.manual_seed(7)
+    assert torch.equal(generate(model, prompt, 30, temperature=1.0, top_k=20, top_p=0.9, generator=generator), with_generator)
+
+
+def test_top_k_and_top_p_on_hand_made_logits():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, -1.0]])
+    keep = lambda filtered: (filtered[0] > float("-inf")).tolist()
+    assert keep(top_k_filter(logits, 2)) == [False, True, True, False, False]
+    assert keep(top_k_filter(logits, 1)) == [False, True, False, False, False]
+    assert keep(top_k_filter(logits, 99)) == [True] * 5
+    assert torch.equal(top_k_filter(logits, 2)[0, 1:3], logits[0, 1:3])  # kept logits are untouched
+
+    probs = torch.tensor([[0.05, 0.5, 0.3, 0.15]])  # ranked: 0.5, 0.3, 0.15, 0.05
+    logits = probs.log()
+    assert keep(top_p_filter(logits, 0.5)) == [False, True, False, False]  # the top token alone reaches 0.5
+    assert keep(top_p_filter(logits, 0.7)) == [False, True, True, False]  # 0.5 + 0.3 >= 0.7
+    assert keep(top_p_filter(logits, 0.81)) == [False, True, True, True]
+    assert keep(top_p_filter(logits, 1.0)) == [True] * 4
+    assert keep(top_p_filter(logits, 0.01)) == [False, True, False, False]  # never empty
+    two_rows = torch.cat([logits, logits.flip(-1)])
+    assert keep(top_p_filter(two_rows, 0.7)[1:]) == [False, True, True, False]  # per row, in vocabulary order
+
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next_token(logits.expand(64, -1), 1.0, top_k=2, generator=generator) for _ in range(20)])
+    assert set(draws.unique().tolist()) == {1, 2}
+    draws = torch.stack([sample_next_token(logits.expand(64, -1), 1.0, top_p=0.7, generator=generator) for _ in range(20)])
+    assert set(draws.unique().tolist()) == {1, 2}
+    assert (sample_next_token(logits, 0.0) == 1).all()  # temperature 0: greedy
+    # A low temperature concentrates the mass on the top token, a high one spreads it.
+    cold = sample_next_token(logits.expand(2000, -1), 0.2, generator=generator)
+    hot = sample_next_token(logits.expand(2000, -1), 5.0, generator=generator)
+    assert (cold == 1).float().mean() > 0.9 > 0.4 > (hot == 1).float().mean()
+
+
+def test_bad_settings_are_clear_errors():
+    model = Llama(Config.from_name("tiny", vocab_size=64, block_size=16))
+    prompt = torch.zeros(3, dtype=torch.long)
+    for settings, message in [(dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"),
+                              (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")]:
+        with pytest.raises(ValueError, match=message):
+            generate(model, prompt, 2, **settings)
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(model, torch.zeros(0, dtype=torch.long), 2)
+
+
+def test_dtype_choice_detects_bf16_at_run_time(monkeypatch):
+    assert choose_dtype(torch.device("cpu"), "float32") == torch.float32
+    monkeypatch.setattr("lit_lora.generate.cpu_supports_fast_bf16", lambda: False)
+    assert choose_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr("lit_lora.generate.cpu_supports_fast_bf16", lambda: True)
+    assert choose_dtype(torch.device("cpu")) == torch.bfloat16
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else None
+    if flags is not None:
+        monkeypatch.undo()
+        assert cpu_supports_fast_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+# 3. Streaming text ------------------------------------------------------------------------------------
+
+def test_streaming_prints_exactly_the_decoded_text(llama2_tokenizer_path):
+    tokenizer = Tokenizer(llama2_tokenizer_path)
+    prompt = tokenizer.encode("Say:", bos=True)
+    answer = tokenizer.encode("Hello world, café € 😀 ok", bos=False)  # byte-fallback pieces for the emoji
+    out = io.StringIO()
+    streamer = TextStreamer(tokenizer, prompt, file=out)
+    seen = []
+    for token in answer:
+        streamer(token[None])
+        seen.append(out.getvalue())
+        assert "\ufffd" not in seen[-1]  # half an emoji is never printed
+    text = streamer.finish()
+    assert text == " Hello world, café € 😀 ok"  # the space that joins it to the prompt is kept
+    assert out.getvalue() == text + "\n"
+    assert tokenizer.decode(torch.cat([prompt, answer])) == "Say:" + text
+    assert len(set(seen)) > 5  # printed piece by piece, not all at the end
+    after_bos = TextStreamer(tokenizer, torch.tensor([tokenizer.bos_id]), file=io.StringIO())
+    for token in answer:
+        after_bos(token[None])
+    assert after_bos.finish() == "Hello world, café € 😀 ok"  # a response after the template starts clean
+
+
+# 4. The scripts, end to end ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, llama2_tokenizer_path):
+    """A tiny random Llama with the real 32k tokenizer, one LoRA adapter and one LLaMA-Adapter for it."""
+    root = tmp_path_factory.mktemp("generate")
+    torch.manual_seed(0)
+    config = Config.from_name("tiny", vocab_size=32000, block_size=96)
+    model = Llama(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 1.0)  # confident logits: a varied greedy answer
+    save_checkpoint(root / "base", model.state_dict(), config, tokenizer_path=llama2_tokenizer_path)
+    for seed in (1, 2):
+        add_lora(model, LoRAConfig(r=4, alpha=8, targets=("q", "v", "head")))
+        randomize([p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)], seed=seed, std=0.3)
+        save_lora_checkpoint(root / f"lora{seed}.safetensors", model, LoRAConfig(r=4, alpha=8, targets=("q", "v", "head")))
+        remove_lora(model)
+    add_adapter(model, AdapterConfig(prompt_length=4, start_layer=1))
+    randomize([model.layers[1].attn.adapter.prompt, model.layers[1].attn.adapter.gate], seed=3, std=1.0)
+    save_adapter_checkpoint(root / "adapter.safetensors", model, AdapterConfig(prompt_length=4, start_layer=1))
+    return root
+
+
+def expected_response(checkpoint, instruction, attach):
+    """The greedy answer computed here, in-process, with the library alone."""
+    model = load_checkpoint(checkpoint / "base").eval()
+    attach(model)
+    tokenizer = Tokenizer(checkpoint / "base" / "tokenizer.model")
+    prompt_ids = tokenizer.encode(get_prompt_style("alpaca").format(instruction), bos=True)
+    output = generate(model, prompt_ids, 20, temperature=0.0, eos_id=tokenizer.eos_id)
+    return tokenizer.decode(output[len(prompt_ids):])
+
+
+def merged_lora(path):
+    def attach(model):
+        apply_lora_checkpoint(model, path)
+        merge_lora(model)
+    return attach
+
+
+def test_lora_script_prints_the_response_from_the_command_line(tiny_checkpoint):
+    instruction = "Name a colour."
+    expected = {seed: expected_response(tiny_checkpoint, instruction, merged_lora(tiny_checkpoint / f"lora{seed}.safetensors"))
+                for seed in (1, 2)}
+    assert expected[1] != expected[2] and len(expected[1]) > 10
+    command = [sys.executable, str(ROOT / "generate" / "lora.py"), "--checkpoint_dir", str(tiny_checkpoint / "base"),
+               "--prompt", instruction, "--temperature", "0", "--max_new_tokens", "20", "--dtype", "float32"]
+    single = subprocess.run(command + ["--lora_path", str(tiny_checkpoint / "lora1.safetensors")],
+                            capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr
+    assert single.stdout == expected[1] + "\n"  # only the response: stdout pipes cleanly
+    assert "time to first token" in single.stderr and "tokens/s" in single.stderr and "peak RSS" in single.stderr
+
+    # Several adapters on one base, unmerged: each answers as it does alone.
+    several = generate_script("lora")(checkpoint_dir=tiny_checkpoint / "base", prompt=instruction, temperature=0.0,
+                                      max_new_tokens=20, dtype="float32", merge=False,
+                                      lora_path=[tiny_checkpoint / "lora1.safetensors", tiny_checkpoint / "lora2.safetensors",
+                                                 tiny_checkpoint / "lora1.safetensors"])
+    assert several == [expected[1], expected[2], expected[1]]
+
+
+def test_lora_script_merged_answers_survive_switching_adapters(tiny_checkpoint, capsys):
+    paths = [tiny_checkpoint / "lora2.safetensors", tiny_checkpoint / "lora1.safetensors", tiny_checkpoint / "lora2.safetensors"]
+    answers = generate_script("lora")(checkpoint_dir=tiny_checkpoint / "base", prompt="Name a colour.", temperature=0.0,
+                                      max_new_tokens=20, dtype="float32", lora_path=paths)
+    first, second, third = answers
+    assert first == third != second  # unmerging gives the base weights back
+    out = capsys.readouterr().out
+    assert out.count("### ") == 3 and out.startswith(f"### {paths[0]}\n{first}\n### {paths[1]}\n{second}\n")
+
+
+def test_adapter_script_prints_the_response(tiny_checkpoint, capsys):
+    expected = expected_response(tiny_checkpoint, "Name a colour.",
+                                 lambda m: apply_adapter_checkpoint(m, tiny_checkpoint / "adapter.safetensors"))
+    answers = generate_script("adapter")(checkpoint_dir=tiny_checkpoint / "base", prompt="Name a colour.",
+                                         adapter_path=tiny_checkpoint / "adapter.safetensors", temperature=0.0,
+                                         max_new_tokens=20, dtype="float32")
+    assert answers == [expected]
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_base_script_continues_the_prompt_and_refuses_a_prompt_too_long(tiny_checkpoint, capsys):
+    text = generate_script("base")(checkpoint_dir=tiny_checkpoint / "base", prompt="Once upon a time",
+                                   temperature=0.0, max_new_tokens=10, dtype="float32")
+    captured = capsys.readouterr()
+    assert captured.out == text + "\n" and text.startswith("Once upon a time") and len(text) > len("Once upon a time")
+    assert "tokens/s" in captured.err and "tokens/s" not in captured.out
+
+    result = subprocess.run([sys.executable, str(ROOT / "generate" / "base.py"), "--checkpoint_dir",
+                             str(tiny_checkpoint / "base"), "--prompt", "word " * 200], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert re.fullmatch(r"error: the prompt is 2\d\d tokens long, but the model's context holds 96 tokens including "
+                        r"the answer: shorten the prompt\n", result.stderr)  # one line, before any weight is read
+    assert result.stdout == ""
