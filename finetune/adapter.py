@@ -6,7 +6,7 @@ See howto/finetune_adapter.md for memory needs, multi-GPU runs and hyperparamete
 """
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Literal, Optional
 
 from lit_lora.adapter import AdapterConfig, add_adapter, mark_only_adapter_as_trainable, save_adapter_checkpoint
 from lit_lora.cli import run
@@ -19,10 +19,10 @@ def main(
     out_dir: Path = Path("out/adapter/alpaca"),
     adapter: AdapterConfig = AdapterConfig(prompt_length=10, start_layer=2),
     train: TrainArgs = TrainArgs(learning_rate=9e-3, weight_decay=0.02, global_batch_size=64, micro_batch_size=4, warmup_steps=100),
-    precision: Optional[str] = None,
+    precision: Optional[Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]] = None,
     devices: int = 1,
     num_nodes: int = 1,
-    strategy: str = "auto",
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     accelerator: str = "auto",
     resume: Optional[str] = None,
     overwrite: bool = False,

@@ -8,7 +8,7 @@ shard it over several GPUs with FSDP. See howto/finetune_full.md.
 """
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Literal, Optional
 
 from lit_lora.checkpoint import save_checkpoint
 from lit_lora.cli import run
@@ -20,10 +20,10 @@ def main(
     data_dir: Path = Path("data/alpaca"),
     out_dir: Path = Path("out/full/alpaca"),
     train: TrainArgs = TrainArgs(learning_rate=3e-5, weight_decay=0.02, global_batch_size=64, micro_batch_size=1, warmup_steps=100),
-    precision: Optional[str] = None,
+    precision: Optional[Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]] = None,
     devices: int = 1,
     num_nodes: int = 1,
-    strategy: str = "auto",
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     accelerator: str = "auto",
     resume: Optional[str] = None,
     overwrite: bool = False,

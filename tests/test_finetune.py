@@ -184,3 +184,20 @@ def test_qlora_lowers_val_loss_like_the_16_bit_base(tiny_run):
     full_precision, four_bit = loss_drop("qlora-reference"), loss_drop("qlora", quantize="nf4-dq")
     assert full_precision > 1.0
     assert four_bit > 0.8 * full_precision, (full_precision, four_bit)  # within 20 % of the 16-bit run
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_run, monkeypatch):
+    import lit_lora.train as train_module
+
+    real_loss_fn = train_module.loss_fn
+    calls = []
+
+    def nan_from_step_3(logits, labels):  # 2 micro-batches per step: calls 5+ belong to step 3
+        calls.append(1)
+        loss = real_loss_fn(logits, labels)
+        return loss * float("nan") if len(calls) > 4 + 1 else loss  # +1: the validation before training
+
+    monkeypatch.setattr(train_module, "loss_fn", nan_from_step_3)
+    with pytest.raises(FloatingPointError, match=r"loss became nan at step 3; .*Last good checkpoint: .*step-000002.ckpt"):
+        _finetune("lora", tiny_run, "nan", train=_train_args(max_steps=5, save_interval=2, eval_iters=1), lora=_lora_config())
+    assert not (tiny_run / "nan" / "lit_lora.safetensors").exists()
