@@ -20,7 +20,7 @@ import torch
 
 from lit_lora.adapter import apply_adapter_checkpoint, remove_adapter
 from lit_lora.cli import run
-from lit_lora.generate import generate_streaming, load_for_generation
+from lit_lora.generate import check_generation_settings, generate_streaming, load_for_generation
 from lit_lora.prompts import get_prompt_style
 
 
@@ -48,7 +48,7 @@ def main(
         prompt_style: the instruction template the adapters were trained with (lit_lora/prompts.py).
         max_new_tokens: the most tokens to generate (fewer if the model emits EOS or the context ends).
         temperature: 0 is greedy decoding; below 1 sharper, above 1 more random.
-        top_k: sample only among the k most likely tokens (none: all).
+        top_k: sample only among the k most likely tokens (null: all).
         top_p: sample only among the most likely tokens whose probability reaches p (nucleus sampling).
         seed: random seed, for reproducible sampling (each adapter starts from it).
         device: "auto" (a CUDA GPU if there is one), "cpu", "cuda" or "cuda:N".
@@ -57,6 +57,7 @@ def main(
     paths = adapter_path if isinstance(adapter_path, list) else [adapter_path]
     if not paths:
         raise ValueError("--adapter_path names no adapter file")
+    check_generation_settings(max_new_tokens, temperature, top_k, top_p)
     instruction = get_prompt_style(prompt_style).format(prompt, input)
     model, tokenizer, prompt_ids = load_for_generation(checkpoint_dir, instruction, max_new_tokens, device, dtype)
 

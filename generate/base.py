@@ -13,7 +13,7 @@ from typing import Literal, Optional
 import torch
 
 from lit_lora.cli import run
-from lit_lora.generate import generate_streaming, load_for_generation
+from lit_lora.generate import check_generation_settings, generate_streaming, load_for_generation
 
 
 def main(
@@ -34,12 +34,13 @@ def main(
         prompt: the text to continue.
         max_new_tokens: the most tokens to generate (fewer if the model emits EOS or the context ends).
         temperature: 0 is greedy decoding; below 1 sharper, above 1 more random.
-        top_k: sample only among the k most likely tokens (none: all).
+        top_k: sample only among the k most likely tokens (null: all).
         top_p: sample only among the most likely tokens whose probability reaches p (nucleus sampling).
         seed: random seed, for reproducible sampling.
         device: "auto" (a CUDA GPU if there is one), "cpu", "cuda" or "cuda:N".
         dtype: "auto" is bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16/AMX), else float32.
     """
+    check_generation_settings(max_new_tokens, temperature, top_k, top_p)
     torch.manual_seed(seed)
     model, tokenizer, prompt_ids = load_for_generation(checkpoint_dir, prompt, max_new_tokens, device, dtype)
     print(prompt, end="", flush=True)  # the continuation is streamed right behind it

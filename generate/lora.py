@@ -20,7 +20,7 @@ from typing import List, Literal, Optional, Union
 import torch
 
 from lit_lora.cli import run
-from lit_lora.generate import generate_streaming, load_for_generation
+from lit_lora.generate import check_generation_settings, generate_streaming, load_for_generation
 from lit_lora.lora import apply_lora_checkpoint, lora_layers, merge_lora, remove_lora
 from lit_lora.prompts import get_prompt_style
 
@@ -51,7 +51,7 @@ def main(
         prompt_style: the instruction template the adapters were trained with (lit_lora/prompts.py).
         max_new_tokens: the most tokens to generate (fewer if the model emits EOS or the context ends).
         temperature: 0 is greedy decoding; below 1 sharper, above 1 more random.
-        top_k: sample only among the k most likely tokens (none: all).
+        top_k: sample only among the k most likely tokens (null: all).
         top_p: sample only among the most likely tokens whose probability reaches p (nucleus sampling).
         seed: random seed, for reproducible sampling (each adapter starts from it).
         device: "auto" (a CUDA GPU if there is one), "cpu", "cuda" or "cuda:N".
@@ -60,6 +60,7 @@ def main(
     paths = lora_path if isinstance(lora_path, list) else [lora_path]
     if not paths:
         raise ValueError("--lora_path names no adapter file")
+    check_generation_settings(max_new_tokens, temperature, top_k, top_p)
     instruction = get_prompt_style(prompt_style).format(prompt, input)
     model, tokenizer, prompt_ids = load_for_generation(checkpoint_dir, instruction, max_new_tokens, device, dtype)
 
@@ -69,7 +70,6 @@ def main(
     answers = []
     for path in paths:
         lora_config = apply_lora_checkpoint(model, path)
-        model.eval()  # the new LoRA layers are built in training mode: switch their dropout off
         if merge:
             merge_lora(model)
         print(f"{path}: LoRA r={lora_config.r} alpha={lora_config.alpha} on {', '.join(lora_config.targets)}, "

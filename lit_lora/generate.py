@@ -82,7 +82,10 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.8, top_k: Opt
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
 
 
-def check_sampling_settings(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+def check_generation_settings(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """One-line errors for settings `generate` cannot use (the scripts check them before loading a model)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
@@ -116,9 +119,7 @@ def generate(model: Llama, prompt_ids: torch.Tensor, max_new_tokens: int, *, tem
     should be in eval mode (dropout off). A KV cache sized for this call is allocated and removed
     again when it returns, so the model is left as it was found.
     """
-    check_sampling_settings(temperature, top_k, top_p)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_generation_settings(max_new_tokens, temperature, top_k, top_p)
     batched = prompt_ids.dim() == 2
     if prompt_ids.dim() not in (1, 2) or prompt_ids.size(-1) == 0:
         raise ValueError(f"prompt_ids must be a non-empty (T,) or (B, T) tensor of token ids, got shape {tuple(prompt_ids.shape)}")
@@ -266,11 +267,13 @@ def load_for_generation(checkpoint_dir: Union[str, Path], prompt: str, max_new_t
     """(model, tokenizer, prompt ids) for a lit-lora checkpoint directory: the tokenizer is
     `tokenizer.model` beside the weights; the model is in eval mode on the chosen device and dtype.
 
-    The prompt is checked against the context before the weights are read, so a prompt that is too
-    long fails in a second with a one-line error, not after loading 13 GB. A note goes to stderr if the
-    answer will be cut short by the end of the context."""
-    tokenizer = Tokenizer(Path(checkpoint_dir) / TOKENIZER_NAME)
+    Everything that can be wrong with the request is checked before the weights are read, so a prompt
+    that is too long fails in a second with a one-line error, not after loading 13 GB. A note goes to
+    stderr if the answer will be cut short by the end of the context."""
+    chosen_device = choose_device(device)
+    chosen_dtype = choose_dtype(chosen_device, dtype)
     config = load_config(checkpoint_dir)
+    tokenizer = Tokenizer(Path(checkpoint_dir) / TOKENIZER_NAME)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{tokenizer.model_path} has {tokenizer.vocab_size} pieces but the model in {checkpoint_dir} "
                          f"knows only {config.vocab_size} tokens: use the tokenizer the model was trained with")
@@ -280,8 +283,6 @@ def load_for_generation(checkpoint_dir: Union[str, Path], prompt: str, max_new_t
         print(f"note: the prompt is {len(prompt_ids)} tokens long, so at most {config.block_size - len(prompt_ids)} new "
               f"tokens fit the context of {config.block_size} (asked for {max_new_tokens})", file=sys.stderr)
 
-    chosen_device = choose_device(device)
-    chosen_dtype = choose_dtype(chosen_device, dtype)
     model = load_checkpoint(checkpoint_dir, dtype=chosen_dtype, device=chosen_device).eval()
     print(f"loaded {checkpoint_dir} on {chosen_device} in {str(chosen_dtype).removeprefix('torch.')}", file=sys.stderr)
     return model, tokenizer, prompt_ids
@@ -304,8 +305,6 @@ class GenerationStats:
     def __str__(self) -> str:
         return (f"time to first token {self.time_to_first_token:.3f} s; {self.new_tokens} new tokens in "
                 f"{self.seconds:.2f} s, {self.tokens_per_second:.1f} tokens/s after the first; {self.peak_memory}")
-
-
 
 
 def generate_streaming(model: Llama, tokenizer: Tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int, *,

@@ -259,7 +259,8 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> Dict[str, nn.Module]:
     replaced = {}
     for name in chosen:
         replaced[name] = linears[name]
-        _set_submodule(model, name, LoRALinear(linears[name], config.r, config.alpha, config.dropout))
+        layer = LoRALinear(linears[name], config.r, config.alpha, config.dropout)
+        _set_submodule(model, name, layer.train(linears[name].training))  # an eval model gets no LoRA dropout
     return replaced
 
 

@@ -384,3 +384,12 @@ def test_adapter_sizes_for_7b(capsys):
     assert sizes["adapter_bf16_bytes"] == 2 * 4_194_304  # 8.4 MB
     assert sizes["base_bf16_bytes"] == 2 * 6_738_415_616  # 13.5 GB
     assert "16.8 MB fp32, 8.4 MB bf16" in capsys.readouterr().out
+
+
+def test_lora_layers_take_the_mode_of_the_layer_they_wrap():
+    model = Llama(Config.from_name("tiny", vocab_size=100)).eval()
+    add_lora(model, LoRAConfig(r=2, dropout=0.5))
+    x = torch.randint(0, 100, (1, 8))
+    assert not any(m.training for m in model.modules())  # no dropout on an eval model's new LoRA branch
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x), atol=0, rtol=0)
