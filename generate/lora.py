@@ -39,6 +39,7 @@ def main(
     seed: int = 1234,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    quantize: Optional[Literal["nf4", "nf4-dq"]] = None,
 ) -> List[str]:
     """Answer `prompt` (an instruction, with an optional `input`) with each LoRA adapter.
 
@@ -56,13 +57,18 @@ def main(
         seed: random seed, for reproducible sampling (each adapter starts from it).
         device: "auto" (a CUDA GPU if there is one), "cpu", "cuda" or "cuda:N".
         dtype: "auto" is bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16/AMX), else float32.
+        quantize: keep the linear layers in 4 bits, "nf4" or "nf4-dq" (QLoRA; see howto/finetune_qlora.md).
     """
     paths = lora_path if isinstance(lora_path, list) else [lora_path]
     if not paths:
         raise ValueError("--lora_path names no adapter file")
     check_generation_settings(max_new_tokens, temperature, top_k, top_p)
     instruction = get_prompt_style(prompt_style).format(prompt, input)
-    model, tokenizer, prompt_ids = load_for_generation(checkpoint_dir, instruction, max_new_tokens, device, dtype)
+    model, tokenizer, prompt_ids = load_for_generation(checkpoint_dir, instruction, max_new_tokens, device, dtype, quantize)
+    if quantize is not None and merge:
+        print("note: a 4-bit base cannot absorb the update in place, so the LoRA branch stays separate "
+              "(scripts/merge_lora.py merges into a 16-bit copy)", file=sys.stderr)
+        merge = False
 
     for path in paths:  # check every file against the base before the first answer, not after it
         apply_lora_checkpoint(model, path)

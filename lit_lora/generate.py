@@ -42,6 +42,7 @@ import torch
 
 from lit_lora.checkpoint import TOKENIZER_NAME, load_checkpoint, load_config
 from lit_lora.model import Llama
+from lit_lora.quantize import load_checkpoint_4bit
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.utils import peak_memory
 
@@ -263,9 +264,10 @@ def choose_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
 
 
 def load_for_generation(checkpoint_dir: Union[str, Path], prompt: str, max_new_tokens: int, device: str = "auto",
-                        dtype: str = "auto") -> Tuple[Llama, Tokenizer, torch.Tensor]:
+                        dtype: str = "auto", quantize: Optional[str] = None) -> Tuple[Llama, Tokenizer, torch.Tensor]:
     """(model, tokenizer, prompt ids) for a lit-lora checkpoint directory: the tokenizer is
-    `tokenizer.model` beside the weights; the model is in eval mode on the chosen device and dtype.
+    `tokenizer.model` beside the weights; the model is in eval mode on the chosen device and dtype,
+    its linear layers in 4 bits with `quantize` ("nf4" or "nf4-dq", see lit_lora/quantize.py).
 
     Everything that can be wrong with the request is checked before the weights are read, so a prompt
     that is too long fails in a second with a one-line error, not after loading 13 GB. A note goes to
@@ -283,8 +285,12 @@ def load_for_generation(checkpoint_dir: Union[str, Path], prompt: str, max_new_t
         print(f"note: the prompt is {len(prompt_ids)} tokens long, so at most {config.block_size - len(prompt_ids)} new "
               f"tokens fit the context of {config.block_size} (asked for {max_new_tokens})", file=sys.stderr)
 
-    model = load_checkpoint(checkpoint_dir, dtype=chosen_dtype, device=chosen_device).eval()
-    print(f"loaded {checkpoint_dir} on {chosen_device} in {str(chosen_dtype).removeprefix('torch.')}", file=sys.stderr)
+    if quantize is None:
+        model = load_checkpoint(checkpoint_dir, dtype=chosen_dtype, device=chosen_device).eval()
+    else:
+        model = load_checkpoint_4bit(checkpoint_dir, mode=quantize, dtype=chosen_dtype, device=chosen_device).eval()
+    print(f"loaded {checkpoint_dir} on {chosen_device} in {str(chosen_dtype).removeprefix('torch.')}"
+          + (f", linear layers in {quantize}" if quantize else ""), file=sys.stderr)
     return model, tokenizer, prompt_ids
 
 

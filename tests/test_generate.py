@@ -344,3 +344,22 @@ def test_base_script_continues_the_prompt_and_refuses_a_prompt_too_long(tiny_che
     assert re.fullmatch(r"error: the prompt is 2\d\d tokens long, but the model's context holds 96 tokens including "
                         r"the answer: shorten the prompt\n", result.stderr)  # one line, before any weight is read
     assert result.stdout == ""
+
+
+def test_lora_script_on_a_4bit_base(tiny_checkpoint, capsys):
+    """QLoRA inference: generate/lora.py --quantize nf4-dq keeps the adapter beside the 4-bit base."""
+    from lit_lora.quantize import Linear4bit, load_checkpoint_4bit
+
+    path = tiny_checkpoint / "lora1.safetensors"
+    model = load_checkpoint_4bit(tiny_checkpoint / "base", mode="nf4-dq", dtype=torch.float32).eval()
+    assert isinstance(model.layers[0].attn.k_proj, Linear4bit)
+    apply_lora_checkpoint(model, path)
+    tokenizer = Tokenizer(tiny_checkpoint / "base" / "tokenizer.model")
+    prompt_ids = tokenizer.encode(get_prompt_style("alpaca").format("Name a colour."), bos=True)
+    expected = tokenizer.decode(generate(model, prompt_ids, 20, temperature=0.0, eos_id=tokenizer.eos_id)[len(prompt_ids):])
+
+    answers = generate_script("lora")(checkpoint_dir=tiny_checkpoint / "base", prompt="Name a colour.", lora_path=path,
+                                      temperature=0.0, max_new_tokens=20, dtype="float32", quantize="nf4-dq")
+    assert answers == [expected] and len(expected) > 10
+    captured = capsys.readouterr()
+    assert captured.out == expected + "\n" and "stays separate" in captured.err
