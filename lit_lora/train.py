@@ -196,8 +196,9 @@ def rank_batches(sampler: BatchSampler, epoch: int, fabric: L.Fabric) -> List[Li
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross entropy: position t predicts token t+1; IGNORE_INDEX labels (prompt, padding) don't count."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    # Shift the labels, not the logits: slicing (B, T, V) logits would copy them, forward and backward.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T); the last position predicts nothing
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 @torch.no_grad()

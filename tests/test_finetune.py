@@ -201,3 +201,12 @@ def test_nan_loss_stops_with_a_clear_message(tiny_run, monkeypatch):
     with pytest.raises(FloatingPointError, match=r"loss became nan at step 3; .*Last good checkpoint: .*step-000002.ckpt"):
         _finetune("lora", tiny_run, "nan", train=_train_args(max_steps=5, save_interval=2, eval_iters=1), lora=_lora_config())
     assert not (tiny_run / "nan" / "lit_lora.safetensors").exists()
+
+
+def test_loss_is_next_token_cross_entropy_over_unmasked_labels():
+    from lit_lora.train import loss_fn
+
+    logits, labels = torch.randn(2, 7, 11, requires_grad=True), torch.randint(0, 11, (2, 7))
+    labels[0, :3] = -100  # a masked prompt
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss_fn(logits, labels), expected)
