@@ -14,11 +14,11 @@ any checkpoint and prepared dataset.
 
 import gc
 import importlib.util
+import inspect
 import json
 import os
 import re
 import resource
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +27,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from lit_lora.adapter import apply_adapter_checkpoint
-from lit_lora.checkpoint import WEIGHTS_NAME, atomic_path, load_checkpoint, save_json
+from lit_lora.checkpoint import atomic_path, load_checkpoint, load_json, save_json
 from lit_lora.generate import generate
-from lit_lora.lora import LLAMA_TARGETS, apply_lora_checkpoint, load_lora_checkpoint
+from lit_lora.lora import LLAMA_TARGETS, LoRAConfig, apply_lora_checkpoint, load_lora_checkpoint
 from lit_lora.model import Llama
 from lit_lora.prompts import PromptStyle
 from lit_lora.tokenizer import Tokenizer
+from lit_lora.train import FINISHED_NAME, TrainArgs
 
 PathLike = Union[str, Path]
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +115,10 @@ class RunResult:
 
     @property
     def weights_path(self) -> Optional[Path]:
-        return self.out_dir / WEIGHTS_NAMES[self.method] if self.out_dir is not None and self.method in WEIGHTS_NAMES else None
+        """What the run saved: the adapter file, or the finetuned checkpoint directory ("full")."""
+        if self.out_dir is None or self.method not in WEIGHTS_NAMES:
+            return None
+        return self.out_dir / WEIGHTS_NAMES[self.method]
 
     def weights_bytes(self) -> Optional[int]:
         path = self.weights_path
@@ -123,18 +127,65 @@ class RunResult:
         return sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
 
 
-def finetune(name: str, method: str, out_dir: PathLike, device: torch.device, **kwargs: Any) -> RunResult:
-    """Run finetune/<method>.py's `main(out_dir=..., overwrite=True, **kwargs)`, measuring its peak memory."""
-    if method not in METHOD_SCRIPTS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_SCRIPTS)}")
-    main = load_script_main(METHOD_SCRIPTS[method])
+BLOCK_LINEAR = ("q", "k", "v", "o", "mlp")  # every linear layer of the blocks (QLoRA's "all linear layers")
+LORA_SWEEP = ("lora-r8-qv", "lora-r8-all", "lora-r64-qv", "lora-r64-all")
+
+
+@dataclass
+class Variant:
+    """One entry of a comparison: a method and the settings its script's `main` receives."""
+
+    name: str
+    method: str  # "lora", "adapter" or "full"
+    settings: Dict[str, Any] = field(default_factory=dict)  # e.g. {"lora": LoRAConfig(...)}; empty: the script's default
+
+
+def parse_variant(spec: str) -> Variant:
+    """"lora", "adapter", "full" (each script's default settings), or "lora-r<rank>-<qv|all>": LoRA of that
+    rank (alpha = 2 x rank, dropout 0.05) on q_proj and v_proj, or on every linear layer of the blocks."""
+    if spec in METHOD_SCRIPTS:
+        return Variant(spec, spec)
+    match = re.fullmatch(r"lora-r(\d+)-(qv|all)", spec)
+    if not match:
+        raise ValueError(f"unknown method {spec!r}: use lora, adapter, full or lora-r<rank>-<qv|all> (e.g. lora-r64-all)")
+    rank = int(match.group(1))
+    targets = ("q", "v") if match.group(2) == "qv" else BLOCK_LINEAR
+    return Variant(spec, "lora", {"lora": LoRAConfig(r=rank, alpha=2 * rank, dropout=0.05, targets=targets)})
+
+
+def script_recipe(method: str) -> TrainArgs:
+    """The TrainArgs a finetune script uses by default (its learning rate, weight decay, batch sizes)."""
+    return inspect.signature(load_script_main(METHOD_SCRIPTS[method])).parameters["train"].default
+
+
+def finetune(variant: Variant, out_dir: PathLike, device: torch.device, **kwargs: Any) -> RunResult:
+    """Run finetune/<method>.py's `main(out_dir=..., overwrite=True, **variant.settings, **kwargs)` and
+    measure its peak memory; returns the run's metrics and loss history."""
+    if variant.method not in METHOD_SCRIPTS:
+        raise ValueError(f"unknown method {variant.method!r}; choose one of {', '.join(METHOD_SCRIPTS)}")
+    main = load_script_main(METHOD_SCRIPTS[variant.method])
     out_dir = Path(out_dir)
     with measure_peak_memory(device) as peak:
-        metrics = main(out_dir=out_dir, overwrite=True, **kwargs)
+        metrics = main(out_dir=out_dir, overwrite=True, **variant.settings, **kwargs)
     if not metrics.get("finished"):
-        raise RuntimeError(f"{name}: training stopped at step {metrics.get('steps')} of {metrics.get('total_steps')}")
+        raise RuntimeError(f"{variant.name}: training stopped at step {metrics['steps']} of {metrics['total_steps']}")
     history = json.loads((out_dir / "history.json").read_text())["history"]
-    return RunResult(name, method, out_dir, metrics, peak, history)
+    return RunResult(variant.name, variant.method, out_dir, metrics, peak, history)
+
+
+def load_finished_run(out_dir: PathLike, name: Optional[str] = None) -> RunResult:
+    """A run finished earlier by finetune/<method>.py (e.g. full finetuning on several GPUs), read from
+    its out_dir: final_metrics.json, history.json, and the method from the weights it saved."""
+    out_dir = Path(out_dir)
+    methods = [method for method, weights in WEIGHTS_NAMES.items() if (out_dir / weights).exists()]
+    if not (out_dir / FINISHED_NAME).is_file() or len(methods) != 1:
+        raise FileNotFoundError(f"{out_dir} holds no finished finetuning run ({FINISHED_NAME} and one of "
+                                f"{', '.join(WEIGHTS_NAMES.values())} expected)")
+    metrics = load_json(out_dir / FINISHED_NAME)
+    history = load_json(out_dir / "history.json")["history"] if (out_dir / "history.json").is_file() else []
+    peak = re.search(r"peak (GPU memory|RSS) ([0-9.]+) GB", str(metrics.get("peak_memory", "")))
+    peak_memory = {"gb": float(peak.group(2)), "kind": "GPU" if peak.group(1) == "GPU memory" else "RSS"} if peak else None
+    return RunResult(name or out_dir.name, methods[0], out_dir, metrics, peak_memory, history)
 
 
 def load_finetuned(result: RunResult, checkpoint_dir: PathLike, device: torch.device,
@@ -194,6 +245,12 @@ class ExactMatch:
     @property
     def accuracy(self) -> float:
         return self.correct / max(1, self.total)
+
+    def right_but_misformatted(self) -> int:
+        """Wrong answers that start with the expected one ("15." or "15 equals" for "15"): the model knew
+        the answer but not the format."""
+        return sum(not row["correct"] and row["prediction"].strip().startswith(row["answer"].strip())
+                   for row in self.predictions)
 
 
 @torch.no_grad()
@@ -265,10 +322,9 @@ def comparison_rows(results: Sequence[RunResult]) -> List[Dict[str, str]]:
 
 
 def markdown_table(rows: Sequence[Dict[str, str]]) -> str:
+    """The rows as a Markdown table, the first column (the method) left-aligned, the numbers right-aligned."""
     headers = list(rows[0])
-    right = {"trainable params", "% of total", "adapter file", "peak memory", "s / step", "final val loss", "accuracy"}
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---:" if h in right else "---" for h in headers) + "|"]
+    lines = ["| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]  # numbers right-aligned
     lines += ["| " + " | ".join(row[h] for h in headers) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -296,7 +352,7 @@ def write_report(results: Sequence[RunResult], out_dir: PathLike, title: str, no
     text = [f"# {title}", "", markdown_table(rows), ""]
     by_task = per_task_table(results)
     if by_task:
-        text += ["Held-out exact-match accuracy per task:", "", by_task, ""]
+        text += ["Exact-match accuracy per task:", "", by_task, ""]
     text += [f"- {note}" for note in notes]
     report = "\n".join(text).rstrip() + "\n"
     with atomic_path(out_dir / "comparison.md") as tmp:
@@ -334,7 +390,8 @@ def _save_figure(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_loss_curves(results: Sequence[RunResult], path: PathLike) -> Path:
+def plot_loss_curves(results: Sequence[RunResult], path: PathLike,
+                     title: str = "Finetuning loss: training (thin) and validation (dots)") -> Path:
     """Training loss (thin) and validation loss (dots) of every run, one colour per method, on one figure."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -349,7 +406,7 @@ def plot_loss_curves(results: Sequence[RunResult], path: PathLike) -> Path:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy loss (response tokens)")
     ax.set_yscale("log")
-    ax.set_title("Finetuning loss: training (thin) and validation (dots), same data order and budget")
+    ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
@@ -384,26 +441,18 @@ def plot_lora_heatmap(lora_path: PathLike, path: PathLike, title: str = "") -> P
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(layers) + 2.5), 0.55 * len(projections) + 1.8))
     image = ax.imshow(norms.numpy(), cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(layers)), labels=layers)
-    ax.set_yticks(range(len(projections)), labels=[f"{p}_proj" if p in ("q", "k", "v", "o") else f"{p}_proj"
-                                                   for p in projections])
+    ax.set_yticks(range(len(projections)), labels=[f"{p}_proj" for p in projections])
     ax.set_xlabel("layer")
     if len(layers) <= 16:  # the values themselves, where they fit
         finite = norms[torch.isfinite(norms)]
         middle = float(finite.max() + finite.min()) / 2 if finite.numel() else 0.0
-        for (row, column), value in zip(torch.cartesian_prod(torch.arange(norms.size(0)), torch.arange(norms.size(1))).tolist(),
-                                        norms.flatten().tolist()):
-            if value == value:  # not NaN
-                ax.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                        color="black" if value > middle else "white")
+        for row, values in enumerate(norms.tolist()):
+            for column, value in enumerate(values):
+                if value == value:  # not NaN: this layer has this projection adapted
+                    ax.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                            color="black" if value > middle else "white")
     fig.colorbar(image, ax=ax, label="(alpha / r) ||B A||_F")
     ax.set_title(title or "Size of the LoRA update per layer and projection")
     fig.tight_layout()
     _save_figure(fig, Path(path))
     return Path(path)
-
-
-@contextmanager
-def timed(label: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    print(f"({label}: {time.perf_counter() - start:.1f} s)")

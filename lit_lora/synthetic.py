@@ -1,33 +1,36 @@
 """A small synthetic world the quickstart builds itself: a corpus, a tokenizer and a tiny Llama pretrained
 on it, so LoRA and LLaMA-Adapter can be tried and compared offline, on a laptop CPU, in minutes.
 
-Why a made-up world instead of a small real model? Finetuning teaches a pretrained model to *use* what it
-knows in a new format; to see that happen, and to score it exactly, the knowledge and the format must
+Why a made-up world instead of a small real model? Finetuning teaches a pretrained model to *use* what
+it knows in a new format. To watch that happen and score it exactly, the knowledge and the format must
 be separable and the answers checkable. Here they are, by construction:
 
-    facts (6 tasks with checkable answers)                       e.g. addition: key (7, 5)
-        │
-        ├── pretraining corpus: the facts stated as prose        "7 plus 5 equals 12."
-        │   (+ for training keys only, a quiz line:              "Question: What is 7 plus 5? Answer: 12.")
-        │
-        ├── train instructions (Alpaca records)                  {"instruction": "What is 7 plus 5?", "output": "12"}
-        │
-        └── held-out test instructions: keys that appear in no   {"instruction": "What is 3 plus 9?", "output": "12"}
-            instruction and no quiz line, only in the prose
+    facts of 5 tasks with checkable answers                   e.g. addition, key (7, 5)
+      │
+      ├─ pretraining corpus: every fact stated as prose       "7 plus 5 equals 12."
+      │    for training keys, some documents are a quiz       "Question:\nWhat is 7 plus 5?\n\nAnswer: 12."
+      │
+      ├─ train instructions (Alpaca records)                  {"instruction": "What is 7 plus 5?", "output": "12"}
+      │
+      └─ held-out test instructions: keys that are in no      {"instruction": "What is 3 plus 9?", "output": "12"}
+         instruction and no quiz, only in the prose
 
-The base model learns the facts from the corpus, but asked through the Alpaca template it does not
-answer in the expected format (it has never seen that template: it rambles on in corpus style). A
-finetuned adapter has to learn the format *and* to reach the base model's knowledge from it; scoring
-it on the held-out keys checks that it learned the second, not just the training answers by heart.
-The quiz lines are the "mixed training" of Allen-Zhu & Li 2023 ("Physics of Language Models, part
-3.1"): knowledge seen only as prose is hard to extract by question, and a few question/answer pairs
-in pretraining make the model store facts in a form a question can reach, for every key.
+The base model learns the facts from the corpus, but asked through the Alpaca template, which it has
+never seen, it does not answer in the expected format (it answers quiz-style, "12.", or rambles on in
+corpus style). A finetuned model has to learn the format *and* to reach the base model's knowledge
+through it. Scoring on held-out keys checks the second: answers learned by heart do not help there.
 
-The tasks (`TASKS`): addition, the larger of two numbers, counting words, reversing two words, unit
-conversion and opposites. They are chosen to be learnable by a one-million-parameter model in a few
-hundred optimizer steps: each answer is one or two tokens, and the tokenizer keeps whole numbers as
-single pieces (unlike Llama's, which splits digits: with split digits the same model learns the
-arithmetic several times slower).
+The quiz documents are the "mixed training" of Allen-Zhu & Li 2023 ("Physics of Language Models, Part
+3.1"): facts seen only as prose are hard to reach by a question; a share of question/answer documents
+in pretraining teaches the model to store facts so that a question reaches them, also for the keys
+that were never asked about. Without them the finetuned model answers held-out keys far less often.
+
+The tasks (`TASKS`) are chosen to be learnable by a one-million-parameter model in a few hundred
+optimizer steps: addition of two digits, the larger of two numbers, counting the words of a list,
+reversing two words, and metric-style unit conversion (the amount followed by zeros). Tasks that take
+longer to learn get more corpus documents (`WorldConfig.corpus_weights`). The tokenizer does not split
+numbers into digits (Llama's does): with a few hundred pieces, most numbers here become one or two
+pieces, and the same model learns the arithmetic several times faster than from single digits.
 
 Everything is seeded: the same seed gives the same files, byte for byte, and the same tokenizer.
 """
@@ -38,7 +41,7 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import sentencepiece as spm
 import torch
@@ -89,7 +92,7 @@ def larger(rng: random.Random) -> Fact:
 def counting(rng: random.Random) -> Fact:
     words = tuple(rng.choice(NOUNS) for _ in range(rng.randint(1, 5)))
     listed = " ".join(words)
-    return Fact("counting", words, f"the list {listed} has {len(words)} words.",
+    return Fact("counting", words, f"the list {listed} has {len(words)} word{'s' if len(words) > 1 else ''}.",
                 f"How many words are in this list: {listed}?", str(len(words)))
 
 
@@ -113,7 +116,7 @@ TASKS: Dict[str, Callable[[random.Random], Fact]] = {
 }
 
 
-def quiz_line(fact: Fact) -> str:
+def quiz_document(fact: Fact) -> str:
     """The question/answer form some corpus documents take (never for a held-out key)."""
     return f"Question:\n{fact.instruction}\n\nAnswer: {fact.answer}."
 
@@ -128,17 +131,17 @@ class WorldConfig:
     """How big the world is. The defaults are the quickstart's."""
 
     seed: int = 1337
-    corpus_lines_per_task: int = 12000
-    """Corpus lines drawn per task (a line is ~10 tokens)."""
+    corpus_rounds: int = 12000
+    """Rounds of corpus documents; each round has `corpus_weights[task]` documents of every task."""
     keys_per_task: int = 100
     """Distinct keys drawn per task for instructions (fewer where the task has fewer)."""
     test_fraction: float = 0.25
     """Share of each task's keys held out for the test set."""
     quiz_fraction: float = 0.3
-    """Share of corpus lines about a training key written as Question/Answer instead of prose."""
+    """Share of corpus documents about a training key written as a quiz instead of prose."""
     tasks: Sequence[str] = tuple(TASKS)
-    corpus_weights: Dict[str, int] = field(default_factory=lambda: {"addition": 2, "reversing": 2, "conversion": 2})
-    """Corpus lines per round for a task (default 1): more for tasks that take longer to learn."""
+    corpus_weights: Dict[str, int] = field(default_factory=lambda: {"addition": 2, "reversing": 3, "conversion": 2})
+    """Documents per round for a task (1 if not listed): more for the tasks that take longer to learn."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.tasks) - set(TASKS))
@@ -146,16 +149,17 @@ class WorldConfig:
             raise ValueError(f"unknown tasks {unknown or '(none given)'}; choose from {', '.join(TASKS)}")
         if not 0 < self.test_fraction < 1 or not 0 <= self.quiz_fraction <= 1:
             raise ValueError("test_fraction must be in (0, 1) and quiz_fraction in [0, 1]")
+        if not set(self.corpus_weights) <= set(TASKS) or any(w < 1 for w in self.corpus_weights.values()):
+            raise ValueError(f"corpus_weights {self.corpus_weights}: give tasks of {', '.join(TASKS)} a weight >= 1")
         self.tasks = tuple(self.tasks)
 
 
 @dataclass
 class World:
     config: WorldConfig
-    corpus: List[str]
-    train: List[Fact]
-    test: List[Fact]
-    test_keys: Dict[str, List[Tuple]] = field(default_factory=dict)
+    corpus: List[str]  # pretraining documents
+    train: List[Fact]  # the instructions to finetune on (prepared into train and validation splits)
+    test: List[Fact]  # held-out instructions: their keys are in no train instruction and no quiz
 
 
 def draw_keys(task: str, count: int, rng: random.Random, max_draws: int = 20000) -> List[Fact]:
@@ -172,23 +176,22 @@ def draw_keys(task: str, count: int, rng: random.Random, max_draws: int = 20000)
 def build_world(config: WorldConfig = WorldConfig()) -> World:
     """Draw the instructions, split their keys into train and held-out test, then write the corpus."""
     rng = random.Random(config.seed)
-    train, test, test_keys = [], [], {}
+    train, test = [], []
     for task in config.tasks:
         facts = draw_keys(task, config.keys_per_task, rng)
         n_test = max(1, round(config.test_fraction * len(facts)))
         test += facts[:n_test]
         train += facts[n_test:]
-        test_keys[task] = [fact.key for fact in facts[:n_test]]
-    held_out = {(task, key) for task, keys in test_keys.items() for key in keys}
+    held_out = {(fact.task, fact.key) for fact in test}
 
     corpus = []
-    for _ in range(config.corpus_lines_per_task):
+    for _ in range(config.corpus_rounds):
         for task in config.tasks:  # interleaved, so any slice of the corpus covers every task
             for _ in range(config.corpus_weights.get(task, 1)):
                 fact = TASKS[task](rng)
                 quiz = (task, fact.key) not in held_out and rng.random() < config.quiz_fraction
-                corpus.append(quiz_line(fact) if quiz else fact.statement)
-    return World(config, corpus, train, test, test_keys)
+                corpus.append(quiz_document(fact) if quiz else fact.statement)
+    return World(config, corpus, train, test)
 
 
 def instruction_records(facts: Sequence[Fact]) -> List[Dict[str, str]]:
@@ -197,18 +200,19 @@ def instruction_records(facts: Sequence[Fact]) -> List[Dict[str, str]]:
 
 
 def write_world(world: World, directory: PathLike) -> Dict[str, Path]:
-    """corpus.txt (one document per line), train.json and test.json (Alpaca format), world.json."""
+    """corpus.jsonl (one JSON string per document: quizzes hold newlines), train.json and test.json
+    (Alpaca format), world.json (the settings and counts)."""
     directory = Path(directory)
-    paths = {"corpus": directory / "corpus.txt", "train": directory / "train.json", "test": directory / "test.json",
+    paths = {"corpus": directory / "corpus.jsonl", "train": directory / "train.json", "test": directory / "test.json",
              "config": directory / "world.json"}
     with atomic_path(paths["corpus"]) as tmp:
-        tmp.write_text("\n".join(world.corpus) + "\n")
+        tmp.write_text("".join(json.dumps(document) + "\n" for document in world.corpus))
     for split, facts in (("train", world.train), ("test", world.test)):
         with atomic_path(paths[split]) as tmp:
             tmp.write_text(json.dumps(instruction_records(facts), indent=1) + "\n")
     counts = {task: {"train": sum(f.task == task for f in world.train), "test": sum(f.task == task for f in world.test)}
               for task in world.config.tasks}
-    save_json({"config": asdict(world.config), "counts": counts, "corpus_lines": len(world.corpus)}, paths["config"])
+    save_json({"config": asdict(world.config), "counts": counts, "corpus_documents": len(world.corpus)}, paths["config"])
     return paths
 
 
@@ -222,9 +226,9 @@ def train_tokenizer(texts: Sequence[str], path: PathLike, vocab_size: int = 512)
 
     As in Llama: unk 0, bos 1, eos 2, no pad piece, byte fallback (any character encodes, as UTF-8
     bytes if it is not a piece; the 256 byte pieces are why the vocabulary is not smaller). Unlike
-    Llama, digits are not split: with a few hundred pieces, every number this world uses becomes one
-    piece, so an arithmetic answer is one token to learn instead of several. Newlines are kept
-    (identity normalisation and "\\n" as a piece): the Alpaca template is made of them.
+    Llama, digits are not split, so frequent numbers become single pieces ("▁13", "00"): fewer tokens
+    per answer, and facts about numbers are learned several times faster. Newlines are kept (identity
+    normalisation, "\\n" a piece of its own): the Alpaca template and the quizzes are made of them.
     """
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -245,12 +249,12 @@ def tokenizer_texts(world: World, style: PromptStyle, corpus_sample: int = 3000)
     return world.corpus[:corpus_sample] + [f"{style.format(f.instruction)} {f.answer}" for f in world.train]
 
 
-def pack_corpus(lines: Sequence[str], tokenizer, sequence_length: int, val_fraction: float = 0.02
+def pack_corpus(documents: Sequence[str], tokenizer: Tokenizer, sequence_length: int, val_fraction: float = 0.02
                 ) -> Tuple[List[Dict[str, torch.Tensor]], List[Dict[str, torch.Tensor]]]:
-    """Pretraining samples: every line becomes [BOS] ids [EOS], all are concatenated and cut into
+    """Pretraining samples: every document becomes [BOS] ids [EOS], all are concatenated and cut into
     `sequence_length`-token blocks (no padding is wasted); the last `val_fraction` of blocks validate.
     Every token is a label: the model learns the whole text, not a response."""
-    encoded = tokenizer.processor.encode(list(lines), out_type=int, num_threads=1)
+    encoded = tokenizer.processor.encode(list(documents), out_type=int, num_threads=1)
     stream = [token for ids in encoded for token in (tokenizer.bos_id, *ids, tokenizer.eos_id)]
     n_blocks = len(stream) // sequence_length
     if n_blocks < 2:
@@ -269,7 +273,7 @@ def fingerprint(*parts: object) -> str:
     return digest.hexdigest()[:16]
 
 
-def continuation_sampler(tokenizer, text: str, max_new_tokens: int = 8) -> Callable[[torch.nn.Module], str]:
+def continuation_sampler(tokenizer: Tokenizer, text: str, max_new_tokens: int = 8) -> Callable[[torch.nn.Module], str]:
     """For the pretraining log: the greedy continuation of a corpus-style `text` (does it know the fact?)."""
     prompt_ids = tokenizer.encode(text, bos=True)
 
@@ -291,8 +295,9 @@ def continuation_sampler(tokenizer, text: str, max_new_tokens: int = 8) -> Calla
 # ~1M parameters: big enough to learn the world's facts, small enough to pretrain on a CPU in a minute.
 TINY_BASE = Config(name="synthetic-tiny", block_size=128, vocab_size=512, n_layer=4, n_head=4, n_embd=128)
 
-# Pretraining recipe: 400 steps of 32 blocks of 64 tokens (~820k tokens, about one pass over the corpus).
-# A tiny model trained from scratch takes a far higher learning rate than finetuning a 7B one.
+# Pretraining recipe: 500 steps of 32 blocks of 64 tokens (~1M tokens, most of one pass over the corpus).
+# A tiny model trained from scratch takes a far higher learning rate than finetuning a 7B one; the
+# learning rate decays to a tenth, not to zero, so the last steps still learn.
 PRETRAIN_ARGS = TrainArgs(learning_rate=6e-3, min_learning_rate=6e-4, weight_decay=0.0, global_batch_size=32,
                           micro_batch_size=32, warmup_steps=20, max_steps=500, eval_interval=100, eval_iters=8,
                           save_interval=100_000, log_interval=10, seed=1337)
@@ -318,7 +323,7 @@ def pretrain(out_dir: PathLike, corpus: Sequence[str], tokenizer_path: PathLike,
     fabric.seed_everything(train.seed)  # the random initial weights
     model = Llama(config)
     print(f"pretraining a {config.n_layer}-layer, {config.n_embd}-wide Llama on {len(train_data)} blocks of "
-          f"{sequence_length} tokens ({len(corpus)} corpus lines)")
+          f"{sequence_length} tokens ({len(corpus):,} documents)")
 
     def save_weights(path: Path, trained: torch.nn.Module) -> None:
         save_checkpoint(path, trained.state_dict(), trained.config, tokenizer_path)

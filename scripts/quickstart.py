@@ -1,17 +1,17 @@
 """The whole journey offline, on a CPU, in minutes: a tiny Llama pretrained on a synthetic world, then
-finetuned with LoRA and with LLaMA-Adapter on the same budget, scored on held-out instructions.
+finetuned with LoRA and with LLaMA-Adapter on the same budget, and scored on held-out instructions.
 
     python scripts/quickstart.py                      # everything lands in out/quickstart
 
     1. a synthetic world: a corpus and Alpaca-format instructions (train, and held-out test)
-    2. a SentencePiece tokenizer and a ~1M-parameter Llama pretrained on the corpus (cached for reruns)
+    2. a SentencePiece tokenizer and a ~1M-parameter Llama pretrained on the corpus (reused by reruns)
     3. the instructions prepared exactly like Alpaca (lit_lora.prepare)
     4. LoRA and LLaMA-Adapter finetuned through finetune/lora.py and finetune/adapter.py
     5. held-out exact-match accuracy of the base model, the LoRA model and the Adapter model
     6. the side-by-side table (comparison.md) and plots (loss_curves.png, lora_update_heatmap.png)
     7. LoRA merged into the base (scripts/merge_lora.py), and an instruction answered (generate/lora.py)
 
-See howto/compare_lora_adapter.md for what the numbers mean.
+howto/compare_lora_adapter.md explains the numbers; lit_lora/synthetic.py how the world is made.
 """
 
 import time
@@ -22,10 +22,10 @@ from typing import Any, Dict
 import torch
 
 from lit_lora.adapter import AdapterConfig
-from lit_lora.checkpoint import load_checkpoint, load_json, save_json
+from lit_lora.checkpoint import WEIGHTS_NAME, load_checkpoint, load_json, save_json
 from lit_lora.cli import run
-from lit_lora.compare import (RunResult, exact_match, finetune, load_eval_records, load_finetuned, load_script_main,
-                              plot_lora_heatmap, plot_loss_curves, release_memory, write_report)
+from lit_lora.compare import (RunResult, Variant, exact_match, finetune, load_eval_records, load_finetuned,
+                              load_script_main, plot_lora_heatmap, plot_loss_curves, release_memory, write_report)
 from lit_lora.generate import generate
 from lit_lora.lora import LoRAConfig
 from lit_lora.prepare import format_summary, prepare_instruction_data
@@ -36,6 +36,14 @@ from lit_lora.tokenizer import Tokenizer
 from lit_lora.train import TrainArgs, default_precision
 
 STEPS = 7
+# Step 4's two contestants. LoRA on every linear layer of the blocks; the Adapter in every layer (the
+# paper adapts the top 30 of 32 layers of 7B; with 4 layers, all of them). Learning rates: the best of
+# {1e-2, 2e-2, 5e-2} for the Adapter and {2e-3, 5e-3} for LoRA on this world.
+LORA = Variant("LoRA (r=8, all linear layers)", "lora",
+               {"lora": LoRAConfig(r=8, alpha=16, dropout=0.0, targets=("q", "k", "v", "o", "mlp"))})
+ADAPTER = Variant("LLaMA-Adapter (10 prompt tokens, all layers)", "adapter",
+                  {"adapter": AdapterConfig(prompt_length=10, start_layer=0)})
+LEARNING_RATES = {"lora": 2e-3, "adapter": 5e-2}
 
 
 def banner(step: int, title: str) -> None:
@@ -51,37 +59,41 @@ def main(
     """Build the synthetic world, pretrain a tiny base, finetune LoRA and LLaMA-Adapter, compare them.
 
     Args:
-        out_dir: where everything is written; a pretrained base already there (same settings) is reused.
+        out_dir: where everything is written; a base pretrained there before with the same settings is reused.
         seed: seeds the world, the base model's pretraining and both finetuning runs.
-        fast: a reduced run (smaller corpus, ~1/8 of the steps) that checks the pipeline in about a
-            minute; its accuracies mean nothing.
+        fast: a reduced run (1/8 of the corpus and of every step count) that checks the whole pipeline
+            in well under a minute; its accuracies mean nothing.
         accelerator: "auto" (a GPU if there is one), "cpu" or "cuda".
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
     style = get_prompt_style("alpaca")
     scale = 8 if fast else 1
-    precision = default_precision(accelerator) if accelerator != "cpu" else "32-true"
+    precision = default_precision(accelerator)
+    device = torch.device("cuda" if accelerator != "cpu" and torch.cuda.is_available() else "cpu")
 
     banner(1, "a synthetic world: corpus, train instructions, held-out test instructions")
-    world = build_world(WorldConfig(seed=seed, corpus_lines_per_task=12000 // scale))
+    world = build_world(WorldConfig(seed=seed, corpus_rounds=WorldConfig.corpus_rounds // scale))
     paths = write_world(world, out_dir / "world")
-    print(f"{len(world.corpus):,} corpus lines, {len(world.train)} train and {len(world.test)} held-out test "
+    print(f"{len(world.corpus):,} corpus documents, {len(world.train)} train and {len(world.test)} held-out test "
           f"instructions over {len(world.config.tasks)} tasks, in {paths['corpus'].parent}")
-    for fact in world.test[:: max(1, len(world.test) // 4)][:4]:
-        print(f"  corpus says {fact.statement!r:42}  test asks {fact.instruction!r} -> {fact.answer!r}")
+    for fact in {fact.task: fact for fact in reversed(world.test)}.values():  # one example per task
+        print(f"  the corpus says {fact.statement!r:38} a test asks {fact.instruction!r} -> {fact.answer!r}")
 
     banner(2, "a SentencePiece tokenizer and a tiny Llama pretrained on the corpus")
     base_dir = out_dir / "base"
     checkpoint_dir = base_dir / WEIGHTS_DIR_NAME
     pretrain_args = replace(PRETRAIN_ARGS, seed=seed, max_steps=PRETRAIN_ARGS.max_steps // scale,
-                            warmup_steps=PRETRAIN_ARGS.warmup_steps // scale, eval_interval=PRETRAIN_ARGS.eval_interval // scale)
-    settings = fingerprint(world.corpus, TINY_BASE.to_dict(), vars(pretrain_args), accelerator, precision)
+                            warmup_steps=PRETRAIN_ARGS.warmup_steps // scale,
+                            eval_interval=PRETRAIN_ARGS.eval_interval // scale)
+    settings = fingerprint(world.corpus, [f.instruction for f in world.train], TINY_BASE.to_dict(),
+                           vars(pretrain_args), str(device))
     stamp = base_dir / "fingerprint.json"
-    if stamp.is_file() and load_json(stamp).get("settings") == settings and (checkpoint_dir / "lit_model.safetensors").is_file():
-        print(f"reusing the pretrained base in {checkpoint_dir} (same world and settings; delete it to pretrain again)")
+    if stamp.is_file() and load_json(stamp).get("settings") == settings and (checkpoint_dir / WEIGHTS_NAME).is_file():
+        print(f"reusing the base pretrained in {checkpoint_dir} (same world and settings; delete it to pretrain again)")
     else:
-        tokenizer_path = train_tokenizer(tokenizer_texts(world, style), base_dir / "tokenizer.model", TINY_BASE.vocab_size)
+        tokenizer_path = train_tokenizer(tokenizer_texts(world, style), base_dir / "tokenizer.model",
+                                         TINY_BASE.vocab_size)
         print(f"trained a {TINY_BASE.vocab_size}-piece BPE tokenizer: {tokenizer_path}")
         pretrained = pretrain(base_dir, world.corpus, tokenizer_path, TINY_BASE, pretrain_args, accelerator=accelerator)
         save_json({"settings": settings, "val_loss": pretrained["val_loss"]}, stamp)
@@ -89,71 +101,65 @@ def main(
 
     banner(3, "the instructions prepared like Alpaca (lit_lora.prepare.prepare_instruction_data)")
     data_dir = out_dir / "data"
-    prepared = prepare_instruction_data(paths["train"], data_dir, tokenizer.model_path, max_seq_length=TINY_BASE.block_size,
-                                        val_size=max(8, len(world.train) // 10), seed=seed)
+    prepared = prepare_instruction_data(paths["train"], data_dir, tokenizer.model_path,
+                                        max_seq_length=TINY_BASE.block_size, val_size=len(world.train) // 10, seed=seed)
     print(format_summary(prepared, data_dir))
 
     banner(4, "LoRA and LLaMA-Adapter finetuned on the same data order and budget")
     budget = dict(global_batch_size=16, micro_batch_size=16, warmup_steps=20 // scale, max_steps=400 // scale,
                   eval_interval=50 // scale, eval_iters=4, save_interval=100_000, log_interval=10, seed=seed,
                   sample_instruction=world.test[0].instruction)
-    lora = LoRAConfig(r=8, alpha=16, dropout=0.0, targets=("q", "k", "v", "o", "mlp"))
-    adapter = AdapterConfig(prompt_length=10, start_layer=0)
-    device_kwargs = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, precision=precision, accelerator=accelerator)
-    device = torch.device("cuda" if accelerator != "cpu" and torch.cuda.is_available() else "cpu")
     results = [RunResult("base model (no finetuning)", "base")]
-    print(f"\n--- LoRA: r={lora.r}, alpha={lora.alpha}, on {', '.join(lora.targets)} ---")
-    results.append(finetune(f"LoRA (r={lora.r}, all linear layers)", "lora", out_dir / "lora", device, lora=lora,
-                            train=TrainArgs(learning_rate=5e-3, **budget), **device_kwargs))
-    print(f"\n--- LLaMA-Adapter: {adapter.prompt_length} prompt tokens in layers {adapter.start_layer}.. ---")
-    results.append(finetune(f"LLaMA-Adapter (prompt {adapter.prompt_length}, layers {adapter.start_layer}+)", "adapter",
-                            out_dir / "adapter", device, adapter=adapter,
-                            train=TrainArgs(learning_rate=2e-2, **budget), **device_kwargs))
+    for variant in (LORA, ADAPTER):
+        learning_rate = LEARNING_RATES[variant.method]
+        print(f"\n--- {variant.name}, learning rate {learning_rate:g} ---")
+        results.append(finetune(variant, out_dir / variant.method, device, checkpoint_dir=checkpoint_dir,
+                                data_dir=data_dir, train=TrainArgs(learning_rate=learning_rate, **budget),
+                                precision=precision, accelerator=accelerator))
 
-    banner(5, "held-out exact-match accuracy (greedy generation on test instructions never trained on)")
+    banner(5, "held-out exact-match accuracy (greedy answers to test instructions never trained on)")
     records = load_eval_records(paths["test"])
     for result in results:
         release_memory()
-        model = load_finetuned(result, checkpoint_dir, device)
-        if result.method == "base":
-            result.metrics = {}
-        result.accuracy = exact_match(model, tokenizer, style, records)
-        shown = result.accuracy.predictions[0]
-        print(f"{result.name:45} {100 * result.accuracy.accuracy:5.1f} % ({result.accuracy.correct}/{result.accuracy.total})"
-              f"   e.g. {shown['instruction']!r} -> {shown['prediction']!r}")
-        del model
+        result.accuracy = exact_match(load_finetuned(result, checkpoint_dir, device), tokenizer, style, records)
+        score, example = result.accuracy, result.accuracy.predictions[0]
+        print(f"{result.name:46} {100 * score.accuracy:5.1f} % ({score.correct}/{score.total})"
+              f"   e.g. {example['instruction']!r} -> {example['prediction']!r}")
 
     banner(6, "the side-by-side table and the plots")
-    notes = [f"{len(records)} held-out test instructions ({', '.join(world.config.tasks)}); exact match after "
-             "stripping whitespace; greedy decoding",
-             f"same budget: {budget['max_steps']} steps of {budget['global_batch_size']} samples, seed {seed}; "
-             "learning rate 5e-3 (LoRA), 2e-2 (Adapter)",
-             f"peak memory: {'GPU memory allocated' if device.type == 'cuda' else 'resident set size of the whole process (Python and libraries included)'}",
-             f"base model: {TINY_BASE.n_layer} layers, n_embd {TINY_BASE.n_embd}, vocab {TINY_BASE.vocab_size}, "
-             f"pretrained {pretrain_args.max_steps} steps"]
-    report = write_report(results, out_dir, "LoRA vs LLaMA-Adapter on the synthetic world", notes)
-    print(report)
+    misformatted = ", ".join(f"{r.name} {r.accuracy.right_but_misformatted()}/{r.accuracy.total}" for r in results)
+    notes = [f"{len(records)} held-out test instructions ({', '.join(world.config.tasks)}), keys never seen in "
+             "finetuning; greedy decoding; exact match after stripping whitespace",
+             f"same budget: {budget['max_steps']} steps of {budget['global_batch_size']} samples in the same order "
+             f"(seed {seed}); learning rate {LEARNING_RATES['lora']:g} (LoRA), {LEARNING_RATES['adapter']:g} (Adapter)",
+             f"the right answer in the wrong format (e.g. \"15.\" for \"15\"; counted as wrong): {misformatted}",
+             "peak memory: " + ("GPU memory allocated" if device.type == "cuda"
+                                else "resident set size of the whole process (Python and libraries included)"),
+             f"base model: a {TINY_BASE.n_layer}-layer Llama, n_embd {TINY_BASE.n_embd}, {TINY_BASE.vocab_size}-piece "
+             f"tokenizer, pretrained for {pretrain_args.max_steps} steps on the synthetic corpus"]
+    print(write_report(results, out_dir, "LoRA vs LLaMA-Adapter on the synthetic world", notes))
     plot_loss_curves(results[1:], out_dir / "loss_curves.png")
-    plot_lora_heatmap(results[1].weights_path, out_dir / "lora_update_heatmap.png",
-                      title="LoRA update (alpha / r) ||B A||_F per layer and projection")
-    print(f"wrote {out_dir / 'comparison.md'}, {out_dir / 'loss_curves.png'}, {out_dir / 'lora_update_heatmap.png'}")
+    plot_lora_heatmap(results[1].weights_path, out_dir / "lora_update_heatmap.png")
+    print(f"wrote {out_dir / 'comparison.md'}, {out_dir / 'loss_curves.png'} and {out_dir / 'lora_update_heatmap.png'}")
 
-    banner(7, "LoRA merged into the base, and an instruction answered")
-    merged_dir = load_script_main("scripts/merge_lora.py")(checkpoint_dir=checkpoint_dir, lora_path=results[1].weights_path,
+    banner(7, "LoRA merged into the base, and a held-out instruction answered")
+    lora_path = results[1].weights_path
+    merged_dir = load_script_main("scripts/merge_lora.py")(checkpoint_dir=checkpoint_dir, lora_path=lora_path,
                                                             output_dir=out_dir / "merged")
     question = world.test[-1]
-    print(f"\ngenerate/lora.py, instruction {question.instruction!r} (held out; expected {question.answer!r}):")
-    answer = load_script_main("generate/lora.py")(checkpoint_dir=checkpoint_dir, lora_path=results[1].weights_path,
-                                                 prompt=question.instruction, temperature=0.0, dtype="float32",
-                                                 device=device.type, max_new_tokens=16)[0]
+    print(f"\ngenerate/lora.py answers {question.instruction!r} (expected {question.answer!r}):")
+    answer = load_script_main("generate/lora.py")(checkpoint_dir=checkpoint_dir, lora_path=lora_path,
+                                                 prompt=question.instruction, temperature=0.0, max_new_tokens=16,
+                                                 device=device.type, dtype="float32")[0]
     merged = load_checkpoint(merged_dir, device=device).eval()
     prompt_ids = tokenizer.encode(style.format(question.instruction), bos=True)
-    merged_answer = tokenizer.decode(generate(merged, prompt_ids, 16, temperature=0.0, eos_id=tokenizer.eos_id)[len(prompt_ids):]
-                                     .tolist()).strip()
-    print(f"the merged checkpoint {merged_dir} answers {merged_answer!r} "
-          f"({'the same' if merged_answer == answer.strip() else 'NOT the same'} as base + LoRA)")
+    merged_ids = generate(merged, prompt_ids, 16, temperature=0.0, eos_id=tokenizer.eos_id)[len(prompt_ids):]
+    merged_answer = tokenizer.decode(merged_ids.tolist())
+    print(f"the merged checkpoint {merged_dir} answers {merged_answer!r}: "
+          f"{'the same' if merged_answer.strip() == answer.strip() else 'NOT the same'} as the base with the LoRA file")
+
     print(f"\nquickstart finished in {time.perf_counter() - start:.0f} s; everything is in {out_dir}")
-    return {"accuracy": {r.name: r.accuracy.accuracy for r in results}, "report": report, "out_dir": out_dir}
+    return {"accuracy": {result.name: result.accuracy.accuracy for result in results}, "out_dir": out_dir}
 
 
 if __name__ == "__main__":

@@ -1,24 +1,192 @@
-"""The README's main job, reduced (`--fast`): the whole offline journey end to end."""
+"""The quickstart (scripts/quickstart.py) end to end in its reduced `--fast` form, and the library pieces
+it stands on: the synthetic world (lit_lora/synthetic.py) and the comparison tools (lit_lora/compare.py)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
+import torch
+
+from lit_lora.compare import (RunResult, Variant, comparison_rows, exact_match, lora_update_norms, markdown_table,
+                              parse_variant)
+from lit_lora.lora import LoRAConfig, add_lora, lora_layers, save_lora_checkpoint
+from lit_lora.model import Config, Llama
+from lit_lora.prompts import get_prompt_style
+from lit_lora.synthetic import (TASKS, WorldConfig, build_world, pack_corpus, quiz_document, tokenizer_texts,
+                                train_tokenizer)
+from lit_lora.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+SMALL_WORLD = WorldConfig(seed=3, corpus_rounds=300, keys_per_task=40)
 
 
-@pytest.mark.slow
-def test_quickstart_fast_runs_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def small_world():
+    return build_world(SMALL_WORLD)
+
+
+@pytest.fixture(scope="module")
+def world_tokenizer(small_world, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    return Tokenizer(train_tokenizer(tokenizer_texts(small_world, get_prompt_style()), path, vocab_size=512))
+
+
+def test_held_out_instructions_appear_nowhere_in_training(small_world):
+    """The test keys are in no train instruction and no quiz document; the corpus states them as prose only."""
+    test_keys = {(fact.task, fact.key) for fact in small_world.test}
+    assert not test_keys & {(fact.task, fact.key) for fact in small_world.train}
+    corpus = set(small_world.corpus)
+    for fact in small_world.test:
+        assert quiz_document(fact) not in corpus and not any(fact.instruction in doc for doc in small_world.corpus)
+    # facts drawn from small tables are all stated; of the others (counting, ...) the skill is what is taught
+    assert all(fact.statement in corpus for fact in small_world.test if fact.task in ("addition", "conversion"))
+    assert any(doc.startswith("Question:") for doc in small_world.corpus)  # training keys do get quizzes
+    assert {fact.task for fact in small_world.test} == set(TASKS)
+
+
+def test_answers_are_correct_and_the_world_is_reproducible(small_world):
+    for fact in small_world.train + small_world.test:
+        numbers = [int(word) for word in fact.instruction.rstrip("?.").replace(",", "").split() if word.isdigit()]
+        if fact.task == "addition":
+            assert int(fact.answer) == sum(numbers)
+        elif fact.task == "larger":
+            assert int(fact.answer) == max(numbers)
+        elif fact.task == "counting":
+            assert int(fact.answer) == len(fact.instruction.split(": ")[1].rstrip("?").split())
+        elif fact.task == "reversing":
+            assert fact.answer.split() == fact.instruction.split(": ")[1].split()[::-1]
+        elif fact.task == "conversion":
+            assert int(fact.answer) % numbers[0] == 0 and fact.answer.startswith(str(numbers[0]))
+        assert fact.statement.endswith(".") and fact.answer in fact.statement
+    again = build_world(SMALL_WORLD)
+    assert again.corpus == small_world.corpus and again.test == small_world.test
+    assert build_world(WorldConfig(seed=4, corpus_rounds=300, keys_per_task=40)).corpus != small_world.corpus
+
+
+def test_tokenizer_is_llama_like_and_keeps_the_template_compact(world_tokenizer):
+    tokenizer = world_tokenizer
+    processor = tokenizer.processor
+    assert (processor.unk_id(), processor.bos_id(), processor.eos_id(), processor.pad_id()) == (0, 1, 2, -1)
+    prompt = get_prompt_style().format("What is 7 plus 5?")
+    assert tokenizer.decode(tokenizer.encode(prompt, bos=True)) == prompt  # newlines survive
+    assert len(tokenizer.encode(prompt, bos=False)) < 45  # template words are pieces, not letters
+    assert tokenizer.decode(tokenizer.encode("naïve ✓", bos=False)) == "naïve ✓"  # byte fallback
+
+
+def test_pack_corpus_makes_full_blocks_of_whole_documents(small_world, world_tokenizer):
+    train, val = pack_corpus(small_world.corpus, world_tokenizer, sequence_length=32)
+    stream = torch.cat([sample["input_ids"] for sample in train + val])
+    assert all(sample["input_ids"].shape == (32,) and sample["labels"] is sample["input_ids"] for sample in train)
+    assert len(val) >= 1 and stream[0] == world_tokenizer.bos_id
+    first = world_tokenizer.encode(small_world.corpus[0], bos=True, eos=True).tolist()
+    assert stream[: len(first)].tolist() == first
+
+
+def test_lora_update_norms_match_the_dense_update(tmp_path):
+    torch.manual_seed(0)
+    model = Llama(Config(n_layer=2, n_head=2, n_embd=16, vocab_size=32, block_size=16, intermediate_size=24))
+    config = LoRAConfig(r=4, alpha=12, targets=("q", "v", "down"))
+    add_lora(model, config)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B)
+    save_lora_checkpoint(tmp_path / "lora.safetensors", model, config)
+    projections, layers, norms = lora_update_norms(tmp_path / "lora.safetensors")
+    assert projections == ["q", "v", "down"] and layers == ["0", "1"]
+    for row, (target, module) in enumerate((("q", "attn.q_proj"), ("v", "attn.v_proj"), ("down", "mlp.down_proj"))):
+        for layer in range(2):
+            lora = model.get_submodule(f"layers.{layer}.{module}")
+            dense = 3.0 * (lora.lora_B @ lora.lora_A)  # alpha / r = 3
+            torch.testing.assert_close(norms[row, layer].item(), torch.linalg.norm(dense).item(), rtol=1e-5, atol=0)
+
+
+def test_exact_match_batches_equal_length_prompts_like_one_at_a_time(world_tokenizer):
+    """Batched greedy answers equal answers generated prompt by prompt, and scoring is strict."""
+    from lit_lora.generate import generate
+
+    torch.manual_seed(0)
+    model = Llama(Config(n_layer=2, n_head=2, n_embd=32, vocab_size=512, block_size=96)).eval()
+    style = get_prompt_style()
+    records = [{"instruction": f"What is {a} plus {b}?", "answer": "x", "task": "addition"}
+               for a, b in ((1, 2), (3, 4), (5, 6), (12, 9))]
+    records.append({"instruction": "Reverse the words: cat dog", "answer": "x", "task": "rev"})
+    result = exact_match(model, world_tokenizer, style, records, max_new_tokens=6, batch_size=2)
+    for record, row in zip(records, result.predictions):
+        ids = world_tokenizer.encode(style.format(record["instruction"]), bos=True)
+        new = generate(model, ids, 6, temperature=0.0, eos_id=world_tokenizer.eos_id)[len(ids):].tolist()
+        assert row["prediction"] == world_tokenizer.decode([t for t in new if t != world_tokenizer.eos_id])
+    records = [{**record, "answer": f"  {row['prediction']} "} for record, row in zip(records, result.predictions)]
+    rescored = exact_match(model, world_tokenizer, style, records, max_new_tokens=6)
+    assert rescored.correct == 5 and rescored.per_task == {"addition": (4, 4), "rev": (1, 1)}
+    records[0]["answer"] = records[0]["answer"].strip() + "."
+    assert exact_match(model, world_tokenizer, style, records, max_new_tokens=6).correct == 4
+
+
+def test_variants_and_table():
+    assert parse_variant("lora") == Variant("lora", "lora")
+    assert parse_variant("lora-r64-qv").settings["lora"] == LoRAConfig(r=64, alpha=128, dropout=0.05,
+                                                                       targets=("q", "v"))
+    assert parse_variant("lora-r8-all").settings["lora"].targets == ("q", "k", "v", "o", "gate", "up", "down")
+    with pytest.raises(ValueError, match="unknown method 'qlora'"):
+        parse_variant("qlora")
+    run = RunResult("LoRA", "lora", metrics={"trainable_parameters": 50, "total_parameters": 1000,
+                                             "seconds_per_step": 0.5, "val_loss": 1.25},
+                    peak_memory={"gb": 1.5, "kind": "GPU"})
+    rows = comparison_rows([RunResult("base", "base"), run])
+    assert rows[1]["% of total"] == "5.00 %" and rows[1]["peak memory"] == "1.50 GB GPU"
+    assert rows[0]["trainable params"] == "0" and rows[1]["accuracy"] == "-"
+    table = markdown_table(rows).splitlines()
+    assert table[0].startswith("| method | trainable params |") and len(table) == 4
+
+
+def _run_quickstart(out: Path):
     spec = importlib.util.spec_from_file_location("quickstart", ROOT / "scripts" / "quickstart.py")
     quickstart = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quickstart)
-    out = tmp_path / "quickstart"
-    quickstart.main(out_dir=out, fast=True, accelerator="cpu")
+    return quickstart.main(out_dir=out, fast=True, accelerator="cpu")
 
+
+@pytest.mark.slow
+def test_quickstart_fast_runs_end_to_end_and_reruns_identically(tmp_path, capsys):
+    out = tmp_path / "quickstart"
+    _run_quickstart(out)
+    first_log = capsys.readouterr().out
+    for step in range(1, 8):
+        assert f"Step {step}/7" in first_log
+    first = json.loads((out / "comparison.json").read_text())
+    assert [row["method"] for row in first["rows"]] == [
+        "base model (no finetuning)", "LoRA (r=8, all linear layers)", "LLaMA-Adapter (10 prompt tokens, all layers)"]
     table = (out / "comparison.md").read_text()
-    for row in ("| base model", "| LoRA", "| LLaMA-Adapter"):
-        assert row in table
+    assert all(f"| {row['method']} | {row['trainable params']} |" in table for row in first["rows"])
     for picture in ("loss_curves.png", "lora_update_heatmap.png"):
-        assert (out / picture).stat().st_size > 10_000
-    assert (out / "lora" / "lit_lora.safetensors").is_file() and (out / "merged" / "lit_model.safetensors").is_file()
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / picture).stat().st_size > 10_000
+    assert (out / "lora" / "lit_lora.safetensors").is_file() and (out / "adapter" / "lit_adapter.safetensors").is_file()
+    assert (out / "merged" / "lit_model.safetensors").is_file()
+    assert "the same as the base with the LoRA file" in first_log
+
+    _run_quickstart(out)  # the second run reuses the pretrained base and repeats every number but the measured ones
+    assert "reusing the base pretrained" in capsys.readouterr().out
+    second = json.loads((out / "comparison.json").read_text())
+    measured = ("peak memory", "s / step")
+
+    def repeatable(rows):
+        return [{key: value for key, value in row.items() if key not in measured} for row in rows]
+
+    assert len(second["rows"]) == 3 and repeatable(second["rows"]) == repeatable(first["rows"])
+    predictions = [[run["accuracy"]["predictions"] for run in result["runs"]] for result in (first, second)]
+    assert predictions[0] == predictions[1]
+
+    # scripts/compare.py on the quickstart's checkpoint and data: new runs beside a finished one
+    spec = importlib.util.spec_from_file_location("compare_script", ROOT / "scripts" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    compare.main(checkpoint_dir=out / "base" / "checkpoint", data_dir=out / "data", out_dir=tmp_path / "compare",
+                 methods=["lora-r4-qv", "full"], include=[out / "adapter"], learning_rates={"full": 1e-3},
+                 max_steps=3, global_batch_size=8, micro_batch_size=4, warmup_steps=1, eval_interval=2, eval_iters=1,
+                 eval_file=out / "world" / "test.json", max_new_tokens=4, accelerator="cpu")
+    rows = json.loads((tmp_path / "compare" / "comparison.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == ["base model (no finetuning)", "lora-r4-qv", "full", str(out / "adapter")]
+    assert rows[2]["% of total"] == "100.00 %" and rows[1]["trainable params"] == f"{4 * 2 * 4 * (128 + 128):,}"
+    assert rows[3]["final val loss"] == first["rows"][2]["final val loss"]  # the included run, as it was
+    assert all(row["accuracy"].endswith("/120)") for row in rows)
+    assert (tmp_path / "compare" / "lora_update_heatmap_lora-r4-qv.png").is_file()
