@@ -37,7 +37,8 @@ def main(
     seed: int = 1234,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
-    quantize: Optional[Literal["nf4", "nf4-dq"]] = None,
+    quantize: Optional[Literal["nf4", "nf4-dq", "int8"]] = None,
+    compile: bool = False,
 ) -> List[str]:
     """Answer `prompt` (an instruction, with an optional `input`) with each LLaMA-Adapter.
 
@@ -54,7 +55,9 @@ def main(
         seed: random seed, for reproducible sampling (each adapter starts from it).
         device: "auto" (a CUDA GPU if there is one), "cpu", "cuda" or "cuda:N".
         dtype: "auto" is bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16/AMX), else float32.
-        quantize: keep the linear layers in 4 bits, "nf4" or "nf4-dq" (QLoRA; see howto/finetune_qlora.md).
+        quantize: keep the linear layers in 4 bits, "nf4" or "nf4-dq" (QLoRA; see howto/finetune_qlora.md), or
+            in 8 bits, "int8": the fastest decoding on a CPU with native bf16 (see howto/inference.md).
+        compile: torch.compile the model before generating: faster decoding after 10-60 s of compiling.
     """
     paths = adapter_path if isinstance(adapter_path, list) else [adapter_path]
     if not paths:
@@ -75,7 +78,8 @@ def main(
             print(f"### {path}", flush=True)
         torch.manual_seed(seed)
         answer, stats = generate_streaming(model, tokenizer, prompt_ids, max_new_tokens,
-                                           temperature=temperature, top_k=top_k, top_p=top_p, continuation=False)
+                                           temperature=temperature, top_k=top_k, top_p=top_p, continuation=False,
+                                           compile=compile)
         answers.append(answer)
         print(stats, file=sys.stderr)
         remove_adapter(model)  # back to the base model for the next adapter

@@ -26,7 +26,8 @@ def main(
     seed: int = 1234,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
-    quantize: Optional[Literal["nf4", "nf4-dq"]] = None,
+    quantize: Optional[Literal["nf4", "nf4-dq", "int8"]] = None,
+    compile: bool = False,
 ) -> str:
     """Generate a continuation of `prompt` with a lit-lora checkpoint.
 
@@ -40,14 +41,16 @@ def main(
         seed: random seed, for reproducible sampling.
         device: "auto" (a CUDA GPU if there is one), "cpu", "cuda" or "cuda:N".
         dtype: "auto" is bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16/AMX), else float32.
-        quantize: keep the linear layers in 4 bits, "nf4" or "nf4-dq" (QLoRA; see howto/finetune_qlora.md).
+        quantize: keep the linear layers in 4 bits, "nf4" or "nf4-dq" (QLoRA; see howto/finetune_qlora.md), or
+            in 8 bits, "int8": the fastest decoding on a CPU with native bf16 (see howto/inference.md).
+        compile: torch.compile the model before generating: faster decoding after 10-60 s of compiling.
     """
     check_generation_settings(max_new_tokens, temperature, top_k, top_p)
     torch.manual_seed(seed)
     model, tokenizer, prompt_ids = load_for_generation(checkpoint_dir, prompt, max_new_tokens, device, dtype, quantize)
     print(prompt, end="", flush=True)  # the continuation is streamed right behind it
     text, stats = generate_streaming(model, tokenizer, prompt_ids, max_new_tokens,
-                                     temperature=temperature, top_k=top_k, top_p=top_p)
+                                     temperature=temperature, top_k=top_k, top_p=top_p, compile=compile)
     print(stats, file=sys.stderr)
     return prompt + text
 

@@ -39,7 +39,8 @@ def main(
     seed: int = 1234,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
-    quantize: Optional[Literal["nf4", "nf4-dq"]] = None,
+    quantize: Optional[Literal["nf4", "nf4-dq", "int8"]] = None,
+    compile: bool = False,
 ) -> List[str]:
     """Answer `prompt` (an instruction, with an optional `input`) with each LoRA adapter.
 
@@ -57,7 +58,9 @@ def main(
         seed: random seed, for reproducible sampling (each adapter starts from it).
         device: "auto" (a CUDA GPU if there is one), "cpu", "cuda" or "cuda:N".
         dtype: "auto" is bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16/AMX), else float32.
-        quantize: keep the linear layers in 4 bits, "nf4" or "nf4-dq" (QLoRA; see howto/finetune_qlora.md).
+        quantize: keep the linear layers in 4 bits, "nf4" or "nf4-dq" (QLoRA; see howto/finetune_qlora.md), or
+            in 8 bits, "int8": the fastest decoding on a CPU with native bf16 (see howto/inference.md).
+        compile: torch.compile the model before generating: faster decoding after 10-60 s of compiling.
     """
     paths = lora_path if isinstance(lora_path, list) else [lora_path]
     if not paths:
@@ -66,7 +69,7 @@ def main(
     instruction = get_prompt_style(prompt_style).format(prompt, input)
     model, tokenizer, prompt_ids = load_for_generation(checkpoint_dir, instruction, max_new_tokens, device, dtype, quantize)
     if quantize is not None and merge:
-        print("note: a 4-bit base cannot absorb the update in place, so the LoRA branch stays separate "
+        print("note: a quantized base cannot absorb the update in place, so the LoRA branch stays separate "
               "(scripts/merge_lora.py merges into a 16-bit copy)", file=sys.stderr)
         merge = False
 
@@ -84,7 +87,8 @@ def main(
             print(f"### {path}", flush=True)
         torch.manual_seed(seed)
         answer, stats = generate_streaming(model, tokenizer, prompt_ids, max_new_tokens,
-                                           temperature=temperature, top_k=top_k, top_p=top_p, continuation=False)
+                                           temperature=temperature, top_k=top_k, top_p=top_p, continuation=False,
+                                           compile=compile)
         answers.append(answer)
         print(stats, file=sys.stderr)
         for layer in lora_layers(model).values():  # back to the base weights for the next adapter

@@ -32,6 +32,7 @@ The second half of this file is the plumbing the generate/*.py scripts share: de
 choice, loading, prompt checks, streaming text to stdout and the timing summary on stderr.
 """
 
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ import torch
 
 from lit_lora.checkpoint import TOKENIZER_NAME, load_checkpoint, load_config
 from lit_lora.model import Llama
-from lit_lora.quantize import load_checkpoint_4bit
+from lit_lora.quantize import load_checkpoint_quantized
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.utils import peak_memory
 
@@ -72,9 +73,10 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 def sample_next_token(logits: torch.Tensor, temperature: float = 0.8, top_k: Optional[int] = None,
                       top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """logits (B, V) of the next position -> token ids (B,). temperature 0 is greedy (argmax)."""
+    logits = logits.float()  # sample in float32 even for a bf16 model (CPU argmax is also 2x faster on it)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature  # sample in float32 even for a bf16 model
+    logits = logits / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:
@@ -104,7 +106,7 @@ def check_generation_settings(max_new_tokens: int, temperature: float, top_k: Op
 def generate(model: Llama, prompt_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.8,
              top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
              on_token: Optional[Callable[[torch.Tensor], None]] = None,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, cache_length: Optional[int] = None) -> torch.Tensor:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens; returns the prompt followed by the new ids.
 
     prompt_ids: (T,) for one prompt, or (B, T) for a batch of prompts of equal length (the model has no
@@ -115,6 +117,8 @@ def generate(model: Llama, prompt_ids: torch.Tensor, max_new_tokens: int, *, tem
         batch, sequences that finished early are padded with eos_id. None: always max_new_tokens.
     on_token: called after every step with that step's new ids, (B,): streaming, timing.
     generator: a seeded torch.Generator for reproducible sampling (else the global RNG).
+    cache_length: positions to allocate in the KV cache; default just enough for this call (prompt +
+        max_new_tokens, within block_size). A compiled model wants the same length on every call.
 
     Generation stops at the end of the model's context (block_size) if that comes first. The model
     should be in eval mode (dropout off). A KV cache sized for this call is allocated and removed
@@ -134,11 +138,11 @@ def generate(model: Llama, prompt_ids: torch.Tensor, max_new_tokens: int, *, tem
     tokens = torch.empty(B, total, dtype=torch.long, device=device)  # filled left to right, never reallocated
     tokens[:, :T] = prompt
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    model.set_kv_cache(batch_size=B, max_seq_length=total, device=device)
+    model.set_kv_cache(batch_size=B, max_seq_length=max(total, cache_length or 0), device=device)
     try:
         # Prefill: the whole prompt in one forward pass fills the cache; only the last position's
         # logits matter, they score the first new token.
-        logits = model(prompt, torch.arange(T, device=device))[:, -1]  # (B, V)
+        logits = model(tokens[:, :T], torch.arange(T, device=device))[:, -1]  # (B, V)
         length = T
         input_pos = torch.tensor([T], device=device)  # where the next token goes; advanced in place
         while length < total:
@@ -267,7 +271,8 @@ def load_for_generation(checkpoint_dir: Union[str, Path], prompt: str, max_new_t
                         dtype: str = "auto", quantize: Optional[str] = None) -> Tuple[Llama, Tokenizer, torch.Tensor]:
     """(model, tokenizer, prompt ids) for a lit-lora checkpoint directory: the tokenizer is
     `tokenizer.model` beside the weights; the model is in eval mode on the chosen device and dtype,
-    its linear layers in 4 bits with `quantize` ("nf4" or "nf4-dq", see lit_lora/quantize.py).
+    its linear layers quantized with `quantize`: "nf4" or "nf4-dq" (4 bits, QLoRA's format) or "int8"
+    (8 bits, output head included), see lit_lora/quantize.py.
 
     Everything that can be wrong with the request is checked before the weights are read, so a prompt
     that is too long fails in a second with a one-line error, not after loading 13 GB. A note goes to
@@ -288,7 +293,13 @@ def load_for_generation(checkpoint_dir: Union[str, Path], prompt: str, max_new_t
     if quantize is None:
         model = load_checkpoint(checkpoint_dir, dtype=chosen_dtype, device=chosen_device).eval()
     else:
-        model = load_checkpoint_4bit(checkpoint_dir, mode=quantize, dtype=chosen_dtype, device=chosen_device).eval()
+        # QLoRA keeps the head in 16 bits; int8 decoding quantizes it too: it is the largest matrix read per
+        # token (28 % of the bytes of a 60M model with a 32k vocabulary).
+        skip = ("lm_head",) if quantize != "int8" else ()
+        model = load_checkpoint_quantized(checkpoint_dir, mode=quantize, dtype=chosen_dtype, device=chosen_device, skip=skip).eval()
+        if quantize == "int8" and chosen_dtype != torch.bfloat16 and chosen_device.type == "cpu":
+            print("note: int8 layers decode fast with bfloat16 activations on a CPU with native bf16 "
+                  f"(--dtype bfloat16); in {str(chosen_dtype).removeprefix('torch.')} they dequantize and only save memory", file=sys.stderr)
     print(f"loaded {checkpoint_dir} on {chosen_device} in {str(chosen_dtype).removeprefix('torch.')}"
           + (f", linear layers in {quantize}" if quantize else ""), file=sys.stderr)
     return model, tokenizer, prompt_ids
@@ -315,13 +326,20 @@ class GenerationStats:
 
 def generate_streaming(model: Llama, tokenizer: Tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int, *,
                        temperature: float = 0.8, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                       continuation: bool = True, file: Optional[TextIO] = None) -> Tuple[str, GenerationStats]:
+                       continuation: bool = True, compile: bool = False,
+                       file: Optional[TextIO] = None) -> Tuple[str, GenerationStats]:
     """`generate` one prompt until EOS, printing the new text to `file` (stdout) as it is produced and
     timing it. Returns (the new text, its statistics); the scripts print the statistics on stderr.
 
     continuation: the text continues the prompt, and keeps the space that joins it to the prompt's last
     word. False for a response to an instruction template: decoded on its own, it starts at its first
-    word (see lit_lora/prompts.py)."""
+    word (see lit_lora/prompts.py).
+
+    compile: run the model through `torch.compile` (inductor). Decoding a small model on a CPU spends
+    about half of each token in the Python and dispatch overhead of ~20 small operations per layer
+    (norms, RoPE, cache writes); compiled, they become a few fused kernels. Compiling takes 10-60 s
+    (a short warm-up generation, timed and reported apart), so it pays off for long answers. A CPU
+    needs a C++ compiler for it."""
     device = model.tok_embeddings.weight.device
     streamer = TextStreamer(tokenizer, prompt_ids if continuation else None, file)
     first_token_time: List[float] = []
@@ -331,9 +349,17 @@ def generate_streaming(model: Llama, tokenizer: Tokenizer, prompt_ids: torch.Ten
         if not first_token_time:
             first_token_time.append(time.perf_counter())
 
+    runner, cache_length = model, None
+    if compile:
+        runner = torch.compile(model, dynamic=True)  # dynamic: the cache fills by one position every step
+        cache_length = model.config.block_size  # one cache shape for every call: no recompiling
+        torch._logging.set_logs(dynamo=logging.ERROR)  # not the note about the graph break at int(input_pos[-1])
+        started = time.perf_counter()
+        generate(runner, prompt_ids, 3, temperature=0.0, cache_length=cache_length)  # compiles prefill and decoding
+        print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     start = time.perf_counter()
-    output = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      eos_id=tokenizer.eos_id, on_token=on_token)
+    output = generate(runner, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      eos_id=tokenizer.eos_id, on_token=on_token, cache_length=cache_length)
     seconds = time.perf_counter() - start
     text = streamer.finish()
     new_tokens = output.size(-1) - prompt_ids.size(-1)

@@ -187,8 +187,8 @@ class LoRALinear(nn.Module):
         if self._disabled:
             raise RuntimeError("cannot merge a disabled LoRA layer: re-enable it first")
         if is_quantized_linear(self.base):
-            raise RuntimeError("the base weight is 4-bit and cannot absorb B A in place: "
-                               "use lit_lora.quantize.merge_lora_4bit(model)")
+            raise RuntimeError("the base weight is quantized and cannot absorb B A in place: "
+                               "use lit_lora.quantize.merge_lora_quantized(model)")
         weight = self.base.weight
         weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
         self.merged = True
@@ -284,8 +284,8 @@ def merge_lora(model: nn.Module) -> List[str]:
         raise ValueError("the model has no LoRA layers to merge")
     quantized = [name for name, layer in layers.items() if is_quantized_linear(layer.base)]
     if quantized:  # checked before touching any layer, so a failure never leaves a half-merged model
-        raise RuntimeError(f"{len(quantized)} LoRA layers (e.g. {quantized[0]}) have 4-bit base weights, which cannot "
-                           "absorb B A in place: use lit_lora.quantize.merge_lora_4bit(model)")
+        raise RuntimeError(f"{len(quantized)} LoRA layers (e.g. {quantized[0]}) have quantized base weights, which cannot "
+                           "absorb B A in place: use lit_lora.quantize.merge_lora_quantized(model)")
     merged = [name for name, layer in layers.items() if not layer.merged]
     for name in merged:
         layers[name].merge()

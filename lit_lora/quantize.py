@@ -79,18 +79,33 @@ needed only to compute dL/dx. No gradient is ever computed for W.
 --------------------------------------
 `add_lora` wraps a `Linear4bit` like an `nn.Linear`; A and B are ordinary 16/32-bit Parameters created
 in the layer's `compute_dtype`, and they receive all the gradient. Folding B A into a 4-bit W cannot be
-done in place and reversibly (the sum is not an NF4 matrix), so `merge_lora_4bit` dequantizes, adds in
+done in place and reversibly (the sum is not an NF4 matrix), so `merge_lora_quantized` dequantizes, adds in
 float32, and either keeps the merged matrix in 16 bits (exactly what the trained model computed) or
 requantizes it (4-bit size again, but the rounding now also hits the learned update: the result is no
 longer the model that was evaluated during training; measure before shipping it).
 
+6. Weight-only int8, for decoding speed (`Int8Linear`, mode "int8")
+-------------------------------------------------------------------
+Generating a token multiplies one activation row by every weight of the model: the time goes into
+reading the weights, so fewer bytes per weight decode faster. "int8" stores each weight row o as
+8-bit integers and one scale, symmetric absmax like section 2 but one block per row:
+
+    scale[o] = max_i |W[o, i]| / 127        W[o, i] ~ scale[o] * q[o, i],   q in [-127, 127]
+    h[o] = sum_i W[o, i] x[i] ~ scale[o] * sum_i q[o, i] x[i]      (the scale leaves the dot product)
+
+A quarter of float32's bytes, half of bf16's, and a rounding error of at most scale / 2 per weight.
+On CPUs with fast bf16, PyTorch has a fused kernel for bf16 activations times int8 weights, used
+when it applies; elsewhere the layer dequantizes (`_DequantizedMatmul`) and is only smaller, not
+faster. Unlike NF4 it is meant for inference (`generate/*.py --quantize int8`); it quantizes the
+output head too, which is 28 % of the bytes of a small 32k-vocabulary model.
+
 How to use it
 -------------
-    model = load_checkpoint_4bit(checkpoint_dir, mode="nf4-dq", dtype=torch.bfloat16)   # 7B: ~3.9 GB
+    model = load_checkpoint_quantized(checkpoint_dir, mode="nf4-dq", dtype=torch.bfloat16)   # 7B: ~3.9 GB
     add_lora(model, LoRAConfig(r=8, alpha=16, targets=("q", "v")))
     mark_only_lora_as_trainable(model)
     ...train; save_lora_checkpoint(...)...                       # the adapter, as for any base
-    merge_lora_4bit(model)                                       # optional: a plain 16-bit model
+    merge_lora_quantized(model)                                       # optional: a plain 16-bit model
 
 or on a model already in memory: `replaced = quantize_model(model, mode="nf4-dq")` (drop `replaced`
 to free the 16-bit weights). On CUDA, `backend="bitsandbytes"` swaps in bitsandbytes' fused kernels
@@ -112,7 +127,8 @@ from lit_lora.checkpoint import (WEIGHTS_NAME, CheckpointError, check_keys_and_s
                                  model_state_shapes)
 from lit_lora.model import Llama
 
-MODES = ("nf4", "nf4-dq")
+MODES = ("nf4", "nf4-dq", "int8")
+NF4_MODES = ("nf4", "nf4-dq")
 NF4_BLOCK_SIZE = 64  # weights per absmax
 SCALE_BLOCK_SIZE = 256  # absmax values per second-level scale (double quantization)
 BACKENDS = ("torch", "bitsandbytes")
@@ -228,8 +244,10 @@ def dequantize_absmax(codes: torch.Tensor, scales: torch.Tensor, offset: torch.T
 
 
 def bits_per_parameter(mode: str) -> float:
-    """Storage per quantized weight, in bits, for large matrices (section 3 of the module docstring)."""
+    """Storage per quantized weight, in bits, for large matrices (sections 3 and 6 of the module docstring)."""
     _check_mode(mode)
+    if mode == "int8":
+        return 8.0  # plus one scale per row, negligible for long rows
     if mode == "nf4":
         return 4 + 32 / NF4_BLOCK_SIZE
     return 4 + 8 / NF4_BLOCK_SIZE + 32 / (NF4_BLOCK_SIZE * SCALE_BLOCK_SIZE)
@@ -245,13 +263,13 @@ def _check_mode(mode: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 class _DequantizedMatmul(torch.autograd.Function):
-    """h = x W^T with W dequantized on the fly, forward and backward.
+    """h = x W^T with W dequantized on the fly, forward and backward (Linear4bit, Int8Linear).
 
     Saving nothing is the point: `F.linear(x, layer.dequantize())` would make autograd keep every
     layer's 16-bit W until the backward pass. W is frozen, so the only gradient is dL/dx = dL/dh W."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         ctx.layer = layer  # its buffers live anyway: keeping a reference costs nothing
         return F.linear(x, layer.dequantize(x.dtype))  # (..., in) -> (..., out)
 
@@ -281,7 +299,8 @@ class Linear4bit(nn.Module):
                  compute_dtype: torch.dtype = torch.float32, device: Optional[Union[str, torch.device]] = None) -> None:
         """An empty layer (`load_weight` fills it); use `Linear4bit.from_weight` to quantize a matrix."""
         super().__init__()
-        _check_mode(mode)
+        if mode not in NF4_MODES:
+            raise ValueError(f"unknown 4-bit quantization mode {mode!r}; choose one of {', '.join(NF4_MODES)}")
         self.in_features, self.out_features, self.mode, self.compute_dtype = in_features, out_features, mode, compute_dtype
         n_blocks = math.ceil(in_features * out_features / NF4_BLOCK_SIZE)
         self.register_buffer("packed_weight", torch.empty(math.ceil(in_features * out_features / 2), dtype=torch.uint8, device=device))
@@ -303,7 +322,7 @@ class Linear4bit(nn.Module):
     @torch.no_grad()
     def load_weight(self, weight: torch.Tensor) -> None:
         """Quantize `weight` (out, in) into this layer's existing buffers (a model allocated up front,
-        as by `load_checkpoint_4bit`, is filled in place)."""
+        as by `load_checkpoint_quantized`, is filled in place)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a Linear4bit "
                              f"({self.out_features}, {self.in_features})")
@@ -344,6 +363,71 @@ class Linear4bit(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, compute_dtype={self.compute_dtype}"
 
 
+class Int8Linear(nn.Module):
+    """A frozen bias-free linear layer with int8 weights, one scale per output row (section 6):
+    h = scale * (x q^T), with W ~ scale[:, None] * q.
+
+    Buffers: `weight_int8` int8 (out, in) and `scale` (out,) in the compute dtype; `Module.to(dtype)`
+    casts the scale and leaves the integers alone. Like `Linear4bit`, there is no `weight` attribute.
+    """
+
+    mode = "int8"
+
+    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype = torch.float32,
+                 device: Optional[Union[str, torch.device]] = None) -> None:
+        """An empty layer (`load_weight` fills it); use `Int8Linear.from_weight` to quantize a matrix."""
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=compute_dtype, device=device))
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.scale.dtype
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor) -> "Int8Linear":
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, compute_dtype=weight.dtype, device=weight.device)
+        layer.load_weight(weight)
+        return layer
+
+    @torch.no_grad()
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Quantize `weight` (out, in) into this layer's buffers: absmax / 127 per row, round to nearest."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit an Int8Linear "
+                             f"({self.out_features}, {self.in_features})")
+        weight = weight.to(self.weight_int8.device, torch.float32)
+        if not torch.isfinite(weight).all():
+            raise ValueError("cannot quantize a weight holding NaN or infinite values")
+        scale = weight.abs().amax(dim=1) / 127  # (out,)
+        scale = scale.to(self.scale.dtype).float()  # quantize against the scale the layer will multiply by
+        self.weight_int8.copy_((weight / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).round().clamp(-127, 127))
+        self.scale.copy_(scale)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """W as a dense (out, in) tensor in `dtype` (default the compute dtype)."""
+        return (self.weight_int8.float() * self.scale.float()[:, None]).to(dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_kernel_applies(x):
+            h = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int8, self.scale)  # (N, out)
+            return h.view(*x.shape[:-1], self.out_features)
+        return _DequantizedMatmul.apply(x, self)  # (..., in) -> (..., out)
+
+    def _fused_kernel_applies(self, x: torch.Tensor) -> bool:
+        """PyTorch's CPU kernel for bf16 activations x int8 weights (the one gpt-fast and torchao use):
+        a private op without autograd, correct in torch 2.13 for bf16 only when in_features is a
+        multiple of 16 (it crashes on 33 or 100; tests/test_quantize.py checks the shapes we allow)."""
+        return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.scale.dtype == torch.bfloat16
+                and self.in_features % 32 == 0 and not (x.requires_grad and torch.is_grad_enabled())
+                and hasattr(torch, "_weight_int8pack_mm"))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode=int8, compute_dtype={self.compute_dtype}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Whole models: quantize, load straight into 4 bits, merge LoRA, account for memory
 # ----------------------------------------------------------------------------------------------
@@ -369,9 +453,9 @@ def _bitsandbytes_linear(weight: torch.Tensor, mode: str, device: Union[str, tor
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
-    """A `Linear4bit`, or bitsandbytes' Linear4bit when bitsandbytes is already imported."""
+    """A `Linear4bit` or `Int8Linear`, or bitsandbytes' Linear4bit when bitsandbytes is already imported."""
     bnb = sys.modules.get("bitsandbytes")
-    return isinstance(module, Linear4bit) or (bnb is not None and isinstance(module, bnb.nn.Linear4bit))
+    return isinstance(module, (Linear4bit, Int8Linear)) or (bnb is not None and isinstance(module, bnb.nn.Linear4bit))
 
 
 def linear_device_dtype(module: nn.Module) -> Tuple[torch.device, torch.dtype]:
@@ -379,6 +463,8 @@ def linear_device_dtype(module: nn.Module) -> Tuple[torch.device, torch.dtype]:
     compute dtype for a 4-bit layer (never the uint8 storage). LoRA creates A and B with these."""
     if isinstance(module, Linear4bit):
         return module.packed_weight.device, module.compute_dtype
+    if isinstance(module, Int8Linear):
+        return module.weight_int8.device, module.compute_dtype
     if is_quantized_linear(module):
         return module.weight.device, module.compute_dtype or torch.float32
     return module.weight.device, module.weight.dtype
@@ -386,7 +472,7 @@ def linear_device_dtype(module: nn.Module) -> Tuple[torch.device, torch.dtype]:
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The dense (out, in) weight of a quantized linear layer, in its compute dtype."""
-    if isinstance(module, Linear4bit):
+    if isinstance(module, (Linear4bit, Int8Linear)):
         return module.dequantize()
     import bitsandbytes.functional as bnb_functional
 
@@ -396,13 +482,17 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 
 def quantize_model(model: nn.Module, mode: str = "nf4-dq", skip: Sequence[str] = ("lm_head",),
                    backend: str = "torch") -> Dict[str, nn.Linear]:
-    """Replace every `nn.Linear` of `model` by a 4-bit layer, in place; returns {name: replaced nn.Linear}.
+    """Replace every `nn.Linear` of `model` by a quantized layer, in place; returns {name: replaced nn.Linear}.
 
-    mode: "nf4" (float32 absmax per 64 weights, 4.5 bits per weight) or "nf4-dq" (double
-    quantization, 4.127 bits). skip: module names or glob patterns kept in 16/32 bit; the default
+    mode: "nf4" (float32 absmax per 64 weights, 4.5 bits per weight), "nf4-dq" (double
+    quantization, 4.127 bits), or "int8" (`Int8Linear`, for decoding; section 6). skip: module names or glob patterns kept in 16/32 bit; the default
     keeps the output head, as QLoRA does (its errors go straight into the logits). backend: "torch",
     the from-scratch `Linear4bit`, or "bitsandbytes" (CUDA only). On a meta-device model the layers are
-    empty shells with the right buffers (see `load_checkpoint_4bit`).
+    empty shells with the right buffers (see `load_checkpoint_quantized`).
+
+    A weight tied to another module (Llama's head and embedding in small models) is refused in 4 bits,
+    which would store it twice; in int8 the head gets its own int8 copy (the embedding keeps the float
+    matrix, of which a lookup reads one row per token; decoding reads the int8 head only).
 
     Drop the returned dict to free the 16-bit weights; `dequantize_model` goes back to nn.Linear.
     Linear layers wrapped by LoRA (`<name>.base`) are quantized too; LoRA's A and B never are.
@@ -412,6 +502,8 @@ def quantize_model(model: nn.Module, mode: str = "nf4-dq", skip: Sequence[str] =
         raise ValueError(f"unknown quantization backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "bitsandbytes" and not torch.cuda.is_available():
         raise ValueError("backend 'bitsandbytes' needs a CUDA GPU; use backend 'torch' (the default) elsewhere")
+    if backend == "bitsandbytes" and mode == "int8":
+        raise ValueError("mode 'int8' has no bitsandbytes backend here; use backend 'torch'")
     occurrences: Dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         occurrences[id(param)] = occurrences.get(id(param), 0) + 1
@@ -420,8 +512,8 @@ def quantize_model(model: nn.Module, mode: str = "nf4-dq", skip: Sequence[str] =
               if not any(fnmatchcase(name, p) or fnmatchcase(name, p + ".*") for p in skip)}
     for name, linear in chosen.items():
         if linear.bias is not None:
-            raise ValueError(f"{name} has a bias; 4-bit layers here are bias-free (Llama has no biases): add it to skip")
-        if occurrences[id(linear.weight)] > 1:
+            raise ValueError(f"{name} has a bias; quantized layers here are bias-free (Llama has no biases): add it to skip")
+        if occurrences[id(linear.weight)] > 1 and mode != "int8":
             raise ValueError(f"{name}.weight is tied to another module (e.g. the token embedding): "
                              "quantizing it would store it twice; add it to skip")
     replaced = {}
@@ -430,6 +522,9 @@ def quantize_model(model: nn.Module, mode: str = "nf4-dq", skip: Sequence[str] =
             if linear.weight.device.type == "meta":
                 raise ValueError("backend 'bitsandbytes' cannot quantize a meta-device model; load the weights first")
             quantized = _bitsandbytes_linear(linear.weight, mode)
+        elif mode == "int8":
+            quantized = (Int8Linear(linear.in_features, linear.out_features, linear.weight.dtype, device="meta")
+                         if linear.weight.device.type == "meta" else Int8Linear.from_weight(linear.weight.detach()))
         elif linear.weight.device.type == "meta":
             quantized = Linear4bit(linear.in_features, linear.out_features, mode, linear.weight.dtype, device="meta")
         else:
@@ -466,11 +561,13 @@ def _read_tensor(path: Path, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_checkpoint_4bit(checkpoint_dir: Union[str, Path], mode: str = "nf4-dq", dtype: torch.dtype = torch.bfloat16,
+def load_checkpoint_quantized(checkpoint_dir: Union[str, Path], mode: str = "nf4-dq", dtype: torch.dtype = torch.bfloat16,
                          device: Optional[Union[str, torch.device]] = None, skip: Sequence[str] = ("lm_head",)) -> Llama:
-    """Load a lit-lora checkpoint directly into a 4-bit model, one tensor at a time.
+    """Load a lit-lora checkpoint directly into a quantized model (`mode` as in `quantize_model`), one
+    tensor at a time.
 
-    The model is built on the meta device with its Linear layers swapped for `Linear4bit` shells, then
+    The model is built on the meta device with its Linear layers swapped for `Linear4bit` (or
+    `Int8Linear`) shells, then
     allocated at once on `device` (default CPU) in its final, 4-bit size. The safetensors file is read
     tensor by tensor: each projection weight is quantized into its layer as soon as it is read, every
     other tensor (embedding, norms, skipped layers) is copied in as `dtype`. Peak memory is the 4-bit
@@ -497,28 +594,31 @@ def load_checkpoint_4bit(checkpoint_dir: Union[str, Path], mode: str = "nf4-dq",
     check_keys_and_shapes(expected, shapes, str(path))
 
     model.to_empty(device=device or "cpu")  # the final model, uninitialised
-    if config.tie_embeddings:  # to_empty gave each module its own new Parameter: tie the head again
+    head_from_embedding = config.tie_embeddings and isinstance(model.lm_head, Int8Linear)
+    if config.tie_embeddings and not head_from_embedding:  # to_empty gave each module its own Parameter: tie again
         model.lm_head.weight = model.tok_embeddings.weight
     for name in expected:
         tensor = _read_tensor(path, name)
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: {name} has dtype {tensor.dtype}, expected a floating-point tensor")
         module = model.get_submodule(name.rpartition(".")[0])
-        if isinstance(module, Linear4bit):
+        if isinstance(module, (Linear4bit, Int8Linear)):
             module.load_weight(tensor)
         else:
             model.get_parameter(name).copy_(tensor)
         del tensor
+    if head_from_embedding:  # the checkpoint stores the tied matrix once, as the embedding
+        model.lm_head.load_weight(model.tok_embeddings.weight)
     return model
 
 
 @torch.no_grad()
-def merge_lora_4bit(model: nn.Module, requantize: bool = False) -> Dict[str, nn.Module]:
-    """Fold every LoRA update into its 4-bit base: W' = dequantize(W) + (alpha / r) B A, in float32.
+def merge_lora_quantized(model: nn.Module, requantize: bool = False) -> Dict[str, nn.Module]:
+    """Fold every LoRA update into its quantized base: W' = dequantize(W) + (alpha / r) B A, in float32.
 
     Each LoRALinear over a quantized layer is replaced by a plain nn.Linear holding W' in the base's
     compute dtype (the function the adapted model computed, up to that rounding), or, with
-    `requantize=True`, by a new Linear4bit of W' (4-bit size again, but NF4 rounding now also falls on
+    `requantize=True`, by a new quantized layer of W' (same mode and size, but the rounding now also falls on
     the learned update). Returns {name: the LoRALinear removed}; putting those back undoes it.
     """
     from lit_lora.lora import lora_layers  # lora.py imports this module, so not at the top
@@ -531,15 +631,18 @@ def merge_lora_4bit(model: nn.Module, requantize: bool = False) -> Dict[str, nn.
         dtype = weight.dtype
         weight = weight.float() + layer.delta_weight()  # (out, in)
         if requantize:
-            mode = layer.base.mode if isinstance(layer.base, Linear4bit) else "nf4-dq"
-            replacement = Linear4bit.from_weight(weight.to(dtype), mode)
+            if isinstance(layer.base, Int8Linear):
+                replacement = Int8Linear.from_weight(weight.to(dtype))
+            else:
+                mode = layer.base.mode if isinstance(layer.base, Linear4bit) else "nf4-dq"
+                replacement = Linear4bit.from_weight(weight.to(dtype), mode)
         else:
             replacement = nn.Linear(layer.base.in_features, layer.base.out_features, bias=False, device="meta")
             replacement.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
         _set_submodule(model, name, replacement)
         merged[name] = layer
     if not merged:
-        raise ValueError("the model has no LoRA layers over 4-bit weights to merge")
+        raise ValueError("the model has no LoRA layers over quantized weights to merge")
     return merged
 
 

@@ -1,13 +1,24 @@
 """Decoding speed of lit_lora.generate next to transformers' generate(), same model, same machine, one run.
 
     python scripts/benchmark_generate.py                       # both models, 5 rounds
-    python scripts/benchmark_generate.py --models '[stories42M]' --rounds 9 --threads 1
+    python scripts/benchmark_generate.py --models '[60M]' --rounds 9 --threads 1
 
 For each model a random Llama is built once and copied into a transformers LlamaForCausalLM with the
 same weights. Every round then runs, back to back: transformers in float32 (its default, with its own
 KV cache), lit-lora in float32, and, where it is fast (a GPU with bf16, or a CPU with AVX512-BF16/AMX,
-detected at run time), transformers and lit-lora in bf16. Greedy decoding, batch 1, a 16-token prompt,
-128 new tokens, EOS ignored so every run produces the same number of tokens.
+detected at run time), transformers and lit-lora in bf16, and lit-lora with int8 weights and bf16
+activations (`quantize_model(model, "int8")`, what `generate/*.py --quantize int8` loads), also compiled
+(`--compile true` of the scripts: torch.compile fuses the ~20 small per-token operations of each
+layer, which dominate a small model's decoding on CPU). Greedy
+decoding, batch 1, a 16-token prompt, 128 new tokens, EOS ignored so every run produces the same number
+of tokens.
+
+Why int8: decoding one token reads every weight once, so its speed is set by the bytes per weight and
+by how well the single-row kernel streams them. In torch 2.13 on CPU, a one-row bf16 F.linear streams
+no faster than float32 (measured here: the 60M model's 57 matrices take ~6.5 ms per token either way),
+so bf16 weights alone gain little; the int8 x bf16 kernel reads a quarter of float32's bytes (~2 ms).
+The int8 tokens are not float32's: they are compared with the float32 ones and the agreement printed
+(greedy decoding of a random model amplifies any rounding; bf16 differs from float32 about as much).
 
 Reported per engine: decode tokens/s (the tokens after the first over the time after the first, the
 prefill excluded) as the median over the rounds, and each engine's speed relative to transformers
@@ -27,17 +38,21 @@ from lit_lora.cli import run
 from lit_lora.generate import cpu_supports_fast_bf16, generate
 from lit_lora.hf_names import config_to_hf, lit_to_hf_name
 from lit_lora.model import Config, Llama
+from lit_lora.quantize import quantize_model
 
-# The ~60M model the targets refer to (dim 512, 8 layers, 8 heads, MLP 1376, Llama 2's 32k vocabulary),
-# and a smaller one (dim 288, 6 layers) where per-token overheads weigh more.
-MODELS = {"stories42M": dict(vocab_size=32000), "stories15M": dict(vocab_size=32000)}
+# name -> (preset, overrides). The ~60M model of the finetuning benchmark (stories42M's shape with an untied
+# head: dim 512, 8 layers, 8 heads, MLP 1376, Llama 2's 32k vocabulary), and a smaller one (dim 288,
+# 6 layers, head tied to the embedding) where per-token overheads weigh more.
+MODELS = {"60M": ("stories42M", dict(vocab_size=32000, tie_embeddings=False)),
+          "stories15M": ("stories15M", dict(vocab_size=32000))}
 
 
 def build_pair(name: str, device: torch.device):
     """A random lit-lora Llama and a transformers LlamaForCausalLM holding the same float32 weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = Config.from_name(name, **MODELS[name])
+    preset, overrides = MODELS[name]
+    config = Config.from_name(preset, **overrides)
     torch.manual_seed(0)
     ours = Llama(config).eval()
     with torch.no_grad():  # a larger head than the training init: confident, varied greedy tokens
@@ -49,9 +64,10 @@ def build_pair(name: str, device: torch.device):
     return ours.to(device), hf.to(device)
 
 
-def timed_ours(model: Llama, prompt: torch.Tensor, new_tokens: int) -> Dict[str, object]:
+def timed_ours(model: Llama, prompt: torch.Tensor, new_tokens: int, cache_length: Optional[int] = None) -> Dict[str, object]:
     stamps: List[float] = []
-    output = generate(model, prompt[0], new_tokens, temperature=0.0, on_token=lambda ids: stamps.append(time.perf_counter()))
+    output = generate(model, prompt[0], new_tokens, temperature=0.0, on_token=lambda ids: stamps.append(time.perf_counter()),
+                      cache_length=cache_length)
     return {"tokens": output[prompt.size(1):].cpu(), "tokens_per_second": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
 
 
@@ -75,24 +91,27 @@ def timed_transformers(model, prompt: torch.Tensor, new_tokens: int) -> Dict[str
 
 
 def main(
-    models: List[str] = ["stories42M", "stories15M"],
+    models: List[str] = ["60M", "stories15M"],
     rounds: int = 5,
     prompt_length: int = 16,
     new_tokens: int = 128,
     threads: Optional[int] = None,
     device: str = "cpu",
     bf16: Optional[bool] = None,
+    compile: bool = True,
 ) -> Dict[str, Dict[str, float]]:
     """Benchmark decoding against transformers; prints a table and returns the medians.
 
     Args:
-        models: Config presets to build (random weights, 32k vocabulary): stories42M and/or stories15M.
+        models: which models to build (random weights, 32k vocabulary): 60M and/or stories15M.
         rounds: how many times every engine runs; medians are reported.
         prompt_length: tokens in the (random) prompt.
         new_tokens: tokens generated per run.
         threads: torch CPU threads (default: torch's choice).
         device: cpu or cuda.
-        bf16: also run bf16 (default: on a GPU with bf16, or a CPU with AVX512-BF16/AMX).
+        bf16: also run bf16 and int8 (default: on a GPU with bf16, or a CPU with AVX512-BF16/AMX).
+        compile: also run the int8 model through torch.compile, as `generate/*.py --compile true` does
+            (compiled during the warm-up, which is not timed).
     """
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
@@ -116,6 +135,12 @@ def main(
             hf_bf16, ours_bf16 = copy.deepcopy(hf).to(torch.bfloat16), copy.deepcopy(ours).to(torch.bfloat16)
             engines["transformers bf16"] = lambda p: timed_transformers(hf_bf16, p, new_tokens)
             engines["lit-lora bf16"] = lambda p: timed_ours(ours_bf16, p, new_tokens)
+            ours_int8 = copy.deepcopy(ours_bf16)
+            quantize_model(ours_int8, mode="int8", skip=())
+            engines["lit-lora int8"] = lambda p: timed_ours(ours_int8, p, new_tokens)
+            if compile:
+                compiled = torch.compile(ours_int8, dynamic=True)
+                engines["lit-lora int8 compiled"] = lambda p: timed_ours(compiled, p, new_tokens, ours.config.block_size)
         prompt = torch.randint(0, ours.config.vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(1)).to(chosen)
         for engine in engines.values():  # warm-up: first-call allocations, kernel selection
             engine(prompt)
@@ -130,13 +155,16 @@ def main(
         reference = speeds["transformers float32"]
         parameters = sum(p.numel() for p in ours.parameters())
         print(f"\n{name} ({parameters / 1e6:.1f}M parameters); float32 greedy tokens identical to transformers': yes")
-        print(f"{'engine':24s} {'tokens/s':>9s} {'vs transformers float32':>24s}")
+        print(f"{'engine':24s} {'tokens/s':>9s} {'vs transformers float32':>24s} {'same tokens as float32':>23s}")
         results[name] = {}
+        exact = outputs["lit-lora float32"]["tokens"]
         for engine, values in speeds.items():
             ratio = statistics.median(v / r for v, r in zip(values, reference))
             results[name][engine] = statistics.median(values)
             results[name][f"{engine} ratio"] = ratio
-            print(f"{engine:24s} {statistics.median(values):9.1f} {ratio:23.2f}x")
+            tokens = outputs[engine]["tokens"]
+            agree = int((tokens != exact).int().argmax()) if not torch.equal(tokens, exact) else len(exact)
+            print(f"{engine:24s} {statistics.median(values):9.1f} {ratio:23.2f}x {f'first {agree} of {len(exact)}':>23s}")
     return results
 
 

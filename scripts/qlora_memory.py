@@ -17,7 +17,7 @@
    saves no T x T matrix), so the totals for any sequence length follow. bf16, no activation
    checkpointing; with checkpointing only each block's input (2 C bytes per token) stays.
 3. Loading (--measure_load). A random Llama-2-architecture checkpoint (bf16, ~310 MB) is written to
-   a temporary directory and loaded by `load_checkpoint` (bf16) and by `load_checkpoint_4bit` (nf4-dq),
+   a temporary directory and loaded by `load_checkpoint` (bf16) and by `load_checkpoint_quantized` (nf4-dq),
    each in a fresh interpreter that resets its peak-RSS counter after the imports (/proc/self/clear_refs),
    loads, reads every weight once (safetensors maps files lazily: an untouched bf16 weight is not yet in
    memory) and reports VmHWM - VmRSS-before: the memory loading and holding the model took.
@@ -46,7 +46,7 @@ LOAD_CHILD = r"""
 import json, sys, torch
 from lit_lora.checkpoint import load_checkpoint
 from lit_lora.model import Config, Llama
-from lit_lora.quantize import load_checkpoint_4bit, quantize_model, quantized_storage
+from lit_lora.quantize import load_checkpoint_quantized, quantize_model, quantized_storage
 def status_mb(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
@@ -64,7 +64,7 @@ before = status_mb("VmRSS")
 if sys.argv[1] == "bf16":
     model = load_checkpoint(sys.argv[2], dtype=torch.bfloat16)
 else:
-    model = load_checkpoint_4bit(sys.argv[2], mode="nf4-dq", dtype=torch.bfloat16)
+    model = load_checkpoint_quantized(sys.argv[2], mode="nf4-dq", dtype=torch.bfloat16)
 for tensor in model.state_dict().values():  # safetensors maps the file lazily: read every byte, as training would
     tensor.sum()
 print(json.dumps({"peak_mb": status_mb("VmHWM") - before, "model_mb": quantized_storage(model)["total"] / 2**20}))
@@ -182,7 +182,7 @@ def report_loading(n_layer: int) -> Dict[str, float]:
     print(f"\nPeak RSS added by loading a {results['checkpoint_mb']:.0f} MB bf16 checkpoint and reading every weight "
           "(MB = 2^20 bytes):")
     print(f"  load_checkpoint (bf16):         +{results['bf16_peak_mb']:.0f} MB for a {results['bf16_model_mb']:.0f} MB model")
-    print(f"  load_checkpoint_4bit (nf4-dq):  +{results['nf4-dq_peak_mb']:.0f} MB for a {results['nf4-dq_model_mb']:.0f} MB "
+    print(f"  load_checkpoint_quantized (nf4-dq):  +{results['nf4-dq_peak_mb']:.0f} MB for a {results['nf4-dq_model_mb']:.0f} MB "
           f"model ({results['nf4-dq_peak_mb'] / results['checkpoint_mb']:.2f} x the checkpoint, "
           f"{results['nf4-dq_peak_mb'] / results['bf16_peak_mb']:.2f} x the bf16 load)")
     return results

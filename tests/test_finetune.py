@@ -210,3 +210,43 @@ def test_loss_is_next_token_cross_entropy_over_unmasked_labels():
     labels[0, :3] = -100  # a masked prompt
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(loss_fn(logits, labels), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 7, 50), (3, 45, 1000), (1, 70, 32000)])  # rows not a multiple of the block
+def test_loss_fn_matches_cross_entropy(dtype, shape):
+    """The blockwise loss against PyTorch's cross entropy on float32 logits: value and gradient."""
+    from lit_lora.train import loss_fn
+
+    B, T, V = shape
+    torch.manual_seed(0)
+    logits = (torch.randn(B, T, V) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (B, T))
+    labels[0, : T // 2] = -100  # a masked prompt
+    labels[-1, -3:] = -100  # padding
+    ours = loss_fn(logits, labels)
+    (grad,) = torch.autograd.grad(ours * 0.5, logits)  # a non-unit upstream gradient (accumulation divides)
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, V), labels[:, 1:].reshape(-1),
+                                                  ignore_index=-100)
+    (reference_grad,) = torch.autograd.grad(reference * 0.5, logits)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.float(), reference_grad.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-8)
+    assert not grad[0, : T // 2 - 1].any()  # positions whose next token is masked get no gradient
+    assert torch.isnan(loss_fn(logits, torch.full_like(labels, -100)))  # like F.cross_entropy: 0 / 0
+
+
+def test_bf16_true_training_keeps_the_logits_in_bf16(tmp_path):
+    """Fabric would cast the model's outputs to float32 (a full copy of the logits); setup_fabric's plugin does not."""
+    from lit_lora.train import HalfPrecisionKeepingOutputs, loss_fn, setup_fabric
+
+    fabric = setup_fabric(tmp_path, "bf16-true", devices=1, num_nodes=1, strategy="auto", accelerator="cpu",
+                          activation_checkpointing=False)
+    assert isinstance(fabric._precision, HalfPrecisionKeepingOutputs)
+    model = fabric.setup_module(Llama(Config.from_name("tiny", vocab_size=100)))
+    idx = torch.randint(0, 100, (2, 9))
+    logits = model(idx)
+    assert logits.dtype == torch.bfloat16
+    loss_fn(logits, idx).backward()
+    assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.grad is not None)

@@ -348,10 +348,10 @@ def test_base_script_continues_the_prompt_and_refuses_a_prompt_too_long(tiny_che
 
 def test_lora_script_on_a_4bit_base(tiny_checkpoint, capsys):
     """QLoRA inference: generate/lora.py --quantize nf4-dq keeps the adapter beside the 4-bit base."""
-    from lit_lora.quantize import Linear4bit, load_checkpoint_4bit
+    from lit_lora.quantize import Linear4bit, load_checkpoint_quantized
 
     path = tiny_checkpoint / "lora1.safetensors"
-    model = load_checkpoint_4bit(tiny_checkpoint / "base", mode="nf4-dq", dtype=torch.float32).eval()
+    model = load_checkpoint_quantized(tiny_checkpoint / "base", mode="nf4-dq", dtype=torch.float32).eval()
     assert isinstance(model.layers[0].attn.k_proj, Linear4bit)
     apply_lora_checkpoint(model, path)
     tokenizer = Tokenizer(tiny_checkpoint / "base" / "tokenizer.model")
@@ -363,3 +363,20 @@ def test_lora_script_on_a_4bit_base(tiny_checkpoint, capsys):
     assert answers == [expected] and len(expected) > 10
     captured = capsys.readouterr()
     assert captured.out == expected + "\n" and "stays separate" in captured.err
+
+
+def test_base_script_with_int8_weights_and_compiled(tiny_checkpoint, capsys):
+    """--quantize int8 answers like an int8 model built here; --compile true gives the same greedy tokens."""
+    from lit_lora.quantize import Int8Linear, load_checkpoint_quantized
+
+    model = load_checkpoint_quantized(tiny_checkpoint / "base", mode="int8", dtype=torch.bfloat16, skip=()).eval()
+    assert isinstance(model.lm_head, Int8Linear)
+    tokenizer = Tokenizer(tiny_checkpoint / "base" / "tokenizer.model")
+    prompt_ids = tokenizer.encode("Once upon a time", bos=True)
+    expected = tokenizer.decode(generate(model, prompt_ids, 12, temperature=0.0, eos_id=tokenizer.eos_id)[len(prompt_ids):])
+    for compile in (False, True):
+        text = generate_script("base")(checkpoint_dir=tiny_checkpoint / "base", prompt="Once upon a time", temperature=0.0,
+                                       max_new_tokens=12, dtype="bfloat16", quantize="int8", compile=compile)
+        assert text == "Once upon a time" + expected, compile
+        captured = capsys.readouterr()
+        assert "linear layers in int8" in captured.err and ("compiled in" in captured.err) == compile

@@ -284,7 +284,7 @@ def test_lora_on_4bit_base_layers():
     model(torch.randint(0, 256, (1, 7))).float().logsumexp(-1).mean().backward()
     assert all(layer.lora_A.grad is not None and layer.lora_B.grad is not None for layer in layers.values())
     head_before = model.lm_head.base.weight.clone()
-    with pytest.raises(RuntimeError, match="merge_lora_4bit"):
+    with pytest.raises(RuntimeError, match="merge_lora_quantized"):
         merge_lora(model)
     assert not any(layer.merged for layer in layers.values())  # refused before touching any layer
     assert torch.equal(model.lm_head.base.weight, head_before)

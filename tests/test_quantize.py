@@ -17,8 +17,8 @@ from lit_lora.checkpoint import WEIGHTS_NAME, CheckpointError, save_checkpoint
 from lit_lora.lora import (LoRAConfig, LoRALinear, add_lora, apply_lora_checkpoint, lora_layers,
                            mark_only_lora_as_trainable, merge_lora, save_lora_checkpoint)
 from lit_lora.model import Config, Llama
-from lit_lora.quantize import (DYNAMIC_8BIT_CODE, NF4_CODE, Linear4bit, bits_per_parameter, dequantize_absmax,
-                               dequantize_model, dequantize_nf4, load_checkpoint_4bit, merge_lora_4bit, quantize_absmax,
+from lit_lora.quantize import (DYNAMIC_8BIT_CODE, NF4_CODE, Int8Linear, Linear4bit, bits_per_parameter, dequantize_absmax,
+                               dequantize_model, dequantize_nf4, load_checkpoint_quantized, merge_lora_quantized, quantize_absmax,
                                quantize_blockwise, quantize_model, quantize_nf4, quantized_storage)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,7 +207,7 @@ def test_qlora_memory_script_prints_the_7b_figures():
 LOAD_CHILD = r"""
 import json, sys, torch
 from lit_lora.model import Config, Llama
-from lit_lora.quantize import load_checkpoint_4bit, quantize_model, quantized_storage
+from lit_lora.quantize import load_checkpoint_quantized, quantize_model, quantized_storage
 def status_mb(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
@@ -221,7 +221,7 @@ with torch.no_grad():
 quantize_model(warmup)
 open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS
 before = status_mb("VmRSS")
-model = load_checkpoint_4bit(sys.argv[1], mode="nf4-dq", dtype=torch.bfloat16)
+model = load_checkpoint_quantized(sys.argv[1], mode="nf4-dq", dtype=torch.bfloat16)
 print(json.dumps({"peak_mb": status_mb("VmHWM") - before, "model_mb": quantized_storage(model)["total"] / 2**20}))
 """
 
@@ -324,13 +324,13 @@ def test_quantize_model_refusals():
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_load_checkpoint_4bit_equals_quantizing_the_loaded_model(tmp_path, tie):
+def test_load_checkpoint_quantized_equals_quantizing_the_loaded_model(tmp_path, tie):
     torch.manual_seed(0)
     model = Llama(tiny_config(tie_embeddings=tie))
     save_checkpoint(tmp_path, model.state_dict(), model.config)
     reference = copy.deepcopy(model)
     quantize_model(reference, mode="nf4")
-    loaded = load_checkpoint_4bit(tmp_path, mode="nf4", dtype=torch.float32)
+    loaded = load_checkpoint_quantized(tmp_path, mode="nf4", dtype=torch.float32)
     assert loaded.state_dict().keys() == reference.state_dict().keys()
     for name, tensor in reference.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
@@ -338,26 +338,26 @@ def test_load_checkpoint_4bit_equals_quantizing_the_loaded_model(tmp_path, tie):
         assert loaded.lm_head.weight is loaded.tok_embeddings.weight
     idx = torch.randint(0, 256, (1, 8))
     assert torch.equal(loaded(idx), reference(idx))
-    assert load_checkpoint_4bit(tmp_path, dtype=torch.bfloat16).tok_embeddings.weight.dtype == torch.bfloat16
+    assert load_checkpoint_quantized(tmp_path, dtype=torch.bfloat16).tok_embeddings.weight.dtype == torch.bfloat16
 
 
-def test_load_checkpoint_4bit_bad_files(tmp_path):
+def test_load_checkpoint_quantized_bad_files(tmp_path):
     model = Llama(tiny_config())
     state = model.state_dict()
     save_checkpoint(tmp_path / "ok", state, model.config)
     with pytest.raises(CheckpointError, match="not found"):
-        load_checkpoint_4bit(tmp_path / "missing")
+        load_checkpoint_quantized(tmp_path / "missing")
     (tmp_path / "ok" / WEIGHTS_NAME).rename(tmp_path / "ok.safetensors")
     with pytest.raises(CheckpointError, match=WEIGHTS_NAME + " not found"):
-        load_checkpoint_4bit(tmp_path / "ok")
+        load_checkpoint_quantized(tmp_path / "ok")
     save_checkpoint(tmp_path / "shape", {**state, "layers.0.attn.q_proj.weight": torch.zeros(3, 3)}, model.config)
     with pytest.raises(CheckpointError, match="wrong shapes: layers.0.attn.q_proj.weight"):
-        load_checkpoint_4bit(tmp_path / "shape")
+        load_checkpoint_quantized(tmp_path / "shape")
     save_checkpoint(tmp_path / "cut", state, model.config)
     data = (tmp_path / "cut" / WEIGHTS_NAME).read_bytes()
     (tmp_path / "cut" / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_checkpoint_4bit(tmp_path / "cut")
+        load_checkpoint_quantized(tmp_path / "cut")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,13 +397,13 @@ def test_qlora_adapter_file_applies_to_a_base_loaded_in_4bit(tmp_path):
     base = Llama(tiny_config())
     save_checkpoint(tmp_path / "base", base.state_dict(), base.config)
     lora_config = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "v", "down"))
-    trained = load_checkpoint_4bit(tmp_path / "base", dtype=torch.float32)
+    trained = load_checkpoint_quantized(tmp_path / "base", dtype=torch.float32)
     add_lora(trained, lora_config)
     with torch.no_grad():
         for layer in lora_layers(trained).values():
             layer.lora_B.normal_(0, 0.05)
     save_lora_checkpoint(tmp_path / "lora.safetensors", trained, lora_config)
-    fresh = load_checkpoint_4bit(tmp_path / "base", dtype=torch.float32)
+    fresh = load_checkpoint_quantized(tmp_path / "base", dtype=torch.float32)
     assert apply_lora_checkpoint(fresh, tmp_path / "lora.safetensors") == lora_config
     idx = torch.randint(0, 256, (1, 10))
     assert torch.equal(fresh(idx), trained(idx))
@@ -417,15 +417,15 @@ def test_merging_into_4bit_dequantizes_and_adds():
             layer.lora_B.normal_(0, 0.05)
     idx = torch.randint(0, 256, (2, 12))
     unmerged = model(idx)
-    with pytest.raises(RuntimeError, match="merge_lora_4bit"):
+    with pytest.raises(RuntimeError, match="merge_lora_quantized"):
         merge_lora(model)  # in place into 4-bit is impossible: a clear pointer to the right function
     requantized = copy.deepcopy(model)
-    removed = merge_lora_4bit(model)
+    removed = merge_lora_quantized(model)
     assert all(isinstance(layer, LoRALinear) for layer in removed.values())
     assert not lora_layers(model).keys() - {"lm_head"}
     torch.testing.assert_close(model(idx), unmerged, rtol=0, atol=1e-5 * unmerged.abs().max().item())
 
-    merge_lora_4bit(requantized, requantize=True)
+    merge_lora_quantized(requantized, requantize=True)
     assert isinstance(requantized.layers[0].attn.q_proj, Linear4bit)
     error = (requantized(idx) - unmerged).norm() / unmerged.norm()
     assert 0 < error < 0.15  # NF4 rounding now also falls on the update
@@ -433,7 +433,7 @@ def test_merging_into_4bit_dequantizes_and_adds():
 
 def test_bitsandbytes_backend_layer_holds_the_same_format_and_takes_lora():
     """The optional backend's layer (CUDA in use; bitsandbytes' CPU kernels here): the same packed codes
-    and scales as ours, wrapped by LoRA and merged by merge_lora_4bit like ours."""
+    and scales as ours, wrapped by LoRA and merged by merge_lora_quantized like ours."""
     pytest.importorskip("bitsandbytes")
     from lit_lora.quantize import _bitsandbytes_linear, dequantized_weight, is_quantized_linear
 
@@ -454,6 +454,105 @@ def test_bitsandbytes_backend_layer_holds_the_same_format_and_takes_lora():
     unmerged = model(x)
     torch.testing.assert_close(unmerged, ours(x) + model[0].scaling * (x @ model[0].lora_A.T) @ model[0].lora_B.T,
                                rtol=1e-4, atol=1e-5)
-    merge_lora_4bit(model)
+    merge_lora_quantized(model)
     assert type(model[0]) is nn.Linear
     torch.testing.assert_close(model(x), unmerged, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight-only int8 (Int8Linear), for decoding
+# ---------------------------------------------------------------------------------------------
+
+def test_int8_rounds_each_row_to_its_own_scale():
+    torch.manual_seed(0)
+    weight = torch.randn(40, 96) * 0.02
+    weight[3, 7] = 0.5  # an outlier coarsens its own row only
+    weight[5] = 0.0  # an all-zero row stays exactly zero
+    layer = Int8Linear.from_weight(weight)
+    scale = weight.abs().amax(dim=1) / 127  # the definition, section 6 of lit_lora/quantize.py
+    torch.testing.assert_close(layer.scale, scale)
+    assert layer.weight_int8.dtype == torch.int8 and layer.weight_int8.abs().max() == 127
+    error = (layer.dequantize() - weight).abs()
+    assert (error <= scale[:, None] / 2 + 1e-9).all()
+    assert not layer.dequantize()[5].any()
+    assert error[3].max() > 4 * error[4].max()
+    with pytest.raises(ValueError, match="NaN"):
+        Int8Linear.from_weight(torch.tensor([[1.0, float("inf")]]))
+    with pytest.raises(ValueError, match="does not fit"):
+        Int8Linear(8, 4).load_weight(torch.zeros(8, 4))
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (176, 64), (512, 1376), (33, 96), (1000, 32)])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_fused_kernel_equals_the_dequantized_matmul(shape, rows):
+    """The private int8 x bf16 CPU kernel against a float32 matmul with the dequantized weight."""
+    torch.manual_seed(0)
+    layer = Int8Linear.from_weight((torch.randn(*shape) * 0.02).to(torch.bfloat16))
+    x = torch.randn(2, rows, shape[1]).to(torch.bfloat16)
+    if not layer._fused_kernel_applies(x):
+        pytest.skip("this torch build has no _weight_int8pack_mm")
+    with torch.no_grad():
+        fused = layer(x)
+    reference = F.linear(x.float(), layer.dequantize(torch.float32))
+    assert fused.shape == (2, rows, shape[0]) and fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("in_features", [8, 33, 100])
+def test_int8_shapes_the_kernel_gets_wrong_take_the_dequantizing_path(in_features):
+    """In torch 2.13 the fused kernel crashes for in_features 33 or 100 and is wrong for 8 in bf16."""
+    torch.manual_seed(0)
+    layer = Int8Linear.from_weight((torch.randn(24, in_features) * 0.02).to(torch.bfloat16))
+    x = torch.randn(3, in_features).to(torch.bfloat16)
+    assert not layer._fused_kernel_applies(x)
+    reference = F.linear(x.float(), layer.dequantize(torch.float32))
+    torch.testing.assert_close(layer(x).float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+
+
+def test_int8_layer_passes_gradients_to_its_input():
+    torch.manual_seed(0)
+    layer = Int8Linear.from_weight(torch.randn(48, 64) * 0.02)
+    x = torch.randn(4, 64, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    x_reference = x.detach().clone().requires_grad_()
+    F.linear(x_reference, layer.dequantize()).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x_reference.grad)
+    assert all(b.grad is None for b in layer.buffers())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_int8_model_stays_close_to_the_float_model(tmp_path, tie):
+    torch.manual_seed(0)
+    model = Llama(tiny_config(tie_embeddings=tie))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+    idx = torch.randint(0, 256, (2, 16))
+    float_logits = model(idx)
+    save_checkpoint(tmp_path, model.state_dict(), model.config)
+    quantize_model(model, mode="int8", skip=())
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.layers[1].mlp.down_proj, Int8Linear)
+    error = (model(idx) - float_logits).norm() / float_logits.norm()
+    assert error < 0.02
+    loaded = load_checkpoint_quantized(tmp_path, mode="int8", dtype=torch.float32, skip=())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert torch.equal(loaded(idx), model(idx))
+    assert bits_per_parameter("int8") == 8
+
+
+def test_lora_over_int8_merges_and_requantizes_to_int8():
+    torch.manual_seed(0)
+    model = Llama(tiny_config())
+    quantize_model(model, mode="int8", skip=())
+    add_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q", "v")))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.05)
+    idx = torch.randint(0, 256, (2, 12))
+    unmerged = model(idx)
+    requantized = copy.deepcopy(model)
+    merge_lora_quantized(model)
+    torch.testing.assert_close(model(idx), unmerged, rtol=0, atol=1e-5 * unmerged.abs().max().item())
+    merge_lora_quantized(requantized, requantize=True)
+    assert isinstance(requantized.layers[0].attn.q_proj, Int8Linear)
+    assert (requantized(idx) - unmerged).norm() / unmerged.norm() < 0.02
