@@ -105,11 +105,13 @@ How to use it
     add_lora(model, LoRAConfig(r=8, alpha=16, targets=("q", "v")))
     mark_only_lora_as_trainable(model)
     ...train; save_lora_checkpoint(...)...                       # the adapter, as for any base
-    merge_lora_quantized(model)                                       # optional: a plain 16-bit model
+    merge_lora_quantized(model)                                  # optional: a plain 16-bit model
 
 or on a model already in memory: `replaced = quantize_model(model, mode="nf4-dq")` (drop `replaced`
-to free the 16-bit weights). On CUDA, `backend="bitsandbytes"` swaps in bitsandbytes' fused kernels
-instead (same format); the from-scratch path here is the default and the one the tests check.
+to free the 16-bit weights). For fast decoding: `load_checkpoint_quantized(checkpoint_dir, mode="int8",
+dtype=torch.bfloat16, skip=())`, or `generate/*.py --quantize int8`. On CUDA, `backend="bitsandbytes"`
+swaps in bitsandbytes' fused 4-bit kernels instead (same format); the from-scratch path here is the
+default and the one the tests check.
 """
 
 import math
@@ -648,18 +650,20 @@ def merge_lora_quantized(model: nn.Module, requantize: bool = False) -> Dict[str
 
 def quantized_storage(model: nn.Module) -> Dict[str, int]:
     """Bytes of the model's tensors by role, measured from their sizes (works on the meta device):
-    4-bit codes, absmax (float32, mode nf4), absmax codes and their scales/offsets (nf4-dq), all other
-    parameters and buffers ("unquantized"), and "quantized_params": the weights the 4-bit layers hold."""
+    quantized codes (4-bit pairs, or int8), absmax (float32 in mode nf4; the per-row scales in int8),
+    absmax codes and their scales/offsets (nf4-dq), all other parameters and buffers ("unquantized"),
+    and "quantized_params": the weights the quantized layers hold."""
     roles = {"packed_weight": "codes", "absmax": "absmax", "absmax_codes": "absmax_codes",
-             "absmax_scales": "absmax_scales", "absmax_offset": "absmax_scales"}  # Linear4bit buffer -> role
+             "absmax_scales": "absmax_scales", "absmax_offset": "absmax_scales",  # Linear4bit buffer -> role
+             "weight_int8": "codes", "scale": "absmax"}  # Int8Linear
     storage = dict.fromkeys(("codes", "absmax", "absmax_codes", "absmax_scales", "unquantized"), 0)
     quantized_params, seen = 0, set()
     for module in model.modules():
-        is_4bit = isinstance(module, Linear4bit)
-        if is_4bit:
+        is_quantized = isinstance(module, (Linear4bit, Int8Linear))
+        if is_quantized:
             quantized_params += module.in_features * module.out_features
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if id(tensor) not in seen:  # a tied weight counts once
                 seen.add(id(tensor))
-                storage[roles[name] if is_4bit else "unquantized"] += tensor.numel() * tensor.element_size()
+                storage[roles[name] if is_quantized else "unquantized"] += tensor.numel() * tensor.element_size()
     return {**storage, "total": sum(storage.values()), "quantized_params": quantized_params}

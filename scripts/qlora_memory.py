@@ -37,7 +37,7 @@ from lit_lora.checkpoint import save_checkpoint
 from lit_lora.cli import run
 from lit_lora.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
 from lit_lora.model import Config, Llama
-from lit_lora.quantize import MODES, bits_per_parameter, quantize_model, quantized_storage
+from lit_lora.quantize import NF4_MODES, bits_per_parameter, quantize_model, quantized_storage
 
 GB = 1e9
 
@@ -139,7 +139,7 @@ def measure_loading(n_layer: int) -> Dict[str, float]:
 
 
 def report_weights(name: str, lora_config: LoRAConfig) -> Dict[str, float]:
-    storage = {mode: weight_storage(name, mode) for mode in MODES}
+    storage = {mode: weight_storage(name, mode) for mode in NF4_MODES}
     nf4, dq = storage["nf4"], storage["nf4-dq"]
     rest, quantized = nf4["unquantized"], nf4["quantized_params"]
     bf16 = 2 * quantized + rest
