@@ -17,8 +17,10 @@ Why int8: decoding one token reads every weight once, so its speed is set by the
 by how well the single-row kernel streams them. In torch 2.13 on CPU, a one-row bf16 F.linear streams
 no faster than float32 (measured here: the 60M model's 57 matrices take ~6.5 ms per token either way),
 so bf16 weights alone gain little; the int8 x bf16 kernel reads a quarter of float32's bytes (~2 ms).
-The int8 tokens are not float32's: they are compared with the float32 ones and the agreement printed
-(greedy decoding of a random model amplifies any rounding; bf16 differs from float32 about as much).
+The int8 and bf16 tokens are not float32's. Two agreements are printed: how many greedy tokens an
+engine shares with float32 before the first difference (greedy decoding of a random model amplifies
+any rounding: after one different token the answers part ways), and, teacher-forced on the float32
+answer, at how many of its positions the engine's most likely next token is float32's.
 
 Reported per engine: decode tokens/s (the tokens after the first over the time after the first, the
 prefill excluded) as the median over the rounds, and each engine's speed relative to transformers
@@ -28,6 +30,7 @@ identical; a mismatch fails the run.
 """
 
 import copy
+import logging
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
@@ -131,16 +134,22 @@ def main(
             "transformers float32": lambda p: timed_transformers(hf, p, new_tokens),
             "lit-lora float32": lambda p: timed_ours(ours, p, new_tokens),
         }
+        # Each engine's model as a function of a whole sequence -> logits (1, T, V), for the agreement check.
+        scorers = {"transformers float32": lambda ids: hf(ids).logits, "lit-lora float32": ours}
         if bf16:
             hf_bf16, ours_bf16 = copy.deepcopy(hf).to(torch.bfloat16), copy.deepcopy(ours).to(torch.bfloat16)
             engines["transformers bf16"] = lambda p: timed_transformers(hf_bf16, p, new_tokens)
             engines["lit-lora bf16"] = lambda p: timed_ours(ours_bf16, p, new_tokens)
+            scorers.update({"transformers bf16": lambda ids: hf_bf16(ids).logits, "lit-lora bf16": ours_bf16})
             ours_int8 = copy.deepcopy(ours_bf16)
             quantize_model(ours_int8, mode="int8", skip=())
             engines["lit-lora int8"] = lambda p: timed_ours(ours_int8, p, new_tokens)
+            scorers["lit-lora int8"] = ours_int8
             if compile:
+                torch._logging.set_logs(dynamo=logging.ERROR)  # not the note about the graph break at int(input_pos[-1])
                 compiled = torch.compile(ours_int8, dynamic=True)
                 engines["lit-lora int8 compiled"] = lambda p: timed_ours(compiled, p, new_tokens, ours.config.block_size)
+                scorers["lit-lora int8 compiled"] = ours_int8
         prompt = torch.randint(0, ours.config.vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(1)).to(chosen)
         for engine in engines.values():  # warm-up: first-call allocations, kernel selection
             engine(prompt)
@@ -155,16 +164,25 @@ def main(
         reference = speeds["transformers float32"]
         parameters = sum(p.numel() for p in ours.parameters())
         print(f"\n{name} ({parameters / 1e6:.1f}M parameters); float32 greedy tokens identical to transformers': yes")
-        print(f"{'engine':24s} {'tokens/s':>9s} {'vs transformers float32':>24s} {'same tokens as float32':>23s}")
+        print(f"{'engine':24s} {'tokens/s':>9s} {'vs transformers float32':>24s} {'same tokens as float32':>23s} "
+              f"{'teacher-forced top-1 = float32':>31s}")
         results[name] = {}
         exact = outputs["lit-lora float32"]["tokens"]
+        sequence = torch.cat([prompt[0], exact.to(chosen)])[None]  # the float32 answer, scored by every model
+        with torch.inference_mode():
+            reference_top1 = ours(sequence)[0, prompt.size(1) - 1 : -1].argmax(dim=-1)
         for engine, values in speeds.items():
             ratio = statistics.median(v / r for v, r in zip(values, reference))
             results[name][engine] = statistics.median(values)
             results[name][f"{engine} ratio"] = ratio
             tokens = outputs[engine]["tokens"]
             agree = int((tokens != exact).int().argmax()) if not torch.equal(tokens, exact) else len(exact)
-            print(f"{engine:24s} {statistics.median(values):9.1f} {ratio:23.2f}x {f'first {agree} of {len(exact)}':>23s}")
+            with torch.inference_mode():  # at each position of the float32 answer, the same next token?
+                top1 = scorers[engine](sequence)[0, prompt.size(1) - 1 : -1].float().argmax(dim=-1)
+            same_top1 = (top1 == reference_top1).float().mean().item()
+            results[name][f"{engine} top-1 agreement"] = same_top1
+            print(f"{engine:24s} {statistics.median(values):9.1f} {ratio:23.2f}x {f'first {agree} of {len(exact)}':>23s} "
+                  f"{100 * same_top1:30.1f}%")
     return results
 
 
