@@ -121,8 +121,8 @@ def generate(model: Llama, prompt_ids: torch.Tensor, max_new_tokens: int, *, tem
         max_new_tokens, within block_size). A compiled model wants the same length on every call.
 
     Generation stops at the end of the model's context (block_size) if that comes first. The model
-    should be in eval mode (dropout off). A KV cache sized for this call is allocated and removed
-    again when it returns, so the model is left as it was found.
+    should be in eval mode (dropout off). A KV cache (sized for this call, or `cache_length`) is
+    allocated and removed again when it returns, so the model is left as it was found.
     """
     check_generation_settings(max_new_tokens, temperature, top_k, top_p)
     batched = prompt_ids.dim() == 2
@@ -294,15 +294,41 @@ def load_for_generation(checkpoint_dir: Union[str, Path], prompt: str, max_new_t
         model = load_checkpoint(checkpoint_dir, dtype=chosen_dtype, device=chosen_device).eval()
     else:
         # QLoRA keeps the head in 16 bits; int8 decoding quantizes it too: it is the largest matrix read per
-        # token (28 % of the bytes of a 60M model with a 32k vocabulary).
+        # token (39 % of the weights a 60M model with a 32k vocabulary reads).
         skip = ("lm_head",) if quantize != "int8" else ()
         model = load_checkpoint_quantized(checkpoint_dir, mode=quantize, dtype=chosen_dtype, device=chosen_device, skip=skip).eval()
-        if quantize == "int8" and chosen_dtype != torch.bfloat16 and chosen_device.type == "cpu":
-            print("note: int8 layers decode fast with bfloat16 activations on a CPU with native bf16 "
-                  f"(--dtype bfloat16); in {str(chosen_dtype).removeprefix('torch.')} they dequantize and only save memory", file=sys.stderr)
+        if quantize == "int8" and (chosen_dtype != torch.bfloat16 or chosen_device.type != "cpu"):
+            print("note: int8 layers decode fast only on a CPU with native bf16, in bfloat16 (--dtype bfloat16); "
+                  "here they dequantize their weights at every call: less memory, slower decoding", file=sys.stderr)
     print(f"loaded {checkpoint_dir} on {chosen_device} in {str(chosen_dtype).removeprefix('torch.')}"
           + (f", linear layers in {quantize}" if quantize else ""), file=sys.stderr)
     return model, tokenizer, prompt_ids
+
+
+def compile_for_decoding(model: Llama, prompt_ids: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """`torch.compile` (inductor) the model for `generate(..., cache_length=model.config.block_size)`,
+    and compile it now with a 3-token warm-up on `prompt_ids`. Returns the compiled model.
+
+    Why: decoding a small model on a CPU spends about half of each token in the Python and dispatch
+    overhead of ~20 small operations per layer (norms, RoPE, cache writes); compiled, they become a few
+    fused kernels. Costs: 10-60 s of compiling, again for every new adapter (the compiled code is only
+    valid for the modules it saw), and a KV cache for the whole context on every call (one shape, so no
+    recompiling: 2 GB for Llama-2-7B's 4096 positions in bf16). A CPU needs a C++ compiler.
+    """
+    torch.compiler.reset()  # the previous adapter's graphs are useless and count against dynamo's recompile limit
+    compiled = torch.compile(model, dynamic=True)  # dynamic: the cache fills by one position every step
+    graph_breaks = logging.getLogger("torch._dynamo.variables.tensor")
+    level = graph_breaks.level
+    graph_breaks.setLevel(logging.ERROR)  # the graph break at int(input_pos[-1]) (the cache's fill) is expected
+    try:
+        generate(compiled, prompt_ids, 3, temperature=0.0, cache_length=model.config.block_size)  # prefill and decoding
+    except Exception as error:  # inductor's failures are pages of traceback from deep inside torch
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"compiling the model failed ({type(error).__name__}: {first_line}); run without --compile "
+                         "(on a CPU it needs a working C++ compiler)") from error
+    finally:
+        graph_breaks.setLevel(level)
+    return compiled
 
 
 @dataclass
@@ -335,11 +361,7 @@ def generate_streaming(model: Llama, tokenizer: Tokenizer, prompt_ids: torch.Ten
     word. False for a response to an instruction template: decoded on its own, it starts at its first
     word (see lit_lora/prompts.py).
 
-    compile: run the model through `torch.compile` (inductor). Decoding a small model on a CPU spends
-    about half of each token in the Python and dispatch overhead of ~20 small operations per layer
-    (norms, RoPE, cache writes); compiled, they become a few fused kernels. Compiling takes 10-60 s
-    (a short warm-up generation, timed and reported apart), so it pays off for long answers. A CPU
-    needs a C++ compiler for it."""
+    compile: decode with `compile_for_decoding(model, prompt_ids)` (timed and reported apart)."""
     device = model.tok_embeddings.weight.device
     streamer = TextStreamer(tokenizer, prompt_ids if continuation else None, file)
     first_token_time: List[float] = []
@@ -351,11 +373,8 @@ def generate_streaming(model: Llama, tokenizer: Tokenizer, prompt_ids: torch.Ten
 
     runner, cache_length = model, None
     if compile:
-        runner = torch.compile(model, dynamic=True)  # dynamic: the cache fills by one position every step
-        cache_length = model.config.block_size  # one cache shape for every call: no recompiling
-        torch._logging.set_logs(dynamo=logging.ERROR)  # not the note about the graph break at int(input_pos[-1])
         started = time.perf_counter()
-        generate(runner, prompt_ids, 3, temperature=0.0, cache_length=cache_length)  # compiles prefill and decoding
+        runner, cache_length = compile_for_decoding(model, prompt_ids), model.config.block_size
         print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     start = time.perf_counter()
     output = generate(runner, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

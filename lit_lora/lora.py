@@ -138,8 +138,8 @@ class LoRALinear(nn.Module):
     `merge()` folds the update into base.weight, `unmerge()` takes it out again; while `disabled` is
     set the layer computes base(x) alone (the pretrained model, e.g. as a reference).
 
-    `base` is an `nn.Linear` or a 4-bit layer of lit_lora/quantize.py (QLoRA); A and B live on the
-    base's device in the dtype it computes in (never the 4-bit storage type).
+    `base` is an `nn.Linear` or a quantized layer of lit_lora/quantize.py (QLoRA, int8); A and B live on the
+    base's device in the dtype it computes in (never the integer storage type).
     """
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
@@ -224,7 +224,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def add_lora(model: nn.Module, config: LoRAConfig) -> Dict[str, nn.Module]:
-    """Wrap every `nn.Linear` (or 4-bit linear, see lit_lora/quantize.py) selected by
+    """Wrap every `nn.Linear` (or quantized linear layer, see lit_lora/quantize.py) selected by
     `config.targets` in a `LoRALinear`, in place.
 
     Returns {module name: the layer it replaced}; `remove_lora` undoes this. Works on a

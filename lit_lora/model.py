@@ -209,12 +209,18 @@ class CausalSelfAttention(nn.Module):
 
         if input_pos is not None:  # incremental decoding: attend to everything cached so far
             k, v = self.kv_cache.update(input_pos, mask.size(-1), k, v)  # (B, nkv, S, hs)
-        # Same result as naive_attention(q, k, v, mask) above, in a fused kernel. With GQA (nkv < nh) it is
-        # naive_attention(q, k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(...), mask): query
-        # head h reads key/value head h // (nh // nkv). enable_gqa does that indexing inside the kernel
-        # instead of copying the keys and values (the whole KV cache, every layer, every decoded token).
+        # GQA: query head h reads key/value head h // (nh // nkv). Decoding one token, the kernel does that
+        # indexing itself (enable_gqa) instead of copying the whole KV cache in every layer for every
+        # token; elsewhere the heads are expanded, which every fused kernel accepts (the GPU's memory-
+        # efficient kernel does not take enable_gqa and would fall back to the T x S math kernel).
+        gqa = self.n_kv_heads != self.n_head
+        if gqa and T > 1:
+            k = k.repeat_interleave(self.n_head // self.n_kv_heads, dim=1)  # (B, nh, S, hs)
+            v = v.repeat_interleave(self.n_head // self.n_kv_heads, dim=1)  # (B, nh, S, hs)
+
+        # Same result as naive_attention(q, k, v, mask) above (heads expanded), in a fused kernel.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_head)  # (B, nh, T, hs)
+                                           enable_gqa=gqa and T == 1)  # (B, nh, T, hs)
         if self.adapter is not None:
             y = y + self.adapter(q, self)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again

@@ -97,7 +97,7 @@ A quarter of float32's bytes, half of bf16's, and a rounding error of at most sc
 On CPUs with fast bf16, PyTorch has a fused kernel for bf16 activations times int8 weights, used
 when it applies; elsewhere the layer dequantizes (`_DequantizedMatmul`) and is only smaller, not
 faster. Unlike NF4 it is meant for inference (`generate/*.py --quantize int8`); it quantizes the
-output head too, which is 28 % of the bytes of a small 32k-vocabulary model.
+output head too: 39 % of the weights a 60M model with a 32k vocabulary reads per token.
 
 How to use it
 -------------
@@ -261,7 +261,7 @@ def _check_mode(mode: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The frozen 4-bit linear layer
+# The frozen quantized linear layers: Linear4bit (NF4), Int8Linear
 # ----------------------------------------------------------------------------------------------
 
 class _DequantizedMatmul(torch.autograd.Function):
@@ -414,14 +414,16 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused_kernel_applies(x):
-            h = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int8, self.scale)  # (N, out)
+            rows = x.reshape(-1, self.in_features).contiguous()  # (N, in); the kernel needs unit stride
+            h = torch._weight_int8pack_mm(rows, self.weight_int8, self.scale)  # (N, out)
             return h.view(*x.shape[:-1], self.out_features)
         return _DequantizedMatmul.apply(x, self)  # (..., in) -> (..., out)
 
     def _fused_kernel_applies(self, x: torch.Tensor) -> bool:
         """PyTorch's CPU kernel for bf16 activations x int8 weights (the one gpt-fast and torchao use):
-        a private op without autograd, correct in torch 2.13 for bf16 only when in_features is a
-        multiple of 16 (it crashes on 33 or 100; tests/test_quantize.py checks the shapes we allow)."""
+        a private op without autograd. In torch 2.13 its bf16 results are right when in_features is a
+        multiple of 16, wrong for 8 or 24, and it crashes on 33 or 100; we ask for a multiple of 32, which
+        every Llama size meets (tests/test_quantize.py checks the shapes allowed and refused)."""
         return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.scale.dtype == torch.bfloat16
                 and self.in_features % 32 == 0 and not (x.requires_grad and torch.is_grad_enabled())
                 and hasattr(torch, "_weight_int8pack_mm"))
@@ -431,7 +433,7 @@ class Int8Linear(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Whole models: quantize, load straight into 4 bits, merge LoRA, account for memory
+# Whole models: quantize, load straight into quantized layers, merge LoRA, account for memory
 # ----------------------------------------------------------------------------------------------
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -462,7 +464,7 @@ def is_quantized_linear(module: nn.Module) -> bool:
 
 def linear_device_dtype(module: nn.Module) -> Tuple[torch.device, torch.dtype]:
     """Where a linear layer lives and the dtype it computes in: its weight's for an nn.Linear, the
-    compute dtype for a 4-bit layer (never the uint8 storage). LoRA creates A and B with these."""
+    compute dtype for a quantized layer (never the integer storage). LoRA creates A and B with these."""
     if isinstance(module, Linear4bit):
         return module.packed_weight.device, module.compute_dtype
     if isinstance(module, Int8Linear):
@@ -563,20 +565,20 @@ def _read_tensor(path: Path, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_checkpoint_quantized(checkpoint_dir: Union[str, Path], mode: str = "nf4-dq", dtype: torch.dtype = torch.bfloat16,
-                         device: Optional[Union[str, torch.device]] = None, skip: Sequence[str] = ("lm_head",)) -> Llama:
-    """Load a lit-lora checkpoint directly into a quantized model (`mode` as in `quantize_model`), one
-    tensor at a time.
+def load_checkpoint_quantized(checkpoint_dir: Union[str, Path], mode: str = "nf4-dq",
+                              dtype: torch.dtype = torch.bfloat16, device: Optional[Union[str, torch.device]] = None,
+                              skip: Sequence[str] = ("lm_head",)) -> Llama:
+    """Load a lit-lora checkpoint directly into a quantized model (`mode` and `skip` as in
+    `quantize_model`), one tensor at a time.
 
     The model is built on the meta device with its Linear layers swapped for `Linear4bit` (or
-    `Int8Linear`) shells, then
-    allocated at once on `device` (default CPU) in its final, 4-bit size. The safetensors file is read
-    tensor by tensor: each projection weight is quantized into its layer as soon as it is read, every
-    other tensor (embedding, norms, skipped layers) is copied in as `dtype`. Peak memory is the 4-bit
-    model plus about one 16-bit weight matrix and its quantization temporaries, never the 16-bit model.
-    Allocating the model first matters a little: 4-bit buffers allocated one by one between the
-    layers' temporaries fragment the heap (on a 310 MB checkpoint the peak was 15-25 % higher).
-    `dtype` is also the compute dtype of the 4-bit layers.
+    `Int8Linear`) shells, then allocated at once on `device` (default CPU) in its final, quantized size.
+    The safetensors file is read tensor by tensor: each projection weight is quantized into its layer as
+    soon as it is read, every other tensor (embedding, norms, skipped layers) is copied in as `dtype`.
+    Peak memory is the quantized model plus about one 16-bit weight matrix and its quantization
+    temporaries, never the 16-bit model. Allocating the model first matters a little: quantized buffers
+    allocated one by one between the layers' temporaries fragment the heap (on a 310 MB checkpoint the
+    nf4-dq peak was 15-25 % higher). `dtype` is also the compute dtype of the quantized layers.
     """
     _check_mode(mode)
     checkpoint_dir = Path(checkpoint_dir)

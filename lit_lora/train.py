@@ -123,6 +123,9 @@ class HalfPrecisionKeepingOutputs(HalfPrecision):
 
 def setup_fabric(out_dir: Path, precision: str, devices: int, num_nodes: int, strategy: str,
                  accelerator: str, activation_checkpointing: bool) -> L.Fabric:
+    """Launch Fabric with CSV (and TensorBoard) logging. bf16-true/16-true keep the logits in 16 bits
+    (`HalfPrecisionKeepingOutputs`); on CPU, malloc keeps freed memory for reuse from here on, for the
+    whole process (`keep_freed_memory_for_reuse`)."""
     if strategy == "fsdp":
         strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="FULL_SHARD",
                                 activation_checkpointing_policy={Block} if activation_checkpointing else None)
@@ -241,7 +244,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         logits, safe_targets, logsumexp, counted, n_counted = ctx.saved_tensors
-        row_scale = counted * (grad_loss / n_counted)  # (N,): 0 for ignored rows
+        row_scale = counted * (grad_loss / n_counted.clamp(min=1))  # (N,): 0 for ignored rows, even if all are
         grad = torch.empty_like(logits)
         for start in range(0, logits.size(0), ctx.block_rows):
             rows = slice(start, start + ctx.block_rows)

@@ -252,7 +252,7 @@ def serve(spec_json: str) -> None:
         import peft  # noqa: F401
         import transformers  # noqa: F401
     base_rss = vm_hwm_mb()
-    if spec.get("reuse_memory"):  # what lit_lora.train.setup_fabric does on CPU; ours gets it from there
+    if spec.get("reuse_memory"):  # what lit_lora.train.setup_fabric does on CPU; ours through Fabric gets it there
         keep_freed_memory_for_reuse()
     if spec["side"] == "ours":
         step = build_ours(workdir, spec["precision"], spec["fabric"])
@@ -405,12 +405,14 @@ def main(
             if mode == "fp32":
                 sides = [{"label": "theirs fp32", "side": "theirs", "precision": "32", "computes_in": "fp32"},
                          {"label": "ours 32-true", "side": "ours", "precision": "32-true", "fabric": True, "computes_in": "fp32"}]
-                plain = {"label": "ours 32-true no Fabric", "side": "ours", "precision": "32-true", "fabric": False, "computes_in": "fp32"}
+                plain = {"label": "ours 32-true no Fabric", "side": "ours", "precision": "32-true", "fabric": False,
+                         "computes_in": "fp32", "reuse_memory": True}  # setup_fabric's malloc setting, without Fabric
             else:
                 sides = [{"label": "theirs bf16-autocast", "side": "theirs", "precision": "bf16-autocast", "computes_in": "bf16"},
                          {"label": "ours bf16-true", "side": "ours", "precision": "bf16-true", "fabric": True, "computes_in": "bf16"},
                          {"label": "ours bf16-mixed", "side": "ours", "precision": "bf16-mixed", "fabric": True, "computes_in": "bf16"}]
-                plain = {"label": "ours bf16-true no Fabric", "side": "ours", "precision": "bf16-true", "fabric": False, "computes_in": "bf16"}
+                plain = {"label": "ours bf16-true no Fabric", "side": "ours", "precision": "bf16-true", "fabric": False,
+                         "computes_in": "bf16", "reuse_memory": True}
             if theirs_with_our_malloc:
                 sides.append({**sides[0], "label": sides[0]["label"] + REUSE_SUFFIX, "reuse_memory": True})
             if fabric_overhead:

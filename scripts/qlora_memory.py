@@ -181,7 +181,7 @@ def report_loading(n_layer: int) -> Dict[str, float]:
     results = measure_loading(n_layer)
     print(f"\nPeak RSS added by loading a {results['checkpoint_mb']:.0f} MB bf16 checkpoint and reading every weight "
           "(MB = 2^20 bytes):")
-    print(f"  load_checkpoint (bf16):         +{results['bf16_peak_mb']:.0f} MB for a {results['bf16_model_mb']:.0f} MB model")
+    print(f"  load_checkpoint (bf16):              +{results['bf16_peak_mb']:.0f} MB for a {results['bf16_model_mb']:.0f} MB model")
     print(f"  load_checkpoint_quantized (nf4-dq):  +{results['nf4-dq_peak_mb']:.0f} MB for a {results['nf4-dq_model_mb']:.0f} MB "
           f"model ({results['nf4-dq_peak_mb'] / results['checkpoint_mb']:.2f} x the checkpoint, "
           f"{results['nf4-dq_peak_mb'] / results['bf16_peak_mb']:.2f} x the bf16 load)")

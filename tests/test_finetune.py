@@ -234,7 +234,9 @@ def test_loss_fn_matches_cross_entropy(dtype, shape):
     assert grad.dtype == dtype
     torch.testing.assert_close(grad.float(), reference_grad.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-8)
     assert not grad[0, : T // 2 - 1].any()  # positions whose next token is masked get no gradient
-    assert torch.isnan(loss_fn(logits, torch.full_like(labels, -100)))  # like F.cross_entropy: 0 / 0
+    nothing_counted = loss_fn(logits, torch.full_like(labels, -100))
+    assert torch.isnan(nothing_counted)  # like F.cross_entropy: 0 / 0, and, like it, no gradient at all
+    assert not torch.autograd.grad(nothing_counted, logits)[0].any()
 
 
 def test_bf16_true_training_keeps_the_logits_in_bf16(tmp_path):

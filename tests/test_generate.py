@@ -380,3 +380,20 @@ def test_base_script_with_int8_weights_and_compiled(tiny_checkpoint, capsys):
         assert text == "Once upon a time" + expected, compile
         captured = capsys.readouterr()
         assert "linear layers in int8" in captured.err and ("compiled in" in captured.err) == compile
+
+
+def test_a_failing_compile_is_a_one_line_error(tiny_checkpoint, monkeypatch):
+    from lit_lora.generate import compile_for_decoding
+
+    def broken_compile(model, **kwargs):
+        def compiled(*args, **kwargs):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(pages of traceback)")
+        compiled.config, compiled.tok_embeddings, compiled.layers = model.config, model.tok_embeddings, model.layers
+        compiled.set_kv_cache, compiled.clear_kv_cache = model.set_kv_cache, model.clear_kv_cache
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = load_checkpoint(tiny_checkpoint / "base").eval()
+    with pytest.raises(ValueError, match=r"^compiling the model failed \(RuntimeError: InvalidCxxCompiler: No working C\+\+ "
+                                         r"compiler found\); run without --compile"):
+        compile_for_decoding(model, torch.tensor([1, 2, 3]))

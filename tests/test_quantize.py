@@ -498,6 +498,14 @@ def test_int8_fused_kernel_equals_the_dequantized_matmul(shape, rows):
     torch.testing.assert_close(fused.float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
 
 
+def test_int8_kernel_takes_inputs_of_any_layout():
+    torch.manual_seed(0)
+    layer = Int8Linear.from_weight((torch.randn(32, 64) * 0.02).to(torch.bfloat16))
+    x = torch.randn(64, 3).to(torch.bfloat16).t()  # (3, 64), stride 1 along the batch, not the features
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer(x.contiguous()))
+
+
 @pytest.mark.parametrize("in_features", [8, 33, 100])
 def test_int8_shapes_the_kernel_gets_wrong_take_the_dequantizing_path(in_features):
     """In torch 2.13 the fused kernel crashes for in_features 33 or 100 and is wrong for 8 in bf16."""
