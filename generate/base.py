@@ -48,9 +48,8 @@ def main(
     check_generation_settings(max_new_tokens, temperature, top_k, top_p)
     torch.manual_seed(seed)
     model, tokenizer, prompt_ids = load_for_generation(checkpoint_dir, prompt, max_new_tokens, device, dtype, quantize)
-    print(prompt, end="", flush=True)  # the continuation is streamed right behind it
-    text, stats = generate_streaming(model, tokenizer, prompt_ids, max_new_tokens,
-                                     temperature=temperature, top_k=top_k, top_p=top_p, compile=compile)
+    text, stats = generate_streaming(model, tokenizer, prompt_ids, max_new_tokens, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, compile=compile, echo=prompt)  # the continuation right behind it
     print(stats, file=sys.stderr)
     return prompt + text
 

@@ -352,7 +352,7 @@ class GenerationStats:
 
 def generate_streaming(model: Llama, tokenizer: Tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int, *,
                        temperature: float = 0.8, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                       continuation: bool = True, compile: bool = False,
+                       continuation: bool = True, compile: bool = False, echo: str = "",
                        file: Optional[TextIO] = None) -> Tuple[str, GenerationStats]:
     """`generate` one prompt until EOS, printing the new text to `file` (stdout) as it is produced and
     timing it. Returns (the new text, its statistics); the scripts print the statistics on stderr.
@@ -361,7 +361,8 @@ def generate_streaming(model: Llama, tokenizer: Tokenizer, prompt_ids: torch.Ten
     word. False for a response to an instruction template: decoded on its own, it starts at its first
     word (see lit_lora/prompts.py).
 
-    compile: decode with `compile_for_decoding(model, prompt_ids)` (timed and reported apart)."""
+    compile: decode with `compile_for_decoding(model, prompt_ids)` (timed and reported apart).
+    echo: text printed just before the generated text (e.g. the prompt), after any compiling."""
     device = model.tok_embeddings.weight.device
     streamer = TextStreamer(tokenizer, prompt_ids if continuation else None, file)
     first_token_time: List[float] = []
@@ -376,6 +377,7 @@ def generate_streaming(model: Llama, tokenizer: Tokenizer, prompt_ids: torch.Ten
         started = time.perf_counter()
         runner, cache_length = compile_for_decoding(model, prompt_ids), model.config.block_size
         print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    print(echo, end="", file=file or sys.stdout, flush=True)
     start = time.perf_counter()
     output = generate(runner, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       eos_id=tokenizer.eos_id, on_token=on_token, cache_length=cache_length)
