@@ -315,10 +315,12 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, mode: str = "nf4-dq") -> "Linear4bit":
-        """Quantize a float (out, in) matrix; the layer computes in `weight.dtype` by default."""
+        """Quantize a float (out, in) matrix; the layer computes in `weight.dtype` by default. A meta
+        `weight` gives an empty shell with the right buffers."""
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, mode, compute_dtype=weight.dtype, device=weight.device)
-        layer.load_weight(weight)
+        if weight.device.type != "meta":
+            layer.load_weight(weight)
         return layer
 
     @torch.no_grad()
@@ -389,9 +391,11 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor) -> "Int8Linear":
+        """Quantize a float (out, in) matrix, as `Linear4bit.from_weight` (a meta `weight`: a shell)."""
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, compute_dtype=weight.dtype, device=weight.device)
-        layer.load_weight(weight)
+        if weight.device.type != "meta":
+            layer.load_weight(weight)
         return layer
 
     @torch.no_grad()
@@ -429,7 +433,15 @@ class Int8Linear(nn.Module):
                 and hasattr(torch, "_weight_int8pack_mm"))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, mode=int8, compute_dtype={self.compute_dtype}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, compute_dtype={self.compute_dtype}"
+
+
+QUANTIZED_LAYERS = (Linear4bit, Int8Linear)
+
+
+def quantized_linear(weight: torch.Tensor, mode: str) -> nn.Module:
+    """The frozen layer of `mode` holding `weight` (out, in): Int8Linear for "int8", else Linear4bit."""
+    return Int8Linear.from_weight(weight) if mode == "int8" else Linear4bit.from_weight(weight, mode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,7 +471,7 @@ def _bitsandbytes_linear(weight: torch.Tensor, mode: str, device: Union[str, tor
 def is_quantized_linear(module: nn.Module) -> bool:
     """A `Linear4bit` or `Int8Linear`, or bitsandbytes' Linear4bit when bitsandbytes is already imported."""
     bnb = sys.modules.get("bitsandbytes")
-    return isinstance(module, (Linear4bit, Int8Linear)) or (bnb is not None and isinstance(module, bnb.nn.Linear4bit))
+    return isinstance(module, QUANTIZED_LAYERS) or (bnb is not None and isinstance(module, bnb.nn.Linear4bit))
 
 
 def linear_device_dtype(module: nn.Module) -> Tuple[torch.device, torch.dtype]:
@@ -476,7 +488,7 @@ def linear_device_dtype(module: nn.Module) -> Tuple[torch.device, torch.dtype]:
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The dense (out, in) weight of a quantized linear layer, in its compute dtype."""
-    if isinstance(module, (Linear4bit, Int8Linear)):
+    if isinstance(module, QUANTIZED_LAYERS):
         return module.dequantize()
     import bitsandbytes.functional as bnb_functional
 
@@ -526,13 +538,8 @@ def quantize_model(model: nn.Module, mode: str = "nf4-dq", skip: Sequence[str] =
             if linear.weight.device.type == "meta":
                 raise ValueError("backend 'bitsandbytes' cannot quantize a meta-device model; load the weights first")
             quantized = _bitsandbytes_linear(linear.weight, mode)
-        elif mode == "int8":
-            quantized = (Int8Linear(linear.in_features, linear.out_features, linear.weight.dtype, device="meta")
-                         if linear.weight.device.type == "meta" else Int8Linear.from_weight(linear.weight.detach()))
-        elif linear.weight.device.type == "meta":
-            quantized = Linear4bit(linear.in_features, linear.out_features, mode, linear.weight.dtype, device="meta")
         else:
-            quantized = Linear4bit.from_weight(linear.weight.detach(), mode)
+            quantized = quantized_linear(linear.weight.detach(), mode)
         _set_submodule(model, name, quantized)
         replaced[name] = linear
     return replaced
@@ -606,7 +613,7 @@ def load_checkpoint_quantized(checkpoint_dir: Union[str, Path], mode: str = "nf4
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: {name} has dtype {tensor.dtype}, expected a floating-point tensor")
         module = model.get_submodule(name.rpartition(".")[0])
-        if isinstance(module, (Linear4bit, Int8Linear)):
+        if isinstance(module, QUANTIZED_LAYERS):
             module.load_weight(tensor)
         else:
             model.get_parameter(name).copy_(tensor)
@@ -635,11 +642,7 @@ def merge_lora_quantized(model: nn.Module, requantize: bool = False) -> Dict[str
         dtype = weight.dtype
         weight = weight.float() + layer.delta_weight()  # (out, in)
         if requantize:
-            if isinstance(layer.base, Int8Linear):
-                replacement = Int8Linear.from_weight(weight.to(dtype))
-            else:
-                mode = layer.base.mode if isinstance(layer.base, Linear4bit) else "nf4-dq"
-                replacement = Linear4bit.from_weight(weight.to(dtype), mode)
+            replacement = quantized_linear(weight.to(dtype), getattr(layer.base, "mode", "nf4-dq"))  # bitsandbytes': nf4-dq
         else:
             replacement = nn.Linear(layer.base.in_features, layer.base.out_features, bias=False, device="meta")
             replacement.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
@@ -661,7 +664,7 @@ def quantized_storage(model: nn.Module) -> Dict[str, int]:
     storage = dict.fromkeys(("codes", "absmax", "absmax_codes", "absmax_scales", "unquantized"), 0)
     quantized_params, seen = 0, set()
     for module in model.modules():
-        is_quantized = isinstance(module, (Linear4bit, Int8Linear))
+        is_quantized = isinstance(module, QUANTIZED_LAYERS)
         if is_quantized:
             quantized_params += module.in_features * module.out_features
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:

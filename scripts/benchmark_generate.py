@@ -8,10 +8,9 @@ same weights. Every round then runs, back to back: transformers in float32 (its 
 KV cache), lit-lora in float32, and, where it is fast (a GPU with bf16, or a CPU with AVX512-BF16/AMX,
 detected at run time), transformers and lit-lora in bf16, and lit-lora with int8 weights and bf16
 activations (`quantize_model(model, "int8")`, what `generate/*.py --quantize int8` loads), also compiled
-(`--compile true` of the scripts: torch.compile fuses the ~20 small per-token operations of each
-layer, which dominate a small model's decoding on CPU). Greedy
-decoding, batch 1, a 16-token prompt, 128 new tokens, EOS ignored so every run produces the same number
-of tokens.
+(`compile_for_decoding`, what `--compile true` does: torch.compile fuses the ~20 small per-token
+operations of each layer, which dominate a small model's decoding on CPU). Greedy decoding, batch 1, a
+16-token prompt, 128 new tokens, EOS ignored so every run produces the same number of tokens.
 
 Why int8: decoding one token reads every weight once, so its speed is set by the bytes per weight and
 by how well the single-row kernel streams them. In torch 2.13 on CPU, a one-row bf16 F.linear streams
@@ -30,7 +29,6 @@ identical; a mismatch fails the run.
 """
 
 import copy
-import logging
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
@@ -38,7 +36,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from lit_lora.cli import run
-from lit_lora.generate import cpu_supports_fast_bf16, generate
+from lit_lora.generate import compile_for_decoding, cpu_supports_fast_bf16, generate
 from lit_lora.hf_names import config_to_hf, lit_to_hf_name
 from lit_lora.model import Config, Llama
 from lit_lora.quantize import quantize_model
@@ -130,6 +128,7 @@ def main(
     results = {}
     for name in models:
         ours, hf = build_pair(name, chosen)
+        prompt = torch.randint(0, ours.config.vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(1)).to(chosen)
         engines: Dict[str, Callable[[torch.Tensor], Dict[str, object]]] = {
             "transformers float32": lambda p: timed_transformers(hf, p, new_tokens),
             "lit-lora float32": lambda p: timed_ours(ours, p, new_tokens),
@@ -146,11 +145,9 @@ def main(
             engines["lit-lora int8"] = lambda p: timed_ours(ours_int8, p, new_tokens)
             scorers["lit-lora int8"] = ours_int8
             if compile:
-                torch._logging.set_logs(dynamo=logging.ERROR)  # not the note about the graph break at int(input_pos[-1])
-                compiled = torch.compile(ours_int8, dynamic=True)
+                compiled = compile_for_decoding(ours_int8, prompt[0])
                 engines["lit-lora int8 compiled"] = lambda p: timed_ours(compiled, p, new_tokens, ours.config.block_size)
                 scorers["lit-lora int8 compiled"] = ours_int8
-        prompt = torch.randint(0, ours.config.vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(1)).to(chosen)
         for engine in engines.values():  # warm-up: first-call allocations, kernel selection
             engine(prompt)
 
