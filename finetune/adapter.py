@@ -8,9 +8,10 @@ See howto/finetune_adapter.md for memory needs, multi-GPU runs and hyperparamete
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional
 
-from lit_lora.adapter import AdapterConfig, add_adapter, mark_only_adapter_as_trainable, save_adapter_checkpoint
+from lit_lora.adapter import AdapterConfig
 from lit_lora.cli import run
-from lit_lora.train import TrainArgs, fit, make_sampler, start_run
+from lit_lora.methods import ADAPTER, finetune
+from lit_lora.train import TrainArgs
 
 
 def main(
@@ -18,7 +19,7 @@ def main(
     data_dir: Path = Path("data/alpaca"),
     out_dir: Path = Path("out/adapter/alpaca"),
     adapter: AdapterConfig = AdapterConfig(prompt_length=10, start_layer=2),
-    train: TrainArgs = TrainArgs(learning_rate=9e-3, weight_decay=0.02, global_batch_size=64, micro_batch_size=4, warmup_steps=100),
+    train: TrainArgs = ADAPTER.recipe,
     precision: Optional[Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]] = None,
     devices: int = 1,
     num_nodes: int = 1,
@@ -43,15 +44,7 @@ def main(
         resume: "auto" (the newest checkpoint in out_dir) or the path of a resumable checkpoint.
         overwrite: replace a finished run in out_dir.
     """
-    hyperparameters = dict(locals())
-    session = start_run(checkpoint_dir, data_dir, out_dir, train, precision, devices, num_nodes, strategy, accelerator)
-    add_adapter(session.model, adapter)
-    mark_only_adapter_as_trainable(session.model)
-    return fit(session.fabric, session.model, session.train_data, session.val_data, train, out_dir,
-               save_weights=lambda path, model: save_adapter_checkpoint(path, model, adapter),
-               weights_name="lit_adapter.safetensors",
-               sample=make_sampler(session.tokenizer, session.prompt_style, train.sample_instruction),
-               resume=resume, overwrite=overwrite, hyperparameters=hyperparameters)
+    return finetune(ADAPTER, dict(locals()))
 
 
 if __name__ == "__main__":

@@ -10,16 +10,16 @@ shard it over several GPUs with FSDP. See howto/finetune_full.md.
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional
 
-from lit_lora.checkpoint import save_checkpoint
 from lit_lora.cli import run
-from lit_lora.train import TrainArgs, fit, make_sampler, start_run
+from lit_lora.methods import FULL, finetune
+from lit_lora.train import TrainArgs
 
 
 def main(
     checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"),
     data_dir: Path = Path("data/alpaca"),
     out_dir: Path = Path("out/full/alpaca"),
-    train: TrainArgs = TrainArgs(learning_rate=3e-5, weight_decay=0.02, global_batch_size=64, micro_batch_size=1, warmup_steps=100),
+    train: TrainArgs = FULL.recipe,
     precision: Optional[Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]] = None,
     devices: int = 1,
     num_nodes: int = 1,
@@ -43,15 +43,7 @@ def main(
         resume: "auto" (the newest checkpoint in out_dir) or the path of a resumable checkpoint.
         overwrite: replace a finished run in out_dir.
     """
-    hyperparameters = dict(locals())
-    session = start_run(checkpoint_dir, data_dir, out_dir, train, precision, devices, num_nodes, strategy, accelerator)
-    session.model.requires_grad_(True)
-    tokenizer_path = session.tokenizer.model_path
-    return fit(session.fabric, session.model, session.train_data, session.val_data, train, out_dir,
-               save_weights=lambda path, model: save_checkpoint(path, model.state_dict(), model.config, tokenizer_path),
-               weights_name="final",
-               sample=make_sampler(session.tokenizer, session.prompt_style, train.sample_instruction),
-               resume=resume, overwrite=overwrite, hyperparameters=hyperparameters)
+    return finetune(FULL, dict(locals()))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any, Dict, Literal, Optional
 
 from lit_lora.cli import run
-from lit_lora.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, save_lora_checkpoint
-from lit_lora.train import TrainArgs, fit, make_sampler, start_run
+from lit_lora.lora import LoRAConfig
+from lit_lora.methods import LORA, finetune
+from lit_lora.quantize import QLoRAMode
+from lit_lora.train import TrainArgs
 
 
 def main(
@@ -18,13 +20,13 @@ def main(
     data_dir: Path = Path("data/alpaca"),
     out_dir: Path = Path("out/lora/alpaca"),
     lora: LoRAConfig = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=("q", "v")),
-    train: TrainArgs = TrainArgs(learning_rate=3e-4, weight_decay=0.0, global_batch_size=128, micro_batch_size=4, warmup_steps=100),
+    train: TrainArgs = LORA.recipe,
     precision: Optional[Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]] = None,
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     accelerator: str = "auto",
-    quantize: Optional[Literal["nf4", "nf4-dq"]] = None,
+    quantize: Optional[QLoRAMode] = None,
     resume: Optional[str] = None,
     overwrite: bool = False,
 ) -> Dict[str, Any]:
@@ -45,14 +47,7 @@ def main(
         resume: "auto" (the newest checkpoint in out_dir) or the path of a resumable checkpoint.
         overwrite: replace a finished run in out_dir.
     """
-    hyperparameters = dict(locals())
-    session = start_run(checkpoint_dir, data_dir, out_dir, train, precision, devices, num_nodes, strategy, accelerator, quantize)
-    add_lora(session.model, lora)
-    mark_only_lora_as_trainable(session.model)
-    return fit(session.fabric, session.model, session.train_data, session.val_data, train, out_dir,
-               save_weights=lambda path, model: save_lora_checkpoint(path, model, lora), weights_name="lit_lora.safetensors",
-               sample=make_sampler(session.tokenizer, session.prompt_style, train.sample_instruction),
-               resume=resume, overwrite=overwrite, hyperparameters=hyperparameters)
+    return finetune(LORA, dict(locals()))
 
 
 if __name__ == "__main__":

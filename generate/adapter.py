@@ -1,10 +1,10 @@
-"""Answer an instruction with a LLaMA-Adapter-finetuned model: the base checkpoint plus one or more adapters.
+"""Step 5: answer an instruction with a LLaMA-Adapter-finetuned model: the base checkpoint plus one or more adapters.
 
     python generate/adapter.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf \
         --adapter_path out/adapter/alpaca/lit_adapter.safetensors --prompt "Recommend a movie for the weekend."
 
-The adapter file describes itself (prompt length, first adapted layer, base model), so nothing is
-retyped. The learned prompts stay a separate branch of attention (unlike LoRA there is nothing to merge);
+The adapter file describes itself (prompt length, first adapted layer, base model, the prompt style it
+was trained with), so nothing is retyped. The learned prompts stay a separate branch of attention (unlike LoRA there is nothing to merge);
 their keys and values are projected once and reused for every generated token.
 
 One base, many adapters: `--adapter_path '[a.safetensors, b.safetensors]'` loads the base weights once
@@ -12,16 +12,13 @@ and answers with each adapter in turn. Only the response goes to stdout (under a
 each when there are several); timing and memory go to stderr.
 """
 
-import sys
 from pathlib import Path
 from typing import List, Literal, Optional, Union
 
-import torch
-
-from lit_lora.adapter import apply_adapter_checkpoint, remove_adapter
 from lit_lora.cli import run
-from lit_lora.generate import check_generation_settings, generate_streaming, load_for_generation
-from lit_lora.prompts import get_prompt_style
+from lit_lora.generate import check_generation_settings
+from lit_lora.inference import answer_with_each
+from lit_lora.quantize import QuantizeMode
 
 
 def main(
@@ -29,7 +26,7 @@ def main(
     adapter_path: Union[Path, List[Path]] = Path("out/adapter/alpaca/lit_adapter.safetensors"),
     prompt: str = "What food do llamas eat?",
     input: str = "",
-    prompt_style: str = "alpaca",
+    prompt_style: Optional[str] = None,
     max_new_tokens: int = 100,
     temperature: float = 0.8,
     top_k: Optional[int] = 200,
@@ -37,7 +34,7 @@ def main(
     seed: int = 1234,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
-    quantize: Optional[Literal["nf4", "nf4-dq", "int8"]] = None,
+    quantize: Optional[QuantizeMode] = None,
     compile: bool = False,
 ) -> List[str]:
     """Answer `prompt` (an instruction, with an optional `input`) with each LLaMA-Adapter.
@@ -47,7 +44,8 @@ def main(
         adapter_path: an adapter file written by finetune/adapter.py, or a list of them ('[a, b]').
         prompt: the instruction.
         input: optional context for the instruction (the "### Input:" part of the Alpaca template).
-        prompt_style: the instruction template the adapters were trained with (lit_lora/prompts.py).
+        prompt_style: the instruction template (lit_lora/prompts.py); default: the one each adapter file
+            records that it was trained with.
         max_new_tokens: the most tokens to generate (fewer if the model emits EOS or the context ends).
         temperature: 0 is greedy decoding; below 1 sharper, above 1 more random.
         top_k: sample only among the k most likely tokens (null: all).
@@ -59,32 +57,10 @@ def main(
             in 8 bits, "int8": the fastest decoding on a CPU with native bf16 (see howto/inference.md).
         compile: torch.compile the model before generating: faster decoding after 10-60 s of compiling.
     """
-    paths = adapter_path if isinstance(adapter_path, list) else [adapter_path]
-    if not paths:
-        raise ValueError("--adapter_path names no adapter file")
     check_generation_settings(max_new_tokens, temperature, top_k, top_p)
-    instruction = get_prompt_style(prompt_style).format(prompt, input)
-    model, tokenizer, prompt_ids = load_for_generation(checkpoint_dir, instruction, max_new_tokens, device, dtype, quantize)
-
-    for path in paths:  # check every file against the base before the first answer, not after it
-        apply_adapter_checkpoint(model, path)
-        remove_adapter(model)
-    answers = []
-    for path in paths:
-        adapter_config = apply_adapter_checkpoint(model, path)
-        print(f"{path}: LLaMA-Adapter with {adapter_config.prompt_length} prompt tokens from layer "
-              f"{adapter_config.start_layer}", file=sys.stderr)
-        if len(paths) > 1:
-            print(f"### {path}", flush=True)
-        torch.manual_seed(seed)
-        answer, stats = generate_streaming(model, tokenizer, prompt_ids, max_new_tokens,
-                                           temperature=temperature, top_k=top_k, top_p=top_p, continuation=False,
-                                           compile=compile)
-        answers.append(answer)
-        print(stats, file=sys.stderr)
-        remove_adapter(model)  # back to the base model for the next adapter
-    return answers
-
+    return answer_with_each(checkpoint_dir, adapter_path if isinstance(adapter_path, list) else [adapter_path], "adapter", prompt, input,
+                            prompt_style, False, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
+                            quantize, compile)
 
 if __name__ == "__main__":
     run(main)

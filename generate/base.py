@@ -1,4 +1,4 @@
-"""Continue a prompt with a base model (no adapter): plain text completion.
+"""Step 5: continue a prompt with a base model (no adapter): plain text completion.
 
     python generate/base.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --prompt "The capital of France is"
 
@@ -13,7 +13,9 @@ from typing import Literal, Optional
 import torch
 
 from lit_lora.cli import run
-from lit_lora.generate import check_generation_settings, generate_streaming, load_for_generation
+from lit_lora.generate import check_generation_settings
+from lit_lora.inference import encode_prompts, generate_streaming, load_for_generation
+from lit_lora.quantize import QuantizeMode
 
 
 def main(
@@ -26,7 +28,7 @@ def main(
     seed: int = 1234,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
-    quantize: Optional[Literal["nf4", "nf4-dq", "int8"]] = None,
+    quantize: Optional[QuantizeMode] = None,
     compile: bool = False,
 ) -> str:
     """Generate a continuation of `prompt` with a lit-lora checkpoint.
@@ -47,7 +49,8 @@ def main(
     """
     check_generation_settings(max_new_tokens, temperature, top_k, top_p)
     torch.manual_seed(seed)
-    model, tokenizer, prompt_ids = load_for_generation(checkpoint_dir, prompt, max_new_tokens, device, dtype, quantize)
+    tokenizer, [prompt_ids] = encode_prompts(checkpoint_dir, [prompt], max_new_tokens)
+    model = load_for_generation(checkpoint_dir, device, dtype, quantize)
     text, stats = generate_streaming(model, tokenizer, prompt_ids, max_new_tokens, temperature=temperature,
                                      top_k=top_k, top_p=top_p, compile=compile, echo=prompt)  # the continuation right behind it
     print(stats, file=sys.stderr)

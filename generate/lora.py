@@ -1,9 +1,10 @@
-"""Answer an instruction with a LoRA-finetuned model: the base checkpoint plus one or more adapters.
+"""Step 5: answer an instruction with a LoRA-finetuned model: the base checkpoint plus one or more adapters.
 
     python generate/lora.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf \
         --lora_path out/lora/alpaca/lit_lora.safetensors --prompt "Recommend a movie for the weekend."
 
-The adapter file describes itself (rank, alpha, targets, base model), so nothing is retyped. By default
+The adapter file describes itself (rank, alpha, targets, base model, the prompt style it was trained
+with), so nothing is retyped. By default
 its update is merged into the weights, W <- W + (alpha / r) B A, and the model runs at exactly the base
 model's speed; `--merge false` keeps the low-rank branch separate instead.
 
@@ -13,16 +14,13 @@ the previous one out (unmerge, then remove) before adding the next. Only the res
 (under a `### <adapter>` line each when there are several); timing and memory go to stderr.
 """
 
-import sys
 from pathlib import Path
 from typing import List, Literal, Optional, Union
 
-import torch
-
 from lit_lora.cli import run
-from lit_lora.generate import check_generation_settings, generate_streaming, load_for_generation
-from lit_lora.lora import apply_lora_checkpoint, lora_layers, merge_lora, remove_lora
-from lit_lora.prompts import get_prompt_style
+from lit_lora.generate import check_generation_settings
+from lit_lora.inference import answer_with_each
+from lit_lora.quantize import QuantizeMode
 
 
 def main(
@@ -31,7 +29,7 @@ def main(
     prompt: str = "What food do llamas eat?",
     input: str = "",
     merge: bool = True,
-    prompt_style: str = "alpaca",
+    prompt_style: Optional[str] = None,
     max_new_tokens: int = 100,
     temperature: float = 0.8,
     top_k: Optional[int] = 200,
@@ -39,7 +37,7 @@ def main(
     seed: int = 1234,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
-    quantize: Optional[Literal["nf4", "nf4-dq", "int8"]] = None,
+    quantize: Optional[QuantizeMode] = None,
     compile: bool = False,
 ) -> List[str]:
     """Answer `prompt` (an instruction, with an optional `input`) with each LoRA adapter.
@@ -50,7 +48,8 @@ def main(
         prompt: the instruction.
         input: optional context for the instruction (the "### Input:" part of the Alpaca template).
         merge: fold the update into the weights (no inference overhead); false keeps it as a separate branch.
-        prompt_style: the instruction template the adapters were trained with (lit_lora/prompts.py).
+        prompt_style: the instruction template (lit_lora/prompts.py); default: the one each adapter file
+            records that it was trained with.
         max_new_tokens: the most tokens to generate (fewer if the model emits EOS or the context ends).
         temperature: 0 is greedy decoding; below 1 sharper, above 1 more random.
         top_k: sample only among the k most likely tokens (null: all).
@@ -62,41 +61,10 @@ def main(
             in 8 bits, "int8": the fastest decoding on a CPU with native bf16 (see howto/inference.md).
         compile: torch.compile the model before generating: faster decoding after 10-60 s of compiling.
     """
-    paths = lora_path if isinstance(lora_path, list) else [lora_path]
-    if not paths:
-        raise ValueError("--lora_path names no adapter file")
     check_generation_settings(max_new_tokens, temperature, top_k, top_p)
-    instruction = get_prompt_style(prompt_style).format(prompt, input)
-    model, tokenizer, prompt_ids = load_for_generation(checkpoint_dir, instruction, max_new_tokens, device, dtype, quantize)
-    if quantize is not None and merge:
-        print("note: a quantized base cannot absorb the update in place, so the LoRA branch stays separate "
-              "(scripts/merge_lora.py merges into a 16-bit copy)", file=sys.stderr)
-        merge = False
-
-    for path in paths:  # check every file against the base before the first answer, not after it
-        apply_lora_checkpoint(model, path)
-        remove_lora(model)
-    answers = []
-    for path in paths:
-        lora_config = apply_lora_checkpoint(model, path)
-        if merge:
-            merge_lora(model)
-        print(f"{path}: LoRA r={lora_config.r} alpha={lora_config.alpha} on {', '.join(lora_config.targets)}, "
-              f"{'merged into the weights' if merge else 'kept unmerged'}", file=sys.stderr)
-        if len(paths) > 1:
-            print(f"### {path}", flush=True)
-        torch.manual_seed(seed)
-        answer, stats = generate_streaming(model, tokenizer, prompt_ids, max_new_tokens,
-                                           temperature=temperature, top_k=top_k, top_p=top_p, continuation=False,
-                                           compile=compile)
-        answers.append(answer)
-        print(stats, file=sys.stderr)
-        for layer in lora_layers(model).values():  # back to the base weights for the next adapter
-            if layer.merged:
-                layer.unmerge()
-        remove_lora(model)
-    return answers
-
+    return answer_with_each(checkpoint_dir, lora_path if isinstance(lora_path, list) else [lora_path], "lora", prompt, input,
+                            prompt_style, merge, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
+                            quantize, compile)
 
 if __name__ == "__main__":
     run(main)

@@ -58,25 +58,21 @@ Usage (explicit and reversible, like lit_lora.lora):
     names = add_adapter(model, config)            # ["layers.2.attn", ..., "layers.31.attn"] for 7B
     mark_only_adapter_as_trainable(model)
     ...train...
-    save_adapter_checkpoint("out/adapter.safetensors", model, config)
-    apply_adapter_checkpoint(other_model, "out/adapter.safetensors")   # rebuilds config, checks the base
-    remove_adapter(model)                                               # back to the plain model
+    adapter_state_dict(model)                     # prompts and gates only (lit_lora/methods.py saves them)
+    remove_adapter(model)                         # back to the plain model
 """
 
+import weakref
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_lora.checkpoint import CheckpointError, check_keys_and_shapes, load_adapter_file, save_adapter_file
+from lit_lora.checkpoint import CheckpointError, check_keys_and_shapes
 from lit_lora.model import CausalSelfAttention, Config, Llama
 from lit_lora.utils import count_parameters
-
-METHOD = "adapter"  # the method name in an adapter file's header
-
 
 @dataclass
 class AdapterConfig:
@@ -100,16 +96,14 @@ class AdaptionPrompt(nn.Module):
     """The prompt branch of one layer: g · softmax(q kpᵀ / √hs) vp, with kp, vp the layer's own
     projections of the learned prompt P. Called by `CausalSelfAttention` as `adapter(q, attn)`.
 
-    Reusing the prompt's keys and values while decoding: P and the projections do not change between
-    generated tokens, so re-projecting P for every token (2 · L · C · nkv·hs multiply-adds per layer,
-    more than all four attention projections of the one new token when L = 10) is wasted work. When no
-    gradient is being recorded and the module is in eval mode, the projected keys/values are kept,
-    together with what they were computed from: the identity, version counter (bumped by every in-place
-    update: optimizer steps, `load_state_dict`, `copy_`, LoRA merges), storage, dtype and device of P and
-    of every parameter and buffer of k_proj/v_proj, and the on/off flags of those modules (booleans such
-    as `training` or LoRALinear's `disabled`). The next call reuses them only if all of that is
-    unchanged. Training (grad enabled or train mode) always recomputes, so gradients flow. Not seen: a
-    change hidden from all of these, such as a forward hook on k_proj; call `forget_cache()` after one.
+    Reusing the prompt's keys and values while decoding: P and the projections do not change while the
+    model generates, so re-projecting P for every token (2 · L · C · nkv·hs multiply-adds per layer, more
+    than all four attention projections of the one new token when L = 10) is wasted work. They are
+    therefore computed once per KV-cache lifetime: the first forward pass after `model.set_kv_cache(...)`
+    keeps them beside that cache, and `model.clear_kv_cache()` (which `generate` calls when it returns)
+    drops them with it. Without a KV cache (training, scoring) they are computed in every call, so
+    gradients flow. Changing the weights while a KV cache is set (a LoRA merge between two decoding
+    steps) is not seen: set the cache again after such a change.
     """
 
     def __init__(self, prompt_length: int, n_embd: int, device: Optional[torch.device] = None,
@@ -118,41 +112,24 @@ class AdaptionPrompt(nn.Module):
         self.prompt = nn.Parameter(torch.empty(prompt_length, n_embd, device=device, dtype=dtype))  # (L, C)
         nn.init.normal_(self.prompt, mean=0.0, std=1.0)  # like the official code and PEFT; see the module doc
         self.gate = nn.Parameter(torch.zeros(1, device=device, dtype=dtype))  # zero-init: starts as the base model
-        self._cache: Optional[Tuple[tuple, tuple, torch.Tensor, torch.Tensor]] = None  # (key, sources, kp, vp)
+        # (the KV cache they were computed for, kp, vp); a weak reference, so a cleared cache is not kept alive
+        self._kept: Optional[Tuple[weakref.ref, torch.Tensor, torch.Tensor]] = None
 
     def extra_repr(self) -> str:
         return f"prompt_length={self.prompt.size(0)}, n_embd={self.prompt.size(1)}"
 
-    def forget_cache(self) -> None:
-        """Drop the kept prompt keys/values; the next call projects the prompt again."""
-        self._cache = None
-
-    def _cache_key(self, attn: CausalSelfAttention) -> Optional[Tuple[tuple, tuple]]:
-        """(key, sources) describing what the prompt's keys/values depend on, or None when they must be
-        recomputed (training). `sources` keeps the tensors alive so their ids in `key` stay unique."""
-        if torch.is_grad_enabled() or self.training:
-            return None
-        projections = (attn.k_proj, attn.v_proj)
-        sources = (self.prompt, *(t for m in projections for t in (*m.parameters(), *m.buffers())))
-        if any(t.is_inference() for t in sources):  # inference-mode tensors have no version counter
-            return None
-        flags = tuple((name, value) for projection in projections for module in projection.modules()
-                      for name, value in vars(module).items() if isinstance(value, bool))
-        key = (flags, *((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in sources))
-        return key, sources
-
     def prompt_keys_values(self, attn: CausalSelfAttention) -> Tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the prompt tokens for every query head: two (1, nh, L, hs) tensors."""
-        cache_key = self._cache_key(attn)
-        if cache_key is not None and self._cache is not None and self._cache[0] == cache_key[0]:
-            return self._cache[2], self._cache[3]
+        cache = attn.kv_cache
+        if cache is not None and self._kept is not None and self._kept[0]() is cache:
+            return self._kept[1], self._kept[2]  # computed earlier in this KV cache's lifetime
         L = self.prompt.size(0)
         kp = attn.k_proj(self.prompt).view(1, L, attn.n_kv_heads, attn.head_size).transpose(1, 2)  # (1, nkv, L, hs)
         vp = attn.v_proj(self.prompt).view(1, L, attn.n_kv_heads, attn.head_size).transpose(1, 2)  # (1, nkv, L, hs)
         if attn.n_kv_heads != attn.n_head:  # GQA: each key/value head serves nh // nkv query heads
             kp = kp.repeat_interleave(attn.n_head // attn.n_kv_heads, dim=1)  # (1, nh, L, hs)
             vp = vp.repeat_interleave(attn.n_head // attn.n_kv_heads, dim=1)  # (1, nh, L, hs)
-        self._cache = None if cache_key is None else (*cache_key, kp, vp)
+        self._kept = None if cache is None else (weakref.ref(cache), kp, vp)
         return kp, vp
 
     def forward(self, q: torch.Tensor, attn: CausalSelfAttention) -> torch.Tensor:
@@ -175,7 +152,7 @@ def _adapted_layers(model: Llama) -> Iterator[Tuple[str, AdaptionPrompt]]:
             yield f"layers.{i}.attn", block.attn.adapter
 
 
-def _expected_shapes(adapter_config: AdapterConfig, model_config: Config) -> Dict[str, torch.Size]:
+def adapter_state_shapes(adapter_config: AdapterConfig, model_config: Config) -> Dict[str, torch.Size]:
     """Names and shapes of the tensors an adapter with these settings has on this base model."""
     shapes = {}
     for i in range(adapter_config.start_layer, model_config.n_layer):
@@ -247,44 +224,3 @@ def load_adapter_state_dict(model: Llama, state: Mapping[str, torch.Tensor], sou
         else:
             with torch.no_grad():
                 param.copy_(state[name])
-
-
-def save_adapter_checkpoint(path: Union[str, Path], model: Llama, adapter_config: AdapterConfig) -> Path:
-    """Write the prompts and gates with `adapter_config` and the base model's Config in the header."""
-    state = adapter_state_dict(model)
-    check_keys_and_shapes(_expected_shapes(adapter_config, model.config), state,
-                          f"the model's adapter (saving with {adapter_config})")
-    return save_adapter_file(path, state, METHOD, adapter_config.to_dict(), model.config)
-
-
-def load_adapter_checkpoint(path: Union[str, Path]) -> Tuple[AdapterConfig, Config, Dict[str, torch.Tensor]]:
-    """Read an adapter file: (its AdapterConfig, the base model Config it was trained on, the tensors),
-    checking that the tensors are exactly those the header's settings describe."""
-    settings, model_config, state = load_adapter_file(path, method=METHOD)
-    try:
-        adapter_config = AdapterConfig(**settings)
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: invalid adapter settings {settings} ({error})") from None
-    check_keys_and_shapes(_expected_shapes(adapter_config, model_config), state,
-                          f"{path} (its tensors checked against its header's settings {settings})")
-    return adapter_config, model_config, state
-
-
-def apply_adapter_checkpoint(model: Llama, path: Union[str, Path]) -> AdapterConfig:
-    """Add the adapter described by the file at `path` to `model` and load its weights. The base model
-    must have the Config the adapter was trained on (its `name` aside); otherwise a `CheckpointError`
-    lists the differing fields and the model is left untouched."""
-    adapter_config, trained_on, state = load_adapter_checkpoint(path)
-    ours, theirs = model.config.to_dict(), trained_on.to_dict()
-    differences = [f"{field}={theirs[field]!r} (model has {ours[field]!r})"
-                   for field in theirs if field != "name" and theirs[field] != ours[field]]
-    if differences:
-        raise CheckpointError(f"{path} was trained on a different base model: {', '.join(differences)}; "
-                              "load the base checkpoint it was finetuned from")
-    add_adapter(model, adapter_config)
-    try:
-        load_adapter_state_dict(model, state, source=str(path))
-    except Exception:
-        remove_adapter(model)
-        raise
-    return adapter_config

@@ -6,10 +6,13 @@ A lit-lora model checkpoint is a directory:
         lit_model.safetensors   the weights (safetensors: no pickle, memory-mapped when read)
         model_config.json       every `Config` field: the model is rebuilt from this, nothing retyped
         tokenizer.model         the SentencePiece model, when the source had one
+        training.json           for a fully finetuned model: the prompt style it learned, its max sequence length
 
-An adapter checkpoint (LoRA or LLaMA-Adapter) is one small `.safetensors` file holding only the adapter
-weights; its header metadata names the method, the method's settings (rank, alpha, targets, ...) and
-the base model's `Config`, so the adapter can be rebuilt and checked against the base it is loaded on.
+A method's weights file (a LoRA or LLaMA-Adapter adapter) is one small `.safetensors` file holding
+only what the method trained; its header metadata names the method, the method's settings (rank, alpha,
+targets, ...), the base model's `Config`, and how it was trained (prompt style, maximum sequence
+length), so the adapter can be rebuilt, checked against the base it is loaded on, and prompted the way
+it learned. lit_lora/methods.py reads and writes these files for every method.
 
 Every file is written to a temporary name and renamed into place, so an interrupted run never leaves
 a half-written file behind.
@@ -17,23 +20,24 @@ a half-written file behind.
 
 import json
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lit_lora.model import Config, Llama
+from lit_lora.utils import PathLike
 
 WEIGHTS_NAME = "lit_model.safetensors"
 CONFIG_NAME = "model_config.json"
 TOKENIZER_NAME = "tokenizer.model"
-PathLike = Union[str, Path]
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # reading the umask means setting it: put it straight back
+TRAINING_NAME = "training.json"  # a finetuned checkpoint's prompt style and maximum sequence length
 
 
 class CheckpointError(ValueError):
@@ -45,12 +49,11 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    tmp = Path(tmp_name)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # unique: concurrent writers never share it
+    # O_EXCL: never reuse an existing file; mode 0o666 lets the umask give the usual permissions.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -120,14 +123,17 @@ def model_state_shapes(model: torch.nn.Module) -> Dict[str, torch.Size]:
 
 
 def save_checkpoint(checkpoint_dir: PathLike, state: Mapping[str, torch.Tensor], config: Config,
-                    tokenizer_path: Optional[PathLike] = None) -> Path:
-    """Write a lit-lora checkpoint directory (weights, config and optionally the tokenizer)."""
+                    tokenizer_path: Optional[PathLike] = None, training: Optional[Dict[str, Any]] = None) -> Path:
+    """Write a lit-lora checkpoint directory (weights, config and optionally the tokenizer, and for a
+    finetuned model how it was trained: `training.json` with its prompt style and maximum sequence length)."""
     checkpoint_dir = Path(checkpoint_dir)
     state = dict(state)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     save_tensors(state, checkpoint_dir / WEIGHTS_NAME, metadata={"format": "pt"})
     save_json(config.to_dict(), checkpoint_dir / CONFIG_NAME)
+    if training is not None:
+        save_json(training, checkpoint_dir / TRAINING_NAME)
     if tokenizer_path is not None and Path(tokenizer_path).resolve() != (checkpoint_dir / TOKENIZER_NAME).resolve():
         with atomic_path(checkpoint_dir / TOKENIZER_NAME) as tmp:
             tmp.write_bytes(Path(tokenizer_path).read_bytes())
@@ -145,38 +151,110 @@ def load_config(checkpoint_dir: PathLike) -> Config:
         raise CheckpointError(f"{path}: invalid model config ({error})") from None
 
 
+def _read_error(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}")
+
+
+def read_shapes(path: PathLike) -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as meta tensors of the same shapes, from its header alone (no
+    tensor data is read), e.g. for `check_keys_and_shapes`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: torch.empty(f.get_slice(name).get_shape(), device="meta") for name in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise _read_error(path, error) from None
+
+
+def read_tensor(path: PathLike, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file. The file is opened for this one tensor: while a safetensors file
+    stays open its memory map keeps every page read so far resident, and a loader that quantizes tensor
+    by tensor would grow by the whole checkpoint."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise _read_error(Path(path), error) from None
+
+
+@torch.no_grad()
 def load_checkpoint(checkpoint_dir: PathLike, dtype: Optional[torch.dtype] = None,
-                    device: Optional[Union[str, torch.device]] = None) -> Llama:
+                    device: Optional[Union[str, torch.device]] = None,
+                    prepare: Optional[Callable[[Llama], Any]] = None) -> Llama:
     """Rebuild the model from `model_config.json` and load `lit_model.safetensors` into it.
 
-    The model is built on the meta device (no memory, no random init) and the loaded tensors are
-    assigned in place of the meta ones, so loading costs one copy of the weights, not two.
+    The model is built on the meta device (no memory, no random init) and the file's keys and shapes are
+    checked from its header before any weight is read. Then the tensors are read one at a time and each
+    becomes its parameter (assigned, not copied into a preallocated one), so loading holds one copy of
+    the weights, in `dtype` (default: as stored) on `device` (default: CPU).
+
+    `prepare(model)` may change the meta model before the weights arrive, e.g. swap its Linear layers for
+    empty quantized layers (lit_lora/quantize.py): a module with a `load_weight` method is allocated on
+    `device` up front and receives its tensor through `load_weight`.
     """
     checkpoint_dir = Path(checkpoint_dir)
     config = load_config(checkpoint_dir)
     with torch.device("meta"):
         model = Llama(config)
-    weights_path = checkpoint_dir / WEIGHTS_NAME
-    state, _ = load_tensors(weights_path)
-    check_keys_and_shapes(model_state_shapes(model), state, str(weights_path))
     if dtype is not None:
-        state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
-    model.load_state_dict(state, strict=not config.tie_embeddings, assign=True)
-    if config.tie_embeddings:  # assign=True replaced the shared Parameter: tie the head again
-        model.lm_head.weight = model.tok_embeddings.weight
-    return model.to(device) if device is not None else model
+        model.to(dtype)  # free on the meta device; quantized layers take it as their compute dtype
+    expected = model_state_shapes(model)
+    path = checkpoint_dir / WEIGHTS_NAME
+    check_keys_and_shapes(expected, read_shapes(path), str(path))
+    if prepare is not None:
+        prepare(model)
+    device = torch.device(device or "cpu")
+    for module in model.modules():
+        if hasattr(module, "load_weight"):
+            module.to_empty(device=device)
+    for name in expected:
+        tensor = read_tensor(path, name)
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path}: {name} has dtype {tensor.dtype}, expected a floating-point tensor")
+        module_name, _, tensor_name = name.rpartition(".")
+        owner = model.get_submodule(module_name)
+        if hasattr(owner, "load_weight"):
+            owner.load_weight(tensor)
+        else:
+            setattr(owner, tensor_name, nn.Parameter(tensor.to(device, dtype or tensor.dtype)))
+        del tensor
+    if config.tie_embeddings:  # the file stores the shared matrix once, as the embedding
+        if hasattr(model.lm_head, "load_weight"):  # a quantized head keeps a quantized copy
+            model.lm_head.load_weight(model.tok_embeddings.weight)
+        else:
+            model.lm_head.weight = model.tok_embeddings.weight
+    return model
 
 
-def save_adapter_file(path: PathLike, tensors: Mapping[str, torch.Tensor], method: str, settings: Dict[str, Any],
-                 model_config: Config) -> Path:
-    """Write adapter-only weights with the method, its settings and the base model config in the header."""
-    metadata = {"method": method, "settings": json.dumps(settings), "model_config": json.dumps(model_config.to_dict())}
-    save_tensors(tensors, path, metadata=metadata)
+# ----------------------------------------------------------------------------------------------------
+# Method weights files: what LoRA, LLaMA-Adapter and the other methods of lit_lora/methods.py save
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodFile:
+    """The contents of a method's weights file."""
+
+    method: str  # "lora", "adapter", ...
+    settings: Dict[str, Any]  # the method's config as a dict (LoRAConfig.to_dict(), ...)
+    model_config: Config  # the base model it was trained on
+    tensors: Dict[str, torch.Tensor]
+    training: Dict[str, Any] = field(default_factory=dict)  # prompt_style, max_seq_length (absent in older files)
+
+
+def save_method_file(path: PathLike, contents: MethodFile) -> Path:
+    """Write the tensors with the method, its settings, the base model config and the training facts in
+    the header."""
+    metadata = {"method": contents.method, "settings": json.dumps(contents.settings),
+                "model_config": json.dumps(contents.model_config.to_dict()), "training": json.dumps(contents.training)}
+    save_tensors(contents.tensors, path, metadata=metadata)
     return Path(path)
 
 
-def load_adapter_file(path: PathLike, method: Optional[str] = None) -> Tuple[Dict[str, Any], Config, Dict[str, torch.Tensor]]:
-    """Read an adapter file written by `save_adapter_file`: (settings, base model config, tensors)."""
+def read_method_file(path: PathLike, method: Optional[str] = None) -> MethodFile:
+    """Read a file written by `save_method_file`; `method`, when given, must be the one it holds."""
     tensors, metadata = load_tensors(path)
     if "method" not in metadata or "settings" not in metadata or "model_config" not in metadata:
         raise CheckpointError(f"{path} is not a lit-lora adapter file (its header names no method/settings/model_config)")
@@ -185,6 +263,20 @@ def load_adapter_file(path: PathLike, method: Optional[str] = None) -> Tuple[Dic
     try:
         settings = json.loads(metadata["settings"])
         model_config = Config.from_dict(json.loads(metadata["model_config"]))
+        training = json.loads(metadata.get("training", "{}"))
     except (json.JSONDecodeError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: unreadable adapter header ({error})") from None
-    return settings, model_config, tensors
+    if not isinstance(settings, dict) or not isinstance(training, dict):
+        raise CheckpointError(f"{path}: unreadable adapter header (settings and training must be JSON objects)")
+    return MethodFile(metadata["method"], settings, model_config, tensors, training)
+
+
+def check_same_base(source: str, trained_on: Config, model_config: Config) -> None:
+    """A `CheckpointError` listing the differing fields unless an adapter trained on `trained_on` fits a
+    model of `model_config` (the name aside)."""
+    theirs, ours = trained_on.to_dict(), model_config.to_dict()
+    differences = [f"{key}={theirs[key]!r} (model has {ours[key]!r})" for key in theirs
+                   if key != "name" and theirs[key] != ours[key]]
+    if differences:
+        raise CheckpointError(f"{source} was trained on a different base model: {', '.join(differences)}; "
+                              "load the base checkpoint it was finetuned from")

@@ -1,58 +1,40 @@
 """Compare finetuning methods on the same model, data and budget: the measurements, the table, the plots.
 
-    for each method (LoRA, LLaMA-Adapter, full finetuning, LoRA variants):
-        finetune through the method's own script (finetune/<method>.py `main`): same data order (seed),
+    for each method of the registry (lit_lora/methods.py: LoRA, LLaMA-Adapter, full finetuning, LoRA
+    variants, any method registered there):
+        finetune exactly as its finetune script does (`methods.finetune`): same data order (seed),
         same number of steps and batch size; each method keeps its own learning rate
         measure: trainable parameters, adapter file size, peak memory, seconds per step, final val loss
     score held-out instructions by exact match (greedy decoding), the base model included
-    write comparison.md (the table) and PNGs: the loss curves of all methods on one figure, and where LoRA
-    ran, a heatmap of the size of its update ||(alpha / r) B A|| per layer and projection
+    write comparison.md (the table) and PNGs: the loss curves of all methods on one figure, and for a
+    method that can measure its update (LoRA), a heatmap of its size ||(alpha / r) B A|| per layer
 
-scripts/quickstart.py runs this on the synthetic world (lit_lora/synthetic.py); scripts/compare.py on
-any checkpoint and prepared dataset.
+`compare_methods` runs it all; scripts/compare.py is its command line, and scripts/quickstart.py runs
+the same pieces on the synthetic world (lit_lora/synthetic.py).
 """
 
 import gc
-import importlib.util
-import inspect
 import json
-import os
 import re
 import resource
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from lit_lora.adapter import apply_adapter_checkpoint
-from lit_lora.checkpoint import atomic_path, load_checkpoint, load_json, save_json
+from lit_lora.checkpoint import TOKENIZER_NAME, atomic_path, load_checkpoint, load_json, save_json
+from lit_lora.data import load_prepare_config
 from lit_lora.generate import generate
-from lit_lora.lora import LLAMA_TARGETS, LoRAConfig, apply_lora_checkpoint, load_lora_checkpoint
+from lit_lora.lora import LoRAConfig
+from lit_lora.methods import METHODS, apply_weights, finetune as finetune_method, get_method, read_weights
 from lit_lora.model import Llama
-from lit_lora.prompts import PromptStyle
+from lit_lora.plots import plot_loss_curves, plot_update_heatmap
+from lit_lora.prompts import PromptStyle, get_prompt_style
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.train import FINISHED_NAME, TrainArgs
-
-PathLike = Union[str, Path]
-REPO_ROOT = Path(__file__).resolve().parents[1]
-METHOD_SCRIPTS = {"lora": "finetune/lora.py", "adapter": "finetune/adapter.py", "full": "finetune/full.py"}
-WEIGHTS_NAMES = {"lora": "lit_lora.safetensors", "adapter": "lit_adapter.safetensors", "full": "final"}
-
-
-def load_script_main(relative_path: str) -> Callable[..., Any]:
-    """The `main` function of one of the repository's scripts (finetune/lora.py, scripts/merge_lora.py, ...).
-
-    Scripts are files, not a package; running their `main` in this process, rather than the same library
-    calls copied here, guarantees the comparison measures exactly what the scripts do."""
-    path = REPO_ROOT / relative_path
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run this from a clone of lit-lora installed with `pip install -e .`")
-    spec = importlib.util.spec_from_file_location(f"lit_lora_script_{path.stem}_{path.parent.name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+from lit_lora.train import FINISHED_NAME
+from lit_lora.utils import PathLike
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -106,7 +88,7 @@ class RunResult:
     """What one method's run measured. `metrics` is what lit_lora.train.fit returned."""
 
     name: str
-    method: str  # "lora", "adapter", "full" or "base" (no finetuning)
+    method: str  # a method of lit_lora/methods.py, or "base" (no finetuning)
     out_dir: Optional[Path] = None
     metrics: Dict[str, Any] = field(default_factory=dict)
     peak_memory: Optional[Dict[str, Any]] = None
@@ -116,9 +98,9 @@ class RunResult:
     @property
     def weights_path(self) -> Optional[Path]:
         """What the run saved: the adapter file, or the finetuned checkpoint directory ("full")."""
-        if self.out_dir is None or self.method not in WEIGHTS_NAMES:
+        if self.out_dir is None or self.method not in METHODS:
             return None
-        return self.out_dir / WEIGHTS_NAMES[self.method]
+        return self.out_dir / METHODS[self.method].weights_name
 
     def weights_bytes(self) -> Optional[int]:
         path = self.weights_path
@@ -133,40 +115,32 @@ LORA_SWEEP = ("lora-r8-qv", "lora-r8-all", "lora-r64-qv", "lora-r64-all")
 
 @dataclass
 class Variant:
-    """One entry of a comparison: a method and the settings its script's `main` receives."""
+    """One entry of a comparison: a method and the settings it runs with."""
 
     name: str
-    method: str  # "lora", "adapter" or "full"
-    settings: Dict[str, Any] = field(default_factory=dict)  # e.g. {"lora": LoRAConfig(...)}; empty: the script's default
+    method: str  # a method of lit_lora/methods.py
+    settings: Dict[str, Any] = field(default_factory=dict)  # e.g. {"lora": LoRAConfig(...)}; empty: the method's defaults
 
 
 def parse_variant(spec: str) -> Variant:
-    """"lora", "adapter", "full" (each script's default settings), or "lora-r<rank>-<qv|all>": LoRA of that
-    rank (alpha = 2 x rank, dropout 0.05) on q_proj and v_proj, or on every linear layer of the blocks."""
-    if spec in METHOD_SCRIPTS:
+    """A registered method's name (its default settings), or "lora-r<rank>-<qv|all>": LoRA of that rank
+    (alpha = 2 x rank, dropout 0.05) on q_proj and v_proj, or on every linear layer of the blocks."""
+    if spec in METHODS:
         return Variant(spec, spec)
     match = re.fullmatch(r"lora-r(\d+)-(qv|all)", spec)
     if not match:
-        raise ValueError(f"unknown method {spec!r}: use lora, adapter, full or lora-r<rank>-<qv|all> (e.g. lora-r64-all)")
+        raise ValueError(f"unknown method {spec!r}: use {', '.join(METHODS)} or lora-r<rank>-<qv|all> (e.g. lora-r64-all)")
     rank = int(match.group(1))
     targets = ("q", "v") if match.group(2) == "qv" else BLOCK_LINEAR
     return Variant(spec, "lora", {"lora": LoRAConfig(r=rank, alpha=2 * rank, dropout=0.05, targets=targets)})
 
 
-def script_recipe(method: str) -> TrainArgs:
-    """The TrainArgs a finetune script uses by default (its learning rate, weight decay, batch sizes)."""
-    return inspect.signature(load_script_main(METHOD_SCRIPTS[method])).parameters["train"].default
-
-
-def finetune(variant: Variant, out_dir: PathLike, device: torch.device, **kwargs: Any) -> RunResult:
-    """Run finetune/<method>.py's `main(out_dir=..., overwrite=True, **variant.settings, **kwargs)` and
-    measure its peak memory; returns the run's metrics and loss history."""
-    if variant.method not in METHOD_SCRIPTS:
-        raise ValueError(f"unknown method {variant.method!r}; choose one of {', '.join(METHOD_SCRIPTS)}")
-    main = load_script_main(METHOD_SCRIPTS[variant.method])
+def finetune(variant: Variant, out_dir: PathLike, device: torch.device, **arguments: Any) -> RunResult:
+    """Finetune `variant` as its finetune script would, with `arguments` (checkpoint_dir, data_dir, train,
+    ...) and overwrite=True, and measure its peak memory; returns the run's metrics and loss history."""
     out_dir = Path(out_dir)
     with measure_peak_memory(device) as peak:
-        metrics = main(out_dir=out_dir, overwrite=True, **variant.settings, **kwargs)
+        metrics = finetune_method(variant.method, {"out_dir": out_dir, "overwrite": True, **variant.settings, **arguments})
     if not metrics.get("finished"):
         raise RuntimeError(f"{variant.name}: training stopped at step {metrics['steps']} of {metrics['total_steps']}")
     history = json.loads((out_dir / "history.json").read_text())["history"]
@@ -174,13 +148,13 @@ def finetune(variant: Variant, out_dir: PathLike, device: torch.device, **kwargs
 
 
 def load_finished_run(out_dir: PathLike, name: Optional[str] = None) -> RunResult:
-    """A run finished earlier by finetune/<method>.py (e.g. full finetuning on several GPUs), read from
-    its out_dir: final_metrics.json, history.json, and the method from the weights it saved."""
+    """A run finished earlier by a finetune script (e.g. full finetuning on several GPUs), read from its
+    out_dir: final_metrics.json, history.json, and the method from the weights it saved."""
     out_dir = Path(out_dir)
-    methods = [method for method, weights in WEIGHTS_NAMES.items() if (out_dir / weights).exists()]
+    methods = [name for name, method in METHODS.items() if (out_dir / method.weights_name).exists()]
     if not (out_dir / FINISHED_NAME).is_file() or len(methods) != 1:
         raise FileNotFoundError(f"{out_dir} holds no finished finetuning run ({FINISHED_NAME} and one of "
-                                f"{', '.join(WEIGHTS_NAMES.values())} expected)")
+                                f"{', '.join(m.weights_name for m in METHODS.values())} expected)")
     metrics = load_json(out_dir / FINISHED_NAME)
     history = load_json(out_dir / "history.json")["history"] if (out_dir / "history.json").is_file() else []
     peak = re.search(r"peak (GPU memory|RSS) ([0-9.]+) GB", str(metrics.get("peak_memory", "")))
@@ -190,15 +164,13 @@ def load_finished_run(out_dir: PathLike, name: Optional[str] = None) -> RunResul
 
 def load_finetuned(result: RunResult, checkpoint_dir: PathLike, device: torch.device,
                    dtype: Optional[torch.dtype] = None) -> Llama:
-    """The model a run produced, in eval mode: the base with its adapter applied, or the full checkpoint."""
-    if result.method == "full":
-        model = load_checkpoint(result.weights_path, dtype=dtype, device=device)
-    else:
-        model = load_checkpoint(checkpoint_dir, dtype=dtype, device=device)
-        if result.method == "lora":
-            apply_lora_checkpoint(model, result.weights_path)
-        elif result.method == "adapter":
-            apply_adapter_checkpoint(model, result.weights_path)
+    """The model a run produced, in eval mode: the base with its weights file applied, or the checkpoint
+    the method saved (full finetuning)."""
+    if result.method != "base" and not get_method(result.method).saves_file:
+        return load_checkpoint(result.weights_path, dtype=dtype, device=device).eval()
+    model = load_checkpoint(checkpoint_dir, dtype=dtype, device=device)
+    if result.method != "base":
+        apply_weights(model, result.weights_path, result.method)
     return model.eval()
 
 
@@ -368,91 +340,76 @@ def write_report(results: Sequence[RunResult], out_dir: PathLike, title: str, no
     return report
 
 
+def plot_update(result: RunResult, path: PathLike, title: str = "") -> Optional[Path]:
+    """A heatmap of where `result`'s method changed the model, for methods that measure their update
+    (LoRA: (alpha / r) ||B A|| per layer and projection); None for the others."""
+    method = METHODS.get(result.method)
+    if method is None or method.update_norms is None or result.weights_path is None:
+        return None
+    weights = read_weights(result.weights_path, method)
+    rows, columns, norms = method.update_norms(weights.config, weights.model_config, weights.tensors)
+    return plot_update_heatmap(rows, columns, norms, path, title or f"{result.name}: size of the update per layer")
+
+
 # ----------------------------------------------------------------------------------------------------
-# Plots
+# The whole comparison
 # ----------------------------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
+def compare_methods(checkpoint_dir: PathLike, data_dir: PathLike, out_dir: PathLike, variants: Sequence[Variant],
+                    budget: Dict[str, Any], include: Sequence[PathLike] = (), learning_rates: Optional[Dict[str, float]] = None,
+                    eval_file: Optional[PathLike] = None, max_new_tokens: int = 64, precision: Optional[str] = None,
+                    accelerator: str = "auto") -> str:
+    """Finetune every variant on the same `budget` (TrainArgs fields: max_steps, global_batch_size, seed,
+    ...), each with its method's own learning rate unless `learning_rates` names one; add the runs of
+    `include`; score every model (the base too) on `eval_file` by exact match; write comparison.md,
+    comparison.json, loss_curves.png and the update heatmaps to `out_dir`. Returns the report."""
+    learning_rates = dict(learning_rates or {})
+    names = [variant.name for variant in variants] + [str(path) for path in include]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a method is listed twice: {names}")
+    unknown = sorted(set(learning_rates) - set(METHODS))
+    if unknown:
+        raise ValueError(f"--learning_rates: unknown methods {unknown}; use {', '.join(METHODS)}")
+    records = load_eval_records(eval_file) if eval_file is not None else None  # fail early on a bad file
+    finished = [load_finished_run(path, name=str(path)) for path in include]
+    if not variants and not finished:
+        raise ValueError("nothing to compare: give --methods, --lora_sweep or --include")
+    device = torch.device("cuda" if accelerator != "cpu" and torch.cuda.is_available() else "cpu")
+    out_dir = Path(out_dir)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    results: List[RunResult] = []
+    for variant in variants:
+        recipe = get_method(variant.method).recipe  # the method's own learning rate and weight decay
+        train = replace(recipe, **budget, learning_rate=learning_rates.get(variant.method, recipe.learning_rate))
+        print(f"\n=== {variant.name}: {train.max_steps} steps of {train.global_batch_size}, learning rate "
+              f"{train.learning_rate:g} ===", flush=True)
+        results.append(finetune(variant, out_dir / variant.name, device, checkpoint_dir=checkpoint_dir,
+                                data_dir=data_dir, train=train, precision=precision, accelerator=accelerator))
+        release_memory()
+    results += finished
 
-    return plt
+    if records is not None:
+        tokenizer = Tokenizer(Path(checkpoint_dir) / TOKENIZER_NAME)
+        style = get_prompt_style(load_prepare_config(data_dir)["prompt_style"])
+        results.insert(0, RunResult("base model (no finetuning)", "base"))
+        for result in results:
+            dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+            model = load_finetuned(result, checkpoint_dir, device, dtype=dtype)
+            result.accuracy = exact_match(model, tokenizer, style, records, max_new_tokens=max_new_tokens)
+            print(f"{result.name}: {100 * result.accuracy.accuracy:.1f} % exact match "
+                  f"({result.accuracy.correct}/{result.accuracy.total})", flush=True)
+            del model
+            release_memory()
 
-
-def _save_figure(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=120)
-    _pyplot().close(fig)
-    os.replace(tmp, path)
-
-
-def plot_loss_curves(results: Sequence[RunResult], path: PathLike,
-                     title: str = "Finetuning loss: training (thin) and validation (dots)") -> Path:
-    """Training loss (thin) and validation loss (dots) of every run, one colour per method, on one figure."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for index, result in enumerate(r for r in results if r.history):
-        color = f"C{index}"
-        train = [(h["step"], h["train_loss"]) for h in result.history if "train_loss" in h]
-        val = [(h["step"], h["val_loss"]) for h in result.history if "val_loss" in h]
-        if train:
-            ax.plot(*zip(*train), color=color, linewidth=0.8, alpha=0.45)
-        if val:
-            ax.plot(*zip(*val), "o-", color=color, linewidth=1.8, markersize=4, label=f"{result.name} (validation)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy loss (response tokens)")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    _save_figure(fig, Path(path))
-    return Path(path)
-
-
-def lora_update_norms(lora_path: PathLike) -> Tuple[List[str], List[str], torch.Tensor]:
-    """Frobenius norm of each adapted weight's update, (alpha / r) ||B A||, read from an adapter file.
-
-    Returns (projection names, layer names, norms of shape (n_projections, n_layers)); a projection a
-    layer does not adapt is NaN. ||B A|| is computed without forming the (out, in) matrix:
-    ||B A||_F^2 = trace(A^T B^T B A) = sum((B^T B) * (A A^T)), two r x r products."""
-    lora_config, model_config, state = load_lora_checkpoint(lora_path)
-    projections = [t for t in LLAMA_TARGETS if t in lora_config.targets and t != "head"]
-    norms = torch.full((len(projections), model_config.n_layer), float("nan"))
-    for row, target in enumerate(projections):
-        for layer in range(model_config.n_layer):
-            prefix = LLAMA_TARGETS[target].replace("*", str(layer))
-            if f"{prefix}.lora_A" not in state:
-                continue
-            a, b = state[f"{prefix}.lora_A"].double(), state[f"{prefix}.lora_B"].double()  # (r, in), (out, r)
-            squared = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0.0)
-            norms[row, layer] = lora_config.alpha / lora_config.r * squared.sqrt().item()
-    return projections, [str(i) for i in range(model_config.n_layer)], norms
-
-
-def plot_lora_heatmap(lora_path: PathLike, path: PathLike, title: str = "") -> Path:
-    """Heatmap of (alpha / r) ||B A||_F per layer (columns) and projection (rows): where LoRA changed the model."""
-    projections, layers, norms = lora_update_norms(lora_path)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(layers) + 2.5), 0.55 * len(projections) + 1.8))
-    image = ax.imshow(norms.numpy(), cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(layers)), labels=layers)
-    ax.set_yticks(range(len(projections)), labels=[f"{p}_proj" for p in projections])
-    ax.set_xlabel("layer")
-    if len(layers) <= 16:  # the values themselves, where they fit
-        finite = norms[torch.isfinite(norms)]
-        middle = float(finite.max() + finite.min()) / 2 if finite.numel() else 0.0
-        for row, values in enumerate(norms.tolist()):
-            for column, value in enumerate(values):
-                if value == value:  # not NaN: this layer has this projection adapted
-                    ax.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                            color="black" if value > middle else "white")
-    fig.colorbar(image, ax=ax, label="(alpha / r) ||B A||_F")
-    ax.set_title(title or "Size of the LoRA update per layer and projection")
-    fig.tight_layout()
-    _save_figure(fig, Path(path))
-    return Path(path)
+    notes = [f"checkpoint {checkpoint_dir}, data {data_dir}; {budget.get('max_steps')} steps of "
+             f"{budget.get('global_batch_size')} samples in the same order (seed {budget.get('seed')}) for every "
+             "method trained here"]
+    notes.append(f"accuracy: exact match on {len(records)} instructions of {eval_file}, greedy decoding"
+                 if records is not None else "no --eval_file: compare the final validation loss")
+    report = write_report(results, out_dir, f"Finetuning methods compared on {Path(checkpoint_dir).name}", notes)
+    plot_loss_curves(results, out_dir / "loss_curves.png")
+    for result in results:
+        file_name = "".join(c if c.isalnum() or c in "-." else "_" for c in result.name)
+        plot_update(result, out_dir / f"{result.method}_update_heatmap_{file_name}.png")
+    return report

@@ -16,7 +16,7 @@ Step 3 needs a safetensors writer that does not want every tensor in a dict up f
 sources are read with `pread` (no memory map), so a tensor's bytes are resident only while it is
 converted. PyTorch `.bin`/`.pth` sources are memory-mapped (`torch.load(mmap=True)`) afresh for every
 layer, so the file pages in memory never exceed about one layer. Peak memory is therefore about one
-or two copies of the largest tensor, whatever the model size (scripts/benchmark_convert_memory.py).
+or two copies of the largest tensor, whatever the model size (benchmarks/benchmark_convert_memory.py).
 
 Formats:
   * Hugging Face: `config.json` + `model.safetensors` | `model-0000i-of-0000n.safetensors` with
@@ -47,7 +47,6 @@ from lit_lora.checkpoint import (
     TOKENIZER_NAME,
     WEIGHTS_NAME,
     CheckpointError,
-    PathLike,
     atomic_path,
     check_keys_and_shapes,
     load_config,
@@ -57,6 +56,7 @@ from lit_lora.checkpoint import (
 )
 from lit_lora.hf_names import config_from_hf, config_to_hf, hf_to_lit_name, lit_to_hf_name
 from lit_lora.model import Config, Llama
+from lit_lora.utils import PathLike
 
 HF_CONFIG_NAME = "config.json"
 HF_WEIGHTS_NAME = "model.safetensors"
@@ -64,19 +64,9 @@ META_PARAMS_NAME = "params.json"
 Shape = Tuple[int, ...]
 Layout = Dict[str, Tuple[Shape, torch.dtype]]  # tensor name -> (shape, dtype), in file order
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
 _BROKEN_FILE_ERRORS = (SafetensorError, RuntimeError, OSError, EOFError, ValueError, KeyError)
-
-
-def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    """'bfloat16' -> torch.bfloat16; None means: keep the dtype each tensor is stored in."""
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not supported; choose one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,12 +24,13 @@ comparing the logits at position t with labels[t + 1].
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Sequence, Union
+from typing import Any, Dict, Iterator, List, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
 from lit_lora.checkpoint import load_json, load_tensors, save_tensors
+from lit_lora.utils import PathLike
 
 IGNORE_INDEX = -100  # the default `ignore_index` of torch.nn.functional.cross_entropy
 FORMAT_NAME = "lit-lora prepared instruction data"
@@ -39,7 +40,6 @@ PREPARE_CONFIG_NAME = "prepare_config.json"
 GROUP_SIZE_IN_BATCHES = 50  # length grouping sorts within windows of this many batches (see BatchSampler)
 
 Sample = Dict[str, torch.Tensor]
-PathLike = Union[str, Path]
 
 
 def save_prepared(path: PathLike, samples: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
@@ -177,10 +177,3 @@ class BatchSampler(Sampler):
         batches = self.batches(self.epoch)
         self.epoch += 1
         return iter(batches)
-
-
-def make_dataloader(samples: Sequence[Sample], batch_size: int, shuffle: bool, seed: int,
-                    group_by_length: bool = False) -> DataLoader:
-    """A DataLoader of right-padded (B, T) batches, deterministic by `seed` (see BatchSampler)."""
-    sampler = BatchSampler([len(sample["input_ids"]) for sample in samples], batch_size, shuffle, seed, group_by_length)
-    return DataLoader(samples, batch_sampler=sampler, collate_fn=collate)

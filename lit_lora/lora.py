@@ -58,7 +58,7 @@ How to use it here
     add_lora(model, lora_config)                            # returns the layers it wrapped
     mark_only_lora_as_trainable(model)                      # everything else frozen
     ...train...
-    save_lora_checkpoint("lora.safetensors", model, lora_config)   # A and B only, ~17 MB for 7B
+    lora_state_dict(model)                                  # A and B only, ~17 MB for 7B (methods.py saves it)
     with lora_disabled(model): ...                          # the base model's outputs, adapter off
     merge_lora(model); remove_lora(model)                   # a plain Llama with the update folded in
 
@@ -71,16 +71,14 @@ import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import torch
 import torch.nn as nn
 
-from lit_lora.checkpoint import CheckpointError, check_keys_and_shapes, load_adapter_file, save_adapter_file
+from lit_lora.checkpoint import check_keys_and_shapes
 from lit_lora.model import Config, Llama
-from lit_lora.quantize import is_quantized_linear, linear_device_dtype
-from lit_lora.utils import count_parameters
+from lit_lora.utils import count_parameters, tied_parameters
 
 # Llama target names -> the module names they select in lit_lora.model.Llama (glob patterns).
 LLAMA_TARGETS: Dict[str, str] = {
@@ -129,6 +127,21 @@ class LoRAConfig:
         return {**asdict(self), "targets": list(self.targets)}
 
 
+def is_quantized(layer: nn.Module) -> bool:
+    """Whether `layer` stores its weight quantized. Quantized layers (lit_lora/nf4.py, int8.py, and
+    bitsandbytes') declare the dtype they compute in as `compute_dtype`, since their storage is integers;
+    an nn.Linear has no such attribute. A quantized weight cannot absorb B A in place."""
+    return hasattr(layer, "compute_dtype")
+
+
+def compute_device_dtype(layer: nn.Module) -> Tuple[torch.device, torch.dtype]:
+    """Where a linear layer lives and the dtype it computes in: A and B are created with these."""
+    tensor = next(iter(layer.state_dict().values()))  # a weight, or a quantized layer's first buffer
+    if is_quantized(layer):
+        return tensor.device, layer.compute_dtype or torch.float32
+    return tensor.device, tensor.dtype
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer (kept as the child `base`) plus a trainable low-rank update:
 
@@ -138,15 +151,15 @@ class LoRALinear(nn.Module):
     `merge()` folds the update into base.weight, `unmerge()` takes it out again; while `disabled` is
     set the layer computes base(x) alone (the pretrained model, e.g. as a reference).
 
-    `base` is an `nn.Linear` or a quantized layer of lit_lora/quantize.py (QLoRA, int8); A and B live on the
-    base's device in the dtype it computes in (never the integer storage type).
+    `base` is an `nn.Linear` or a quantized layer (QLoRA's 4-bit layer, int8; see `is_quantized`); A and B
+    live on the base's device in the dtype it computes in (never the integer storage type).
     """
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        device, dtype = linear_device_dtype(base)
+        device, dtype = compute_device_dtype(base)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=dtype))
         # The init nn.Linear gives its own weight: uniform in +-1/sqrt(in), so A x has the scale of x.
@@ -186,7 +199,7 @@ class LoRALinear(nn.Module):
             raise RuntimeError("LoRA layer is already merged: merging twice would add the update twice")
         if self._disabled:
             raise RuntimeError("cannot merge a disabled LoRA layer: re-enable it first")
-        if is_quantized_linear(self.base):
+        if is_quantized(self.base):
             raise RuntimeError("the base weight is quantized and cannot absorb B A in place: "
                                "use lit_lora.quantize.merge_lora_quantized(model)")
         weight = self.base.weight
@@ -218,13 +231,8 @@ def _target_patterns(model: nn.Module, config: LoRAConfig) -> Dict[str, str]:
     return {target: LLAMA_TARGETS[target] if is_llama and target in LLAMA_TARGETS else target for target in config.targets}
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child_name, module)
-
-
 def add_lora(model: nn.Module, config: LoRAConfig) -> Dict[str, nn.Module]:
-    """Wrap every `nn.Linear` (or quantized linear layer, see lit_lora/quantize.py) selected by
+    """Wrap every `nn.Linear` (or quantized linear layer, see `is_quantized`) selected by
     `config.targets` in a `LoRALinear`, in place.
 
     Returns {module name: the layer it replaced}; `remove_lora` undoes this. Works on a
@@ -234,11 +242,8 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> Dict[str, nn.Module]:
     """
     if lora_layers(model):
         raise ValueError("the model already has LoRA layers: call remove_lora(model) first instead of wrapping twice")
-    linears = {name: m for name, m in model.named_modules() if name and (isinstance(m, nn.Linear) or is_quantized_linear(m))}
-    # A weight listed more than once is shared (e.g. an lm_head tied to the token embedding).
-    occurrences: Dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        occurrences[id(param)] = occurrences.get(id(param), 0) + 1
+    linears = {name: m for name, m in model.named_modules() if name and (isinstance(m, nn.Linear) or is_quantized(m))}
+    tied = tied_parameters(model)
 
     chosen: List[str] = []
     for target, pattern in _target_patterns(model, config).items():
@@ -250,7 +255,7 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> Dict[str, nn.Module]:
                 f"{examples}{', ...' if len(linears) > 6 else ''}). On a Llama use {', '.join(LLAMA_TARGETS)}, "
                 "'mlp' or 'all'; on other models glob patterns over module names such as 'classifier.*'")
         for name in matches:
-            if any(occurrences[id(p)] > 1 for p in linears[name].parameters(recurse=False)):
+            if any(id(p) in tied for p in linears[name].parameters(recurse=False)):
                 raise ValueError(f"LoRA target {target!r}: {name}.weight is tied to another module, and merging "
                                  "would change both; leave it out of the targets")
             if name not in chosen:
@@ -260,7 +265,7 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> Dict[str, nn.Module]:
     for name in chosen:
         replaced[name] = linears[name]
         layer = LoRALinear(linears[name], config.r, config.alpha, config.dropout)
-        _set_submodule(model, name, layer.train(linears[name].training))  # an eval model gets no LoRA dropout
+        model.set_submodule(name, layer.train(linears[name].training))  # an eval model gets no LoRA dropout
     return replaced
 
 
@@ -273,7 +278,7 @@ def remove_lora(model: nn.Module) -> Dict[str, LoRALinear]:
     """
     removed = lora_layers(model)
     for name, layer in removed.items():
-        _set_submodule(model, name, layer.base)
+        model.set_submodule(name, layer.base)
     return removed
 
 
@@ -282,7 +287,7 @@ def merge_lora(model: nn.Module) -> List[str]:
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to merge")
-    quantized = [name for name, layer in layers.items() if is_quantized_linear(layer.base)]
+    quantized = [name for name, layer in layers.items() if is_quantized(layer.base)]
     if quantized:  # checked before touching any layer, so a failure never leaves a half-merged model
         raise RuntimeError(f"{len(quantized)} LoRA layers (e.g. {quantized[0]}) have quantized base weights, which cannot "
                            "absorb B A in place: use lit_lora.quantize.merge_lora_quantized(model)")
@@ -291,6 +296,15 @@ def merge_lora(model: nn.Module) -> List[str]:
         layers[name].merge()
     return merged
 
+
+
+def unmerge_lora(model: nn.Module) -> List[str]:
+    """Take every merged update out of the weights again (the inverse of `merge_lora`); returns the names."""
+    layers = lora_layers(model)
+    unmerged = [name for name, layer in layers.items() if layer.merged]
+    for name in unmerged:
+        layers[name].unmerge()
+    return unmerged
 
 @contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[None]:
@@ -352,43 +366,21 @@ def lora_state_shapes(model_config: Config, lora_config: LoRAConfig) -> Dict[str
     return {name: t.shape for name, t in lora_state_dict(model).items()}
 
 
-def save_lora_checkpoint(path: Union[str, Path], model: Llama, lora_config: LoRAConfig) -> Path:
-    """Write A and B only, with the LoRA settings and the base model's Config in the file header."""
-    state = lora_state_dict(model)
-    check_keys_and_shapes(lora_state_shapes(model.config, lora_config), state,
-                          f"the model's LoRA layers (saving with {lora_config})")
-    return save_adapter_file(path, state, method="lora", settings=lora_config.to_dict(), model_config=model.config)
+def lora_update_norms(lora_config: LoRAConfig, model_config: Config, state: Mapping[str, torch.Tensor]
+                      ) -> Tuple[List[str], List[str], torch.Tensor]:
+    """Frobenius norm of each adapted weight's update, (alpha / r) ||B A||, from an adapter's tensors.
 
-
-def load_lora_checkpoint(path: Union[str, Path]) -> Tuple[LoRAConfig, Config, Dict[str, torch.Tensor]]:
-    """(LoRA settings, base model Config, adapter tensors) of a file written by `save_lora_checkpoint`,
-    with its tensors checked against the settings it declares."""
-    settings, model_config, state = load_adapter_file(path, method="lora")
-    try:
-        lora_config = LoRAConfig(**{**settings, "targets": tuple(settings.get("targets", ()))})
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: invalid LoRA settings {settings} ({error})") from None
-    try:
-        expected = lora_state_shapes(model_config, lora_config)
-    except ValueError as error:
-        raise CheckpointError(f"{path}: its LoRA settings do not fit its base model ({error})") from None
-    check_keys_and_shapes(expected, state, str(path))
-    return lora_config, model_config, state
-
-
-def apply_lora_checkpoint(model: Llama, path: Union[str, Path]) -> LoRAConfig:
-    """add_lora with the file's settings and load its weights; the file's base Config must equal the
-    model's (the name aside). On any error the model is left without LoRA layers."""
-    lora_config, model_config, state = load_lora_checkpoint(path)
-    expected, actual = model_config.to_dict(), model.config.to_dict()
-    differences = [f"{key}={expected[key]!r} (model has {actual[key]!r})" for key in expected
-                   if key != "name" and expected[key] != actual[key]]
-    if differences:
-        raise CheckpointError(f"{path} was trained on a different base model: {', '.join(differences)}")
-    add_lora(model, lora_config)
-    try:
-        load_lora_state_dict(model, state, source=str(path))
-    except Exception:
-        remove_lora(model)
-        raise
-    return lora_config
+    Returns (projection names, layer names, norms of shape (n_projections, n_layers)); a projection a
+    layer does not adapt is NaN. ||B A|| is computed without forming the (out, in) matrix:
+    ||B A||_F^2 = trace(A^T B^T B A) = sum((B^T B) * (A A^T)), two r x r products."""
+    projections = [t for t in LLAMA_TARGETS if t in lora_config.targets and t != "head"]
+    norms = torch.full((len(projections), model_config.n_layer), float("nan"))
+    for row, target in enumerate(projections):
+        for layer in range(model_config.n_layer):
+            prefix = LLAMA_TARGETS[target].replace("*", str(layer))
+            if f"{prefix}.lora_A" not in state:
+                continue
+            a, b = state[f"{prefix}.lora_A"].double(), state[f"{prefix}.lora_B"].double()  # (r, in), (out, r)
+            squared = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0.0)
+            norms[row, layer] = lora_config.alpha / lora_config.r * squared.sqrt().item()
+    return [f"{p}_proj" for p in projections], [str(i) for i in range(model_config.n_layer)], norms

@@ -16,7 +16,7 @@ import json
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from lit_lora.checkpoint import atomic_path, save_json
 from lit_lora.data import FORMAT_NAME, FORMAT_VERSION, IGNORE_INDEX, PREPARE_CONFIG_NAME, file_sha256, save_prepared
 from lit_lora.prompts import get_prompt_style
 from lit_lora.tokenizer import Tokenizer
+from lit_lora.utils import PathLike
 
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 DOLLY_URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
@@ -32,7 +33,6 @@ TRUNCATION_POLICIES = ("drop", "truncate_response")
 FILE_FORMATS = ("auto", "json", "jsonl")
 MAX_LISTED_PROBLEMS = 100  # skipped records named in prepare_config.json; the count is always exact
 
-PathLike = Union[str, Path]
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def prepare_instruction_data(data_file: PathLike, destination_path: PathLike, to
     val_positions = choose_val_positions(n_records, val_split_fraction, val_size, seed)
 
     # One batched call per side: SentencePiece spreads it over `threads` C++ threads (as many as torch may
-    # use). On a busy 2-core machine it is no faster than a loop (scripts/benchmark_prepare.py); the
+    # use). On a busy 2-core machine it is no faster than a loop (benchmarks/benchmark_prepare.py); the
     # whole 52k Alpaca still prepares in about 12 s there.
     encode_batch = tokenizer.processor.encode
     threads = torch.get_num_threads()

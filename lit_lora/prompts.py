@@ -1,7 +1,7 @@
 """The prompt template, in one place: data preparation, finetuning and generation all format through here.
 
 A prompt style turns an (instruction, input) pair into the text the model reads before it answers.
-Lit-lora ships the Stanford Alpaca template; `register_prompt_style` adds others.
+Lit-lora ships the Stanford Alpaca template; `register_prompt_style` adds others in one process.
 
 How the response joins the prompt (the one rule every part of lit-lora follows):
 
@@ -65,7 +65,9 @@ PROMPT_STYLES: Dict[str, PromptStyle] = {ALPACA.name: ALPACA}
 
 
 def register_prompt_style(style: PromptStyle) -> PromptStyle:
-    """Make `style` available to every script by its name (e.g. `--prompt_style mine`)."""
+    """Make `style` known by its name in this Python process, e.g. to `prepare_instruction_data(...,
+    prompt_style="mine")` called from your own code. The command-line scripts start new processes that
+    know only the styles defined in this file: add a style here to use it with `--prompt_style`."""
     for template in (style.template, style.template_with_input):
         if "{instruction}" not in template:
             raise ValueError(f"prompt style {style.name!r}: every template needs an {{instruction}} field")

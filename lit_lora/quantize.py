@@ -1,456 +1,80 @@
-"""QLoRA from scratch: 4-bit NormalFloat base weights, double quantization, LoRA on top.
+"""Quantizing whole models: the schemes, swapping a model's linear layers, loading a checkpoint straight
+into quantized layers, merging LoRA into a quantized base, and measuring what it all stores.
 
-QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs") finetunes a model whose
-frozen base weights are stored in 4 bits, while the LoRA factors A and B (lit_lora/lora.py) train in
-16/32 bit. Llama-2-7B's weights take 13.5 GB in bf16 and ~3.9 GB this way, so the model, its LoRA
-optimizer state and the activations of a 512-token batch fit a 24 GB GPU, or even a 12 GB one.
+    scheme   layer                      bits per weight     for
+    nf4      Linear4bit (lit_lora/nf4)  4.5                 QLoRA: a frozen 4-bit base under LoRA
+    nf4-dq   Linear4bit (lit_lora/nf4)  4.127               the same with double-quantized scales
+    int8     Int8Linear (lit_lora/int8) 8, plus a row scale fast decoding on CPUs with native bf16
 
-Why only the base is compressed
--------------------------------
-LoRA never changes W: the forward pass reads it, the backward pass reads it again to send the gradient
-on to x (dL/dx = dL/dh W), and that is all. So W can be stored in any compact form that turns back into
-a 16-bit matrix quickly. The storage data type (NF4) and the computation data type (bf16) differ:
+How NF4 works is taught in lit_lora/nf4.py; this file only applies a scheme to a model. A new scheme
+is one `Scheme` entry in `SCHEMES` plus the file of its layer. Every quantized layer keeps one small
+protocol, which lit_lora/lora.py relies on without importing anything from here:
 
-    packed NF4 codes + scales ──dequantize──► W (bf16, one layer at a time) ──► h = x W^T + s B A x
-         frozen buffers                        a temporary, freed after use       A, B: 16/32-bit
-                                                                                  Parameters that get
-                                                                                  every gradient
-
-1. NormalFloat4: 16 values placed where a normal distribution puts equal probability (section 3)
------------------------------------------------------------------------------------------------
-Pretrained weights are close to normally distributed. Divide a block of them by its largest absolute
-value and the block lies in [-1, 1] with (almost) always the same shape of distribution, so one fixed
-table of 16 values fits every block. For a known distribution the best 16-value table puts the same
-probability mass in each of the 16 bins: its values are quantiles of the distribution ("quantile
-quantization": every 4-bit code is used about equally often, so none of the 4 bits is wasted).
-`nf4_code()` builds it:
-
-  * 8 values for the positive half: the normal quantiles at 8 probabilities spaced evenly from
-    0.9677 down towards 0.5 (0.5 itself excluded); 7 for the negative half the same way; plus an
-    exact 0. Zero must be exact (padding and zero weights stay zero), and with an exact 0, 16 values
-    cannot be symmetric: the extra value goes to the positive side.
-  * Why 0.9677 and not 1: the quantile at probability 1 is infinite. 0.9677083 is the mean of
-    1 - 1/(2*15) and 1 - 1/(2*16), the centres of the outermost bins of 15- and 16-bin grids.
-  * Scaled so the outermost values are exactly -1 and 1 (the block's absmax itself is exact).
-
-      -1    -.70  -.53 -.39 -.28 -.18 -.09  0  .08 .16 .25 .34 .44 .56  .72      1
-       |------|-----|----|----|---|----|---|---|---|---|----|----|-----|------|
-       dense near 0, where most weights are; sparse in the tails (a uniform grid, int4, is not)
-
-2. Blockwise absmax quantization, blocks of 64 (section 2, "Block-wise k-bit Quantization")
------------------------------------------------------------------------------------------
-The weight matrix is flattened (row-major) and cut into blocks of 64 values; the last block may be
-shorter. Each block stores its absmax c = max |w| (float32) and, per weight, the index of the table
-value nearest to w / c. One outlier therefore coarsens only its own 64 neighbours, not a whole row.
-
-    w  ──► / c ──► nearest of the 16 NF4 values ──► index 0..15 (4 bits)
-    w' = NF4[index] * c                              (dequantization)
-
-Two indices share one byte, the first in the high nibble:  byte = (i0 << 4) | i1.
-
-    weights  w0 w1 | w2 w3 | ...      ->   bytes  [i0 i1] [i2 i3] ...      (n / 2 bytes)
-
-3. Double quantization: quantize the quantization constants (section 3)
-----------------------------------------------------------------------
-A float32 absmax per 64 weights costs 32/64 = 0.5 bits per parameter, 12.5 % on top of the 4 bits.
-QLoRA quantizes these absmax values too: subtract their mean (they are all positive; centring them
-lets a signed code use both halves), then quantize them blockwise like the weights, in blocks of
-256, to 8 bits each with one float32 absmax per block. The 8-bit table (`dynamic_8bit_code()`) is
-the dynamic tree code of Dettmers 2015 ("8-Bit Approximations for Parallelism in Deep Learning"): a
-sign, a decimal exponent 10^-6..10^0 given by the number of leading zero bits, and the remaining bits
-a linear fraction in [0.1, 1], so it keeps a few significant digits over seven orders of magnitude.
-
-    bits per parameter      4-bit code   scales                          total
-    NF4                     4            32 / 64               = 0.5     4.5
-    NF4 + double quant      4            8 / 64 + 32 / (64*256) = 0.127  4.127  (saves 0.373 bits)
-
-For Llama-2-7B's 6.5 B quantized parameters double quantization saves ~0.3 GB. `bits_per_parameter`
-gives the formula, `quantized_storage` measures real buffers (scripts/qlora_memory.py prints both).
-
-4. Dequantize in the forward pass, and in the backward pass again
------------------------------------------------------------------
-`Linear4bit` keeps the codes and scales as buffers (an optimizer never sees them) and, on each call,
-dequantizes the whole matrix to the input's dtype and multiplies. A plain `F.linear(x, W)` would let
-autograd keep the dequantized W of every layer alive until the backward pass, i.e. the whole model in
-16 bits again; `_DequantizedMatmul` saves nothing and dequantizes once more in backward, where it is
-needed only to compute dL/dx. No gradient is ever computed for W.
-
-5. LoRA on top, and merging afterwards
---------------------------------------
-`add_lora` wraps a `Linear4bit` like an `nn.Linear`; A and B are ordinary 16/32-bit Parameters created
-in the layer's `compute_dtype`, and they receive all the gradient. Folding B A into a 4-bit W cannot be
-done in place and reversibly (the sum is not an NF4 matrix), so `merge_lora_quantized` dequantizes, adds in
-float32, and either keeps the merged matrix in 16 bits (exactly what the trained model computed) or
-requantizes it (4-bit size again, but the rounding now also hits the learned update: the result is no
-longer the model that was evaluated during training; measure before shipping it).
-
-6. Weight-only int8, for decoding speed (`Int8Linear`, mode "int8")
--------------------------------------------------------------------
-Generating a token multiplies one activation row by every weight of the model: the time goes into
-reading the weights, so fewer bytes per weight decode faster. "int8" stores each weight row o as
-8-bit integers and one scale, symmetric absmax like section 2 but one block per row:
-
-    scale[o] = max_i |W[o, i]| / 127        W[o, i] ~ scale[o] * q[o, i],   q in [-127, 127]
-    h[o] = sum_i W[o, i] x[i] ~ scale[o] * sum_i q[o, i] x[i]      (the scale leaves the dot product)
-
-A quarter of float32's bytes, half of bf16's, and a rounding error of at most scale / 2 per weight.
-On CPUs with fast bf16, PyTorch has a fused kernel for bf16 activations times int8 weights, used
-when it applies; elsewhere the layer dequantizes (`_DequantizedMatmul`) and is only smaller, not
-faster. Unlike NF4 it is meant for inference (`generate/*.py --quantize int8`); it quantizes the
-output head too: 39 % of the weights a 60M model with a 32k vocabulary reads per token.
-
-How to use it
--------------
-    model = load_checkpoint_quantized(checkpoint_dir, mode="nf4-dq", dtype=torch.bfloat16)   # 7B: ~3.9 GB
-    add_lora(model, LoRAConfig(r=8, alpha=16, targets=("q", "v")))
-    mark_only_lora_as_trainable(model)
-    ...train; save_lora_checkpoint(...)...                       # the adapter, as for any base
-    merge_lora_quantized(model)                                  # optional: a plain 16-bit model
-
-or on a model already in memory: `replaced = quantize_model(model, mode="nf4-dq")` (drop `replaced`
-to free the 16-bit weights). For fast decoding: `load_checkpoint_quantized(checkpoint_dir, mode="int8",
-dtype=torch.bfloat16, skip=())`, or `generate/*.py --quantize int8`. On CUDA, `backend="bitsandbytes"`
-swaps in bitsandbytes' fused 4-bit kernels instead (same format); the from-scratch path here is the
-default and the one the tests check.
+    in_features, out_features    as in nn.Linear
+    compute_dtype                the dtype it computes in; LoRA creates A and B in it
+    dequantize(dtype=None)       the dense (out, in) weight
+    load_weight(weight)          quantize `weight` into the layer's existing buffers
+    from_weight(weight, ...)     a new layer holding `weight` (a meta `weight` gives an empty shell)
+    no `weight` attribute        so no code writes into a temporary by mistake
 """
 
-import math
 import sys
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 
-from lit_lora.checkpoint import (WEIGHTS_NAME, CheckpointError, check_keys_and_shapes, load_config,
-                                 model_state_shapes)
+from lit_lora.checkpoint import load_checkpoint
+from lit_lora.int8 import Int8Linear
+from lit_lora.lora import lora_layers
 from lit_lora.model import Llama
+from lit_lora.nf4 import NF4_BLOCK_SIZE, SCALE_BLOCK_SIZE, Linear4bit
+from lit_lora.utils import PathLike, tied_parameters
 
-MODES = ("nf4", "nf4-dq", "int8")
-NF4_MODES = ("nf4", "nf4-dq")
-NF4_BLOCK_SIZE = 64  # weights per absmax
-SCALE_BLOCK_SIZE = 256  # absmax values per second-level scale (double quantization)
+
+@dataclass(frozen=True)
+class Scheme:
+    """One way of storing a frozen linear layer's weight."""
+
+    name: str
+    layer: type  # the nn.Module class holding the quantized weight
+    from_weight: Callable[[torch.Tensor], nn.Module]  # (out, in) float weight -> that layer
+    bits_per_parameter: float  # storage per weight in large matrices, scales included
+    default_skip: Tuple[str, ...]  # module names kept in 16/32 bits unless told otherwise
+    copies_tied_weight: bool  # a weight tied to the embedding gets a quantized copy (else: refused)
+
+
+SCHEMES: Dict[str, Scheme] = {
+    # QLoRA keeps the head in 16 bits: its errors would go straight into the logits.
+    "nf4": Scheme("nf4", Linear4bit, lambda w: Linear4bit.from_weight(w, "nf4"),
+                  4 + 32 / NF4_BLOCK_SIZE, ("lm_head",), False),
+    "nf4-dq": Scheme("nf4-dq", Linear4bit, lambda w: Linear4bit.from_weight(w, "nf4-dq"),
+                     4 + 8 / NF4_BLOCK_SIZE + 32 / (NF4_BLOCK_SIZE * SCALE_BLOCK_SIZE), ("lm_head",), False),
+    # int8 decoding quantizes the head too: it is the largest matrix read per token (39 % of the weights a
+    # 60M model with a 32k vocabulary reads). The embedding keeps the float matrix (a lookup reads one row).
+    "int8": Scheme("int8", Int8Linear, Int8Linear.from_weight, 8.0, (), True),
+}
+QuantizeMode = Literal["nf4", "nf4-dq", "int8"]  # the names of SCHEMES, for the scripts' --quantize
+QLoRAMode = Literal["nf4", "nf4-dq"]  # the schemes finetune/lora.py trains on
 BACKENDS = ("torch", "bitsandbytes")
 
 
-# ----------------------------------------------------------------------------------------------
-# The two lookup tables
-# ----------------------------------------------------------------------------------------------
-
-def nf4_code() -> torch.Tensor:
-    """The 16 NormalFloat4 values, sorted, from -1 to 1 (section 1 of the module docstring).
-
-    Computed as QLoRA's reference code computes them (float32 grid, float64 quantiles, float32
-    normalisation), so they equal bitsandbytes' table bit for bit."""
-    outer = 0.9677083  # mean of 1 - 1/(2*15) and 1 - 1/(2*16): the normal quantile at 1 is infinite
-    positive = torch.special.ndtri(torch.linspace(outer, 0.5, 9, dtype=torch.float32)[:-1].double())  # 8 > 0
-    negative = -torch.special.ndtri(torch.linspace(outer, 0.5, 8, dtype=torch.float32)[:-1].double())  # 7 < 0
-    values = torch.cat([positive, negative, torch.zeros(1, dtype=torch.float64)]).float().sort().values
-    return values / values.max()  # (16,): -1 ... 0 ... 1
-
-
-def dynamic_8bit_code() -> torch.Tensor:
-    """The 256 values of the signed 8-bit dynamic tree code (Dettmers 2015), sorted, in [-1, 1].
-
-    For exponent e = 0..6 there are 2^e fraction values: the midpoints of 2^e equal steps between 0.1
-    and 1, times 10^(e - 6), each with both signs (2 * 127 values), plus 0 and 1. Small magnitudes get
-    few fraction bits, large ones many: a few significant digits from 1e-7 up to 1."""
-    values = [0.0, 1.0]
-    for exponent in range(7):
-        steps = torch.linspace(0.1, 1.0, 2 ** exponent + 1, dtype=torch.float32)
-        fractions = (steps[:-1] + steps[1:]) / 2 * 10.0 ** (exponent - 6)  # (2^e,)
-        values += fractions.tolist() + (-fractions).tolist()
-    return torch.tensor(sorted(values), dtype=torch.float32)  # (256,)
-
-
-NF4_CODE = nf4_code()
-DYNAMIC_8BIT_CODE = dynamic_8bit_code()
-
-
-# ----------------------------------------------------------------------------------------------
-# Blockwise quantization: the same algorithm for the 4-bit weights and the 8-bit scales
-# ----------------------------------------------------------------------------------------------
-
-def quantize_blockwise(values: torch.Tensor, code: torch.Tensor, block_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Flatten `values`, cut it into blocks of `block_size` (the last one may be shorter) and return
-    (indices, absmax): for every value the index (uint8) of the `code` entry nearest to value / absmax
-    of its block, padded with the index of 0 to a whole number of blocks, and the float32 absmax of
-    each block. `code` must be sorted and contain 0.
-
-    Naive version: indices = argmin_j |values / absmax - code[j]|. `bucketize` finds the same index by
-    comparing with the midpoints between neighbouring code values, without the (n, len(code)) matrix;
-    a value exactly on a midpoint goes to the lower one."""
-    if not values.is_floating_point():
-        raise ValueError(f"only floating-point tensors can be quantized, got {values.dtype}")
-    n = values.numel()
-    n_blocks = math.ceil(n / block_size)
-    blocks = torch.zeros(n_blocks, block_size, dtype=torch.float32, device=values.device)  # zero-padded copy
-    blocks.view(-1)[:n] = values.reshape(-1)
-    absmax = torch.linalg.vector_norm(blocks, ord=math.inf, dim=1)  # (n_blocks,) max |value| per block
-    if not torch.isfinite(absmax).all():
-        raise ValueError("cannot quantize a tensor that contains NaN or infinite values")
-    # Multiply by the reciprocal, as bitsandbytes does (an all-zero block keeps absmax 0 and maps to 0).
-    blocks.mul_(1.0 / absmax.clamp(min=1e-38)[:, None])  # (n_blocks, block_size), now in [-1, 1]
-    code = code.to(blocks.device)
-    midpoints = (code[:-1] + code[1:]) / 2
-    indices = torch.bucketize(blocks.view(-1), midpoints, out_int32=True).to(torch.uint8)  # (n_blocks * block_size,)
-    return indices, absmax
-
-
-def dequantize_blockwise(indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block_size: int,
-                         numel: int) -> torch.Tensor:
-    """code[index] * absmax of its block for the first `numel` indices: a flat float32 tensor."""
-    scale = absmax.float().repeat_interleave(block_size)[:numel]  # (numel,) each block's absmax, repeated
-    return code.to(indices.device)[indices[:numel].int()] * scale
-
-
-def pack_4bit(indices: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit indices per byte, the first in the high nibble: (2 m,) uint8 -> (m,)."""
-    return (indices[0::2] << 4) | indices[1::2]
-
-
-def unpack_4bit(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_4bit`: (m,) bytes -> (2 m,) indices 0..15."""
-    return torch.stack((packed >> 4, packed & 0x0F), dim=1).view(-1)  # (m, 2): high nibble, low nibble
-
-
-def quantize_nf4(weight: torch.Tensor, block_size: int = NF4_BLOCK_SIZE) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A float tensor -> (packed NF4 codes (ceil(n / 2),) uint8, absmax (ceil(n / block_size),) float32)."""
-    indices, absmax = quantize_blockwise(weight, NF4_CODE, block_size)
-    # An odd count is completed by the next padding index, which encodes 0.
-    return pack_4bit(indices[:2 * math.ceil(weight.numel() / 2)]), absmax
-
-
-def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32,
-                   block_size: int = NF4_BLOCK_SIZE) -> torch.Tensor:
-    """(packed codes, absmax) -> the tensor of `shape`, computed in float32 and rounded once to `dtype`."""
-    numel = math.prod(shape)
-    return dequantize_blockwise(unpack_4bit(packed), absmax, NF4_CODE, block_size, numel).view(*shape).to(dtype)
-
-
-def quantize_absmax(absmax: torch.Tensor, block_size: int = SCALE_BLOCK_SIZE) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Double quantization of the per-block absmax values: (codes uint8 (n,), scales float32
-    (ceil(n / block_size),), offset float32 ()). absmax ~ DYNAMIC_8BIT_CODE[code] * scale + offset."""
-    offset = absmax.mean()  # the absmax values are all positive: centre them for the signed code
-    codes, scales = quantize_blockwise(absmax - offset, DYNAMIC_8BIT_CODE, block_size)
-    return codes[:absmax.numel()], scales, offset
-
-
-def dequantize_absmax(codes: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor,
-                      block_size: int = SCALE_BLOCK_SIZE) -> torch.Tensor:
-    """The inverse of `quantize_absmax` (up to its rounding): float32 (n,)."""
-    return dequantize_blockwise(codes, scales, DYNAMIC_8BIT_CODE, block_size, codes.numel()) + offset
+def get_scheme(mode: str) -> Scheme:
+    if mode not in SCHEMES:
+        raise ValueError(f"unknown quantization mode {mode!r}; choose one of {', '.join(SCHEMES)}")
+    return SCHEMES[mode]
 
 
 def bits_per_parameter(mode: str) -> float:
-    """Storage per quantized weight, in bits, for large matrices (sections 3 and 6 of the module docstring)."""
-    _check_mode(mode)
-    if mode == "int8":
-        return 8.0  # plus one scale per row, negligible for long rows
-    if mode == "nf4":
-        return 4 + 32 / NF4_BLOCK_SIZE
-    return 4 + 8 / NF4_BLOCK_SIZE + 32 / (NF4_BLOCK_SIZE * SCALE_BLOCK_SIZE)
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
-
-
-# ----------------------------------------------------------------------------------------------
-# The frozen quantized linear layers: Linear4bit (NF4), Int8Linear
-# ----------------------------------------------------------------------------------------------
-
-class _DequantizedMatmul(torch.autograd.Function):
-    """h = x W^T with W dequantized on the fly, forward and backward (Linear4bit, Int8Linear).
-
-    Saving nothing is the point: `F.linear(x, layer.dequantize())` would make autograd keep every
-    layer's 16-bit W until the backward pass. W is frozen, so the only gradient is dL/dx = dL/dh W."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        ctx.layer = layer  # its buffers live anyway: keeping a reference costs nothing
-        return F.linear(x, layer.dequantize(x.dtype))  # (..., in) -> (..., out)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> Tuple[Optional[torch.Tensor], None]:
-        grad_x = grad_output @ ctx.layer.dequantize(grad_output.dtype) if ctx.needs_input_grad[0] else None  # (..., in)
-        return grad_x, None
-
-
-class Linear4bit(nn.Module):
-    """A frozen bias-free linear layer stored as NF4: h = x W^T with W dequantized in each call.
-
-    Buffers (in the state dict, never Parameters, so no optimizer touches them):
-        packed_weight   uint8 (ceil(out * in / 2),)   two 4-bit codes per byte, row-major
-        mode "nf4":     absmax         float32 (n_blocks,)        one per 64 weights
-        mode "nf4-dq":  absmax_codes   uint8 (n_blocks,)          8-bit codes of absmax - offset
-                        absmax_scales  float32 (ceil(n_blocks / 256),)
-                        absmax_offset  float32 ()                 the mean absmax
-
-    `in_features` and `out_features` are those of the nn.Linear it replaces; `compute_dtype` is the
-    dtype `dequantize()` returns by default and the dtype LoRA factors on top of it are created in.
-    `forward` computes in the input's dtype. There is no `weight` attribute on purpose: code that
-    would modify `weight` in place (e.g. a LoRA merge) must not silently write into a temporary.
-    """
-
-    def __init__(self, in_features: int, out_features: int, mode: str = "nf4-dq",
-                 compute_dtype: torch.dtype = torch.float32, device: Optional[Union[str, torch.device]] = None) -> None:
-        """An empty layer (`load_weight` fills it); use `Linear4bit.from_weight` to quantize a matrix."""
-        super().__init__()
-        if mode not in NF4_MODES:
-            raise ValueError(f"unknown 4-bit quantization mode {mode!r}; choose one of {', '.join(NF4_MODES)}")
-        self.in_features, self.out_features, self.mode, self.compute_dtype = in_features, out_features, mode, compute_dtype
-        n_blocks = math.ceil(in_features * out_features / NF4_BLOCK_SIZE)
-        self.register_buffer("packed_weight", torch.empty(math.ceil(in_features * out_features / 2), dtype=torch.uint8, device=device))
-        if mode == "nf4":
-            self.register_buffer("absmax", torch.empty(n_blocks, dtype=torch.float32, device=device))
-        else:
-            self.register_buffer("absmax_codes", torch.empty(n_blocks, dtype=torch.uint8, device=device))
-            self.register_buffer("absmax_scales", torch.empty(math.ceil(n_blocks / SCALE_BLOCK_SIZE), dtype=torch.float32, device=device))
-            self.register_buffer("absmax_offset", torch.empty((), dtype=torch.float32, device=device))
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor, mode: str = "nf4-dq") -> "Linear4bit":
-        """Quantize a float (out, in) matrix; the layer computes in `weight.dtype` by default. A meta
-        `weight` gives an empty shell with the right buffers."""
-        out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, mode, compute_dtype=weight.dtype, device=weight.device)
-        if weight.device.type != "meta":
-            layer.load_weight(weight)
-        return layer
-
-    @torch.no_grad()
-    def load_weight(self, weight: torch.Tensor) -> None:
-        """Quantize `weight` (out, in) into this layer's existing buffers (a model allocated up front,
-        as by `load_checkpoint_quantized`, is filled in place)."""
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a Linear4bit "
-                             f"({self.out_features}, {self.in_features})")
-        packed, absmax = quantize_nf4(weight.to(self.packed_weight.device))
-        self.packed_weight.copy_(packed)
-        if self.mode == "nf4":
-            self.absmax.copy_(absmax)
-        else:
-            for buffer, value in zip((self.absmax_codes, self.absmax_scales, self.absmax_offset), quantize_absmax(absmax)):
-                buffer.copy_(value)
-
-    def block_absmax(self) -> torch.Tensor:
-        """The per-block absmax (float32), dequantized first in mode nf4-dq."""
-        if self.mode == "nf4":
-            return self.absmax
-        return dequantize_absmax(self.absmax_codes, self.absmax_scales, self.absmax_offset)
-
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """W as a dense (out, in) tensor in `dtype` (default `compute_dtype`)."""
-        return dequantize_nf4(self.packed_weight, self.block_absmax(), (self.out_features, self.in_features),
-                              dtype or self.compute_dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _DequantizedMatmul.apply(x, self)  # (..., in) -> (..., out)
-
-    def _apply(self, fn, recurse=True):
-        # Module.to(device) must move the quantization state, but Module.to(torch.bfloat16) (e.g. Fabric's
-        # bf16-true precision) must not round the float32 scales: a cast only changes compute_dtype.
-        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype, device=self.packed_weight.device)).dtype
-        exact = dict(self._buffers)
-        super()._apply(fn, recurse)
-        for name, before in exact.items():
-            if self._buffers[name].dtype != before.dtype:
-                self._buffers[name] = before.to(self._buffers[name].device)
-        return self
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, compute_dtype={self.compute_dtype}"
-
-
-class Int8Linear(nn.Module):
-    """A frozen bias-free linear layer with int8 weights, one scale per output row (section 6):
-    h = scale * (x q^T), with W ~ scale[:, None] * q.
-
-    Buffers: `weight_int8` int8 (out, in) and `scale` (out,) in the compute dtype; `Module.to(dtype)`
-    casts the scale and leaves the integers alone. Like `Linear4bit`, there is no `weight` attribute.
-    """
-
-    mode = "int8"
-
-    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype = torch.float32,
-                 device: Optional[Union[str, torch.device]] = None) -> None:
-        """An empty layer (`load_weight` fills it); use `Int8Linear.from_weight` to quantize a matrix."""
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.empty(out_features, dtype=compute_dtype, device=device))
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.scale.dtype
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor) -> "Int8Linear":
-        """Quantize a float (out, in) matrix, as `Linear4bit.from_weight` (a meta `weight`: a shell)."""
-        out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, compute_dtype=weight.dtype, device=weight.device)
-        if weight.device.type != "meta":
-            layer.load_weight(weight)
-        return layer
-
-    @torch.no_grad()
-    def load_weight(self, weight: torch.Tensor) -> None:
-        """Quantize `weight` (out, in) into this layer's buffers: absmax / 127 per row, round to nearest."""
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit an Int8Linear "
-                             f"({self.out_features}, {self.in_features})")
-        weight = weight.to(self.weight_int8.device, torch.float32)
-        if not torch.isfinite(weight).all():
-            raise ValueError("cannot quantize a weight holding NaN or infinite values")
-        scale = weight.abs().amax(dim=1) / 127  # (out,)
-        scale = scale.to(self.scale.dtype).float()  # quantize against the scale the layer will multiply by
-        self.weight_int8.copy_((weight / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).round().clamp(-127, 127))
-        self.scale.copy_(scale)
-
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """W as a dense (out, in) tensor in `dtype` (default the compute dtype)."""
-        return (self.weight_int8.float() * self.scale.float()[:, None]).to(dtype or self.compute_dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused_kernel_applies(x):
-            rows = x.reshape(-1, self.in_features).contiguous()  # (N, in); the kernel needs unit stride
-            h = torch._weight_int8pack_mm(rows, self.weight_int8, self.scale)  # (N, out)
-            return h.view(*x.shape[:-1], self.out_features)
-        return _DequantizedMatmul.apply(x, self)  # (..., in) -> (..., out)
-
-    def _fused_kernel_applies(self, x: torch.Tensor) -> bool:
-        """PyTorch's CPU kernel for bf16 activations x int8 weights (the one gpt-fast and torchao use):
-        a private op without autograd. In torch 2.13 its bf16 results are right when in_features is a
-        multiple of 16, wrong for 8 or 24, and it crashes on 33 or 100; we ask for a multiple of 32, which
-        every Llama size meets (tests/test_quantize.py checks the shapes allowed and refused)."""
-        return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.scale.dtype == torch.bfloat16
-                and self.in_features % 32 == 0 and not (x.requires_grad and torch.is_grad_enabled())
-                and hasattr(torch, "_weight_int8pack_mm"))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, compute_dtype={self.compute_dtype}"
-
-
-QUANTIZED_LAYERS = (Linear4bit, Int8Linear)
+    """Storage per quantized weight, in bits, for large matrices (lit_lora/nf4.py, section 3)."""
+    return get_scheme(mode).bits_per_parameter
 
 
 def quantized_linear(weight: torch.Tensor, mode: str) -> nn.Module:
-    """The frozen layer of `mode` holding `weight` (out, in): Int8Linear for "int8", else Linear4bit."""
-    return Int8Linear.from_weight(weight) if mode == "int8" else Linear4bit.from_weight(weight, mode)
-
-
-# ----------------------------------------------------------------------------------------------
-# Whole models: quantize, load straight into quantized layers, merge LoRA, account for memory
-# ----------------------------------------------------------------------------------------------
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child_name, module)
+    """The frozen layer of scheme `mode` holding `weight` (out, in)."""
+    return get_scheme(mode).from_weight(weight)
 
 
 def _bitsandbytes_linear(weight: torch.Tensor, mode: str, device: Union[str, torch.device] = "cuda") -> nn.Module:
@@ -469,26 +93,15 @@ def _bitsandbytes_linear(weight: torch.Tensor, mode: str, device: Union[str, tor
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
-    """A `Linear4bit` or `Int8Linear`, or bitsandbytes' Linear4bit when bitsandbytes is already imported."""
+    """A layer of one of the SCHEMES, or bitsandbytes' Linear4bit when bitsandbytes is already imported."""
     bnb = sys.modules.get("bitsandbytes")
-    return isinstance(module, QUANTIZED_LAYERS) or (bnb is not None and isinstance(module, bnb.nn.Linear4bit))
-
-
-def linear_device_dtype(module: nn.Module) -> Tuple[torch.device, torch.dtype]:
-    """Where a linear layer lives and the dtype it computes in: its weight's for an nn.Linear, the
-    compute dtype for a quantized layer (never the integer storage). LoRA creates A and B with these."""
-    if isinstance(module, Linear4bit):
-        return module.packed_weight.device, module.compute_dtype
-    if isinstance(module, Int8Linear):
-        return module.weight_int8.device, module.compute_dtype
-    if is_quantized_linear(module):
-        return module.weight.device, module.compute_dtype or torch.float32
-    return module.weight.device, module.weight.dtype
+    return (isinstance(module, tuple(scheme.layer for scheme in SCHEMES.values()))
+            or (bnb is not None and isinstance(module, bnb.nn.Linear4bit)))
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The dense (out, in) weight of a quantized linear layer, in its compute dtype."""
-    if isinstance(module, QUANTIZED_LAYERS):
+    if hasattr(module, "dequantize"):
         return module.dequantize()
     import bitsandbytes.functional as bnb_functional
 
@@ -496,40 +109,36 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     return weight.to(module.compute_dtype or weight.dtype)
 
 
-def quantize_model(model: nn.Module, mode: str = "nf4-dq", skip: Sequence[str] = ("lm_head",),
+def quantize_model(model: nn.Module, mode: str = "nf4-dq", skip: Optional[Sequence[str]] = None,
                    backend: str = "torch") -> Dict[str, nn.Linear]:
-    """Replace every `nn.Linear` of `model` by a quantized layer, in place; returns {name: replaced nn.Linear}.
+    """Replace every `nn.Linear` of `model` by a layer of scheme `mode`, in place; returns {name: replaced
+    nn.Linear}.
 
-    mode: "nf4" (float32 absmax per 64 weights, 4.5 bits per weight), "nf4-dq" (double
-    quantization, 4.127 bits), or "int8" (`Int8Linear`, for decoding; section 6). skip: module names or glob patterns kept in 16/32 bit; the default
-    keeps the output head, as QLoRA does (its errors go straight into the logits). backend: "torch",
-    the from-scratch `Linear4bit`, or "bitsandbytes" (CUDA only). On a meta-device model the layers are
-    empty shells with the right buffers (see `load_checkpoint_quantized`).
-
-    A weight tied to another module (Llama's head and embedding in small models) is refused in 4 bits,
-    which would store it twice; in int8 the head gets its own int8 copy (the embedding keeps the float
-    matrix, of which a lookup reads one row per token; decoding reads the int8 head only).
+    skip: module names or glob patterns kept in 16/32 bits; default the scheme's (`lm_head` for NF4, as
+    QLoRA does; nothing for int8). backend: "torch", the from-scratch layers, or "bitsandbytes" (CUDA,
+    NF4 only). On a meta-device model the layers are empty shells with the right buffers, which
+    `load_checkpoint_quantized` fills. A weight tied to another module (Llama's head and embedding in
+    small models) is refused in 4 bits, which would store it twice; int8 gives the head its own copy.
 
     Drop the returned dict to free the 16-bit weights; `dequantize_model` goes back to nn.Linear.
     Linear layers wrapped by LoRA (`<name>.base`) are quantized too; LoRA's A and B never are.
     """
-    _check_mode(mode)
+    scheme = get_scheme(mode)
+    skip = scheme.default_skip if skip is None else tuple(skip)
     if backend not in BACKENDS:
         raise ValueError(f"unknown quantization backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "bitsandbytes" and not torch.cuda.is_available():
         raise ValueError("backend 'bitsandbytes' needs a CUDA GPU; use backend 'torch' (the default) elsewhere")
-    if backend == "bitsandbytes" and mode == "int8":
-        raise ValueError("mode 'int8' has no bitsandbytes backend here; use backend 'torch'")
-    occurrences: Dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        occurrences[id(param)] = occurrences.get(id(param), 0) + 1
+    if backend == "bitsandbytes" and scheme.layer is not Linear4bit:
+        raise ValueError(f"mode {mode!r} has no bitsandbytes backend here; use backend 'torch'")
+    tied = tied_parameters(model)
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear and name}
     chosen = {name: m for name, m in linears.items()
               if not any(fnmatchcase(name, p) or fnmatchcase(name, p + ".*") for p in skip)}
     for name, linear in chosen.items():
         if linear.bias is not None:
             raise ValueError(f"{name} has a bias; quantized layers here are bias-free (Llama has no biases): add it to skip")
-        if occurrences[id(linear.weight)] > 1 and mode != "int8":
+        if id(linear.weight) in tied and not scheme.copies_tied_weight:
             raise ValueError(f"{name}.weight is tied to another module (e.g. the token embedding): "
                              "quantizing it would store it twice; add it to skip")
     replaced = {}
@@ -539,8 +148,8 @@ def quantize_model(model: nn.Module, mode: str = "nf4-dq", skip: Sequence[str] =
                 raise ValueError("backend 'bitsandbytes' cannot quantize a meta-device model; load the weights first")
             quantized = _bitsandbytes_linear(linear.weight, mode)
         else:
-            quantized = quantized_linear(linear.weight.detach(), mode)
-        _set_submodule(model, name, quantized)
+            quantized = scheme.from_weight(linear.weight.detach())
+        model.set_submodule(name, quantized)
         replaced[name] = linear
     return replaced
 
@@ -550,77 +159,35 @@ def dequantize_model(model: nn.Module) -> Dict[str, nn.Module]:
     returns {name: the quantized layer removed}. The inverse of `quantize_model` up to its rounding."""
     quantized = {name: m for name, m in model.named_modules() if is_quantized_linear(m)}
     for name, layer in quantized.items():
-        weight = dequantized_weight(layer)
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
-        linear.weight = nn.Parameter(weight, requires_grad=False)
-        _set_submodule(model, name, linear)
+        model.set_submodule(name, _frozen_linear(dequantized_weight(layer)))
     return quantized
 
 
-def _open_error(path: Path, error: Exception) -> CheckpointError:
-    return CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}")
+def _frozen_linear(weight: torch.Tensor) -> nn.Linear:
+    """An nn.Linear holding `weight` itself (no copy, no random init), frozen."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
 
 
-def _read_tensor(path: Path, name: str) -> torch.Tensor:
-    # The file is opened for this one tensor: while a safetensors file stays open its memory map keeps
-    # every page read so far resident, and the process would grow by the whole checkpoint.
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(name)
-    except (SafetensorError, OSError, RuntimeError) as error:
-        raise _open_error(path, error) from None
+def load_checkpoint_quantized(checkpoint_dir: PathLike, mode: str = "nf4-dq", dtype: torch.dtype = torch.bfloat16,
+                              device: Optional[Union[str, torch.device]] = None,
+                              skip: Optional[Sequence[str]] = None) -> Llama:
+    """Load a lit-lora checkpoint directly into a quantized model (`mode` and `skip` as in `quantize_model`).
 
-
-@torch.no_grad()
-def load_checkpoint_quantized(checkpoint_dir: Union[str, Path], mode: str = "nf4-dq",
-                              dtype: torch.dtype = torch.bfloat16, device: Optional[Union[str, torch.device]] = None,
-                              skip: Sequence[str] = ("lm_head",)) -> Llama:
-    """Load a lit-lora checkpoint directly into a quantized model (`mode` and `skip` as in
-    `quantize_model`), one tensor at a time.
-
-    The model is built on the meta device with its Linear layers swapped for `Linear4bit` (or
-    `Int8Linear`) shells, then allocated at once on `device` (default CPU) in its final, quantized size.
-    The safetensors file is read tensor by tensor: each projection weight is quantized into its layer as
-    soon as it is read, every other tensor (embedding, norms, skipped layers) is copied in as `dtype`.
+    `load_checkpoint` builds the model on the meta device; its Linear layers are swapped for empty shells
+    of the scheme's layer, allocated at once on `device` (default CPU) in their final, quantized size, and
+    each projection weight is quantized into its layer as soon as it is read, one tensor at a time. Every
+    other tensor (embedding, norms, skipped layers) is kept as `dtype`, also the layers' compute dtype.
     Peak memory is the quantized model plus about one 16-bit weight matrix and its quantization
-    temporaries, never the 16-bit model. Allocating the model first matters a little: quantized buffers
-    allocated one by one between the layers' temporaries fragment the heap (on a 310 MB checkpoint the
-    nf4-dq peak was 15-25 % higher). `dtype` is also the compute dtype of the quantized layers.
+    temporaries, never the 16-bit model. (Allocating the quantized layers first matters a little: buffers
+    allocated one by one between the temporaries fragment the heap; on a 310 MB checkpoint the nf4-dq
+    peak was 15-25 % higher.)
     """
-    _check_mode(mode)
-    checkpoint_dir = Path(checkpoint_dir)
-    config = load_config(checkpoint_dir)
-    with torch.device("meta"):
-        model = Llama(config).to(dtype)
-    expected = model_state_shapes(model)
-    quantize_model(model, mode, skip)  # meta: shells only, nothing computed
-    path = checkpoint_dir / WEIGHTS_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {name: torch.empty(f.get_slice(name).get_shape(), device="meta") for name in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as error:
-        raise _open_error(path, error) from None
-    check_keys_and_shapes(expected, shapes, str(path))
-
-    model.to_empty(device=device or "cpu")  # the final model, uninitialised
-    head_from_embedding = config.tie_embeddings and isinstance(model.lm_head, Int8Linear)
-    if config.tie_embeddings and not head_from_embedding:  # to_empty gave each module its own Parameter: tie again
-        model.lm_head.weight = model.tok_embeddings.weight
-    for name in expected:
-        tensor = _read_tensor(path, name)
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{path}: {name} has dtype {tensor.dtype}, expected a floating-point tensor")
-        module = model.get_submodule(name.rpartition(".")[0])
-        if isinstance(module, QUANTIZED_LAYERS):
-            module.load_weight(tensor)
-        else:
-            model.get_parameter(name).copy_(tensor)
-        del tensor
-    if head_from_embedding:  # the checkpoint stores the tied matrix once, as the embedding
-        model.lm_head.load_weight(model.tok_embeddings.weight)
-    return model
+    get_scheme(mode)
+    with torch.no_grad():
+        return load_checkpoint(checkpoint_dir, dtype=dtype, device=device,
+                               prepare=lambda model: quantize_model(model, mode, skip))
 
 
 @torch.no_grad()
@@ -632,21 +199,18 @@ def merge_lora_quantized(model: nn.Module, requantize: bool = False) -> Dict[str
     `requantize=True`, by a new quantized layer of W' (same mode and size, but the rounding now also falls on
     the learned update). Returns {name: the LoRALinear removed}; putting those back undoes it.
     """
-    from lit_lora.lora import lora_layers  # lora.py imports this module, so not at the top
-
     merged = {}
     for name, layer in lora_layers(model).items():
         if not is_quantized_linear(layer.base):
             continue
         weight = dequantized_weight(layer.base)
         dtype = weight.dtype
-        weight = weight.float() + layer.delta_weight()  # (out, in)
+        weight = (weight.float() + layer.delta_weight()).to(dtype)  # (out, in)
         if requantize:
-            replacement = quantized_linear(weight.to(dtype), getattr(layer.base, "mode", "nf4-dq"))  # bitsandbytes': nf4-dq
+            replacement = quantized_linear(weight, getattr(layer.base, "mode", "nf4-dq"))  # bitsandbytes': nf4-dq
         else:
-            replacement = nn.Linear(layer.base.in_features, layer.base.out_features, bias=False, device="meta")
-            replacement.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
-        _set_submodule(model, name, replacement)
+            replacement = _frozen_linear(weight)
+        model.set_submodule(name, replacement)
         merged[name] = layer
     if not merged:
         raise ValueError("the model has no LoRA layers over quantized weights to merge")
@@ -663,8 +227,9 @@ def quantized_storage(model: nn.Module) -> Dict[str, int]:
              "weight_int8": "codes", "scale": "absmax"}  # Int8Linear
     storage = dict.fromkeys(("codes", "absmax", "absmax_codes", "absmax_scales", "unquantized"), 0)
     quantized_params, seen = 0, set()
+    layer_types = tuple(scheme.layer for scheme in SCHEMES.values())
     for module in model.modules():
-        is_quantized = isinstance(module, QUANTIZED_LAYERS)
+        is_quantized = isinstance(module, layer_types)
         if is_quantized:
             quantized_params += module.in_features * module.out_features
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:

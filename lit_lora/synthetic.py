@@ -41,19 +41,17 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import sentencepiece as spm
 import torch
 
 from lit_lora.checkpoint import atomic_path, save_checkpoint, save_json
-from lit_lora.generate import generate
 from lit_lora.model import Config, Llama
 from lit_lora.prompts import PromptStyle
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.train import TrainArgs, fit, setup_fabric
-
-PathLike = Union[str, Path]
+from lit_lora.train import TrainArgs, answer_sampler, fit, setup_fabric
+from lit_lora.utils import PathLike
 
 # ----------------------------------------------------------------------------------------------------
 # The tasks
@@ -273,21 +271,6 @@ def fingerprint(*parts: object) -> str:
     return digest.hexdigest()[:16]
 
 
-def continuation_sampler(tokenizer: Tokenizer, text: str, max_new_tokens: int = 8) -> Callable[[torch.nn.Module], str]:
-    """For the pretraining log: the greedy continuation of a corpus-style `text` (does it know the fact?)."""
-    prompt_ids = tokenizer.encode(text, bos=True)
-
-    def sample(model: torch.nn.Module) -> str:
-        was_training = model.training
-        model.eval()
-        output = generate(model, prompt_ids.to(model.tok_embeddings.weight.device), max_new_tokens,
-                          temperature=0.0, eos_id=tokenizer.eos_id)
-        model.train(was_training)
-        return f"{text} {tokenizer.decode(output[len(prompt_ids):].tolist())}"
-
-    return sample
-
-
 # ----------------------------------------------------------------------------------------------------
 # Pretraining the tiny base model
 # ----------------------------------------------------------------------------------------------------
@@ -328,5 +311,6 @@ def pretrain(out_dir: PathLike, corpus: Sequence[str], tokenizer_path: PathLike,
     def save_weights(path: Path, trained: torch.nn.Module) -> None:
         save_checkpoint(path, trained.state_dict(), trained.config, tokenizer_path)
 
+    continue_probe = answer_sampler(tokenizer, probe, max_new_tokens=8)  # does it know the fact yet?
     return fit(fabric, model, train_data, val_data, train, out_dir, save_weights=save_weights,
-               weights_name=WEIGHTS_DIR_NAME, sample=continuation_sampler(tokenizer, probe), overwrite=True)
+               weights_name=WEIGHTS_DIR_NAME, sample=lambda m: f"{probe} {continue_probe(m)}", overwrite=True)

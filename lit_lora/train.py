@@ -1,7 +1,7 @@
 """The one training loop behind finetune/lora.py, finetune/adapter.py and finetune/full.py.
 
-The scripts build the model, apply their method (LoRA, LLaMA-Adapter, or nothing for full finetuning),
-mark what trains, and hand over to `fit`. Everything else lives here once:
+The scripts build the model, apply their method (LoRA, LLaMA-Adapter, or nothing for full finetuning;
+lit_lora/methods.py), mark what trains, and hand over to `fit`, which runs this loop:
 
     for each optimizer step:
         for each of `accumulation` micro-batches:        global batch = micro batch x accumulation x devices
@@ -11,7 +11,10 @@ mark what trains, and hand over to `fit`. Everything else lives here once:
         every eval_interval: validation loss/perplexity + one sample answer
         every save_interval: resumable checkpoint (trainable weights, optimizer, step, data position, RNG)
 
-Lightning Fabric handles devices, precision and distributed strategies (DDP, FSDP): no home-made ones.
+Lightning Fabric handles devices, precision and the distributed strategies (DDP, FSDP). Two pieces of
+lit_lora/speed.py make it faster without changing what it computes: the cross entropy is taken a few
+rows at a time (`chunked_cross_entropy`), and a subclass of Fabric's own half-precision plugin keeps
+the logits in bf16 instead of copying them to float32.
 """
 
 import json
@@ -27,7 +30,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.fabric.loggers import CSVLogger
-from lightning.fabric.plugins import HalfPrecision
 from lightning.fabric.strategies import FSDPStrategy
 from tqdm import tqdm
 
@@ -35,10 +37,12 @@ from lit_lora.checkpoint import TOKENIZER_NAME, check_keys_and_shapes, load_chec
 from lit_lora.data import IGNORE_INDEX, BatchSampler, check_same_tokenizer, collate, load_prepare_config, load_prepared
 from lit_lora.generate import generate
 from lit_lora.model import Block, Llama
+from lit_lora.plots import plot_losses
 from lit_lora.prompts import PromptStyle, get_prompt_style
 from lit_lora.quantize import load_checkpoint_quantized
+from lit_lora.speed import HalfPrecisionKeepingOutputs, chunked_cross_entropy, keep_freed_memory_for_reuse
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import count_parameters, keep_freed_memory_for_reuse, parameter_report, peak_memory
+from lit_lora.utils import PathLike, count_parameters, parameter_report, peak_memory
 
 CHECKPOINT_DIR_NAME = "checkpoints"
 FINISHED_NAME = "final_metrics.json"
@@ -46,7 +50,8 @@ FINISHED_NAME = "final_metrics.json"
 
 @dataclass
 class TrainArgs:
-    """Optimisation hyperparameters (defaults: Lit-LLaMA's LoRA recipe; each script sets its own)."""
+    """Optimisation hyperparameters. The defaults are finetune/lora.py's recipe; each method's recipe in
+    lit_lora/methods.py sets its own learning rate, weight decay and batch sizes."""
 
     learning_rate: float = 3e-4
     """Peak learning rate, reached after the warmup."""
@@ -109,20 +114,8 @@ def default_precision(accelerator: str = "auto") -> str:
     return "32-true"
 
 
-class HalfPrecisionKeepingOutputs(HalfPrecision):
-    """Fabric's bf16-true / 16-true, except that the model's outputs are returned in the dtype they were
-    computed in. Fabric casts every output back to float32, which here means a float32 copy of the whole
-    (B, T, V) logits tensor and another of its gradient: ~10 % of a bf16 step on CPU. `loss_fn` upcasts
-    the logits block by block itself."""
-
-    PRECISIONS = ("bf16-true", "16-true")
-
-    def convert_output(self, data: Any) -> Any:
-        return data
-
-
-def setup_fabric(out_dir: Path, precision: str, devices: int, num_nodes: int, strategy: str,
-                 accelerator: str, activation_checkpointing: bool) -> L.Fabric:
+def setup_fabric(out_dir: Path, precision: str, devices: int = 1, num_nodes: int = 1, strategy: str = "auto",
+                 accelerator: str = "auto", activation_checkpointing: bool = False) -> L.Fabric:
     """Launch Fabric with CSV (and TensorBoard) logging. bf16-true/16-true keep the logits in 16 bits
     (`HalfPrecisionKeepingOutputs`); on CPU, malloc keeps freed memory for reuse from here on, for the
     whole process (`keep_freed_memory_for_reuse`)."""
@@ -151,8 +144,26 @@ PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
 
 
 @dataclass
+class RunSettings:
+    """Where a finetuning run reads and writes, and how it runs: what every finetune script passes on."""
+
+    checkpoint_dir: Path
+    data_dir: Path
+    out_dir: Path
+    train: TrainArgs
+    precision: Optional[str] = None  # default: bf16-true on GPUs that support it, else 32-true
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    accelerator: str = "auto"
+    quantize: Optional[str] = None  # QLoRA: the frozen base in 4 bits (lit_lora/quantize.py)
+    resume: Optional[str] = None  # "auto" or the path of a resumable checkpoint
+    overwrite: bool = False
+
+
+@dataclass
 class Run:
-    """Everything a finetuning script needs before it applies its method."""
+    """Everything a finetuning run needs before its method is applied."""
 
     fabric: L.Fabric
     model: Llama
@@ -160,39 +171,41 @@ class Run:
     val_data: List[Dict[str, torch.Tensor]]
     tokenizer: Tokenizer
     prompt_style: PromptStyle
+    max_seq_length: int  # the longest sample the data was prepared for
 
 
-def start_run(checkpoint_dir: Path, data_dir: Path, out_dir: Path, train: TrainArgs, precision: Optional[str] = None,
-              devices: int = 1, num_nodes: int = 1, strategy: str = "auto", accelerator: str = "auto",
-              quantize: Optional[str] = None) -> Run:
+def start_run(settings: RunSettings) -> Run:
     """Launch Fabric, load the base checkpoint in the training dtype (or in 4 bits with `quantize`,
     see lit_lora/quantize.py) and the prepared data, with checks."""
-    if quantize is not None and strategy == "fsdp":
+    if settings.quantize is not None and settings.strategy == "fsdp":
         raise ValueError("--quantize does not combine with --strategy fsdp: use ddp, or one device")
-    precision = precision or default_precision(accelerator)
-    fabric = setup_fabric(Path(out_dir), precision, devices, num_nodes, strategy, accelerator, train.activation_checkpointing)
-    fabric.seed_everything(train.seed)  # the adapter's random init (LoRA's A) is the same on every rank
+    precision = settings.precision or default_precision(settings.accelerator)
+    fabric = setup_fabric(Path(settings.out_dir), precision, settings.devices, settings.num_nodes, settings.strategy,
+                          settings.accelerator, settings.train.activation_checkpointing)
+    fabric.seed_everything(settings.train.seed)  # the adapter's random init (LoRA's A) is the same on every rank
     dtype = PRECISION_DTYPES.get(precision, torch.float32)
-    if quantize is None:
-        model = load_checkpoint(checkpoint_dir, dtype=dtype)
+    if settings.quantize is None:
+        model = load_checkpoint(settings.checkpoint_dir, dtype=dtype)
     else:
-        model = load_checkpoint_quantized(checkpoint_dir, mode=quantize, dtype=dtype, device=fabric.device)
-    tokenizer = Tokenizer(Path(checkpoint_dir) / TOKENIZER_NAME)
+        model = load_checkpoint_quantized(settings.checkpoint_dir, mode=settings.quantize, dtype=dtype,
+                                          device=fabric.device)
+    data_dir = Path(settings.data_dir)
+    tokenizer = Tokenizer(Path(settings.checkpoint_dir) / TOKENIZER_NAME)
     check_same_tokenizer(data_dir, tokenizer.model_path)
     prepared = load_prepare_config(data_dir)
-    train_data = load_prepared(Path(data_dir) / prepared["files"]["train"])
-    val_data = load_prepared(Path(data_dir) / prepared["files"]["val"])
+    train_data = load_prepared(data_dir / prepared["files"]["train"])
+    val_data = load_prepared(data_dir / prepared["files"]["val"])
     longest = max(len(sample["input_ids"]) for sample in train_data + val_data)
     if longest > model.config.block_size:
         raise ValueError(f"{data_dir} holds samples of {longest} tokens, longer than the model's context "
                          f"({model.config.block_size}): prepare it again with a smaller --max_seq_length")
-    return Run(fabric, model, train_data, val_data, tokenizer, get_prompt_style(prepared["prompt_style"]))
+    return Run(fabric, model, train_data, val_data, tokenizer, get_prompt_style(prepared["prompt_style"]),
+               prepared.get("max_seq_length") or longest)
 
 
-def make_sampler(tokenizer: Tokenizer, style: PromptStyle, instruction: str,
-                 max_new_tokens: int = 48) -> Callable[[Llama], str]:
-    """A function answering `instruction` greedily with the current weights (for the evaluation log)."""
-    prompt_ids = tokenizer.encode(style.format(instruction), bos=True)
+def answer_sampler(tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 48) -> Callable[[Llama], str]:
+    """A function answering `prompt` greedily with the model's current weights, for the evaluation log."""
+    prompt_ids = tokenizer.encode(prompt, bos=True)
 
     def sample(model: Llama) -> str:
         was_training = model.training
@@ -205,8 +218,6 @@ def make_sampler(tokenizer: Tokenizer, style: PromptStyle, instruction: str,
     return sample
 
 
-
-
 def rank_batches(sampler: BatchSampler, epoch: int, fabric: L.Fabric) -> List[List[int]]:
     """This process's micro-batches of `epoch`: every world_size-th batch of the one global order."""
     batches = sampler.batches(epoch)
@@ -214,58 +225,18 @@ def rank_batches(sampler: BatchSampler, epoch: int, fabric: L.Fabric) -> List[Li
     return batches[fabric.global_rank : usable : fabric.world_size]
 
 
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross entropy over the rows of (N, V) logits, in float32, a block of rows at a time.
-
-    Same value and gradient as `F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)`,
-    but without the float32 copy of all the logits that costs most with bf16 training: for a micro-batch
-    of 4 x 256 tokens and Llama 2's 32k vocabulary, the logits are 65 MB in bf16, their float32 copy 131 MB,
-    and log_softmax, its gradient and the cast back each pass over all of it again. Here each block of a
-    few rows (on a CPU ~0.5 MB in float32: 4 rows of a 32k vocabulary) is upcast, reduced and dropped while
-    still in the core's cache (4-row blocks measured 30 % faster than 32-row ones):
-
-        forward   loss = mean over counted rows of  logsumexp(z) - z[target]
-        backward  dloss/dz = (softmax(z) - onehot(target)) / n_counted     (0 on ignored rows)
-
-    The naive version is the docstring's first line; `test_loss_fn_matches_cross_entropy` holds them equal.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, block_rows: int) -> torch.Tensor:
-        counted = targets != IGNORE_INDEX  # (N,)
-        safe_targets = targets.clamp(min=0)  # ignored rows gather any logit; they are masked out below
-        target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1).float()  # (N,)
-        logsumexp = torch.cat([block.float().logsumexp(dim=-1) for block in logits.split(block_rows)])  # (N,)
-        n_counted = counted.sum()
-        ctx.save_for_backward(logits, safe_targets, logsumexp, counted, n_counted)
-        ctx.block_rows = block_rows
-        return ((logsumexp - target_logits) * counted).sum() / n_counted
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        logits, safe_targets, logsumexp, counted, n_counted = ctx.saved_tensors
-        row_scale = counted * (grad_loss / n_counted.clamp(min=1))  # (N,): 0 for ignored rows, even if all are
-        grad = torch.empty_like(logits)
-        for start in range(0, logits.size(0), ctx.block_rows):
-            rows = slice(start, start + ctx.block_rows)
-            probs = (logits[rows].float() - logsumexp[rows, None]).exp_()  # softmax, (block_rows, V)
-            probs.scatter_add_(1, safe_targets[rows, None], -torch.ones_like(probs[:, :1]))  # minus onehot
-            torch.mul(probs, row_scale[rows, None], out=grad[rows])  # back to the logits' dtype
-        return grad, None, None
-
-
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross entropy: position t predicts token t+1; IGNORE_INDEX labels (prompt, padding) don't count.
 
-    logits (B, T, V) in any dtype, labels (B, T) -> the mean over counted positions, a float32 scalar.
+    logits (B, T, V) in any dtype, labels (B, T) -> the mean over counted positions, a float32 scalar:
+
+        F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+    computed by `chunked_cross_entropy` (lit_lora/speed.py), which never copies the logits to float32.
     """
     # Shift the labels, not the logits: slicing (B, T, V) logits would copy them, forward and backward.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T); the last position predicts nothing
-    # A CPU block of ~0.5 MB of float32 stays in the core's L2 cache; on a GPU, ~64 MB blocks keep the
-    # number of kernel launches low and are still a small part of a float32 copy of the logits.
-    block_bytes = 1 << 19 if logits.device.type == "cpu" else 1 << 26
-    block_rows = max(1, block_bytes // (4 * logits.size(-1)))
-    return ChunkedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), block_rows)
+    return chunked_cross_entropy(logits.flatten(0, 1), targets.flatten())  # (B*T, V), (B*T,)
 
 
 @torch.no_grad()
@@ -282,7 +253,44 @@ def validate(fabric: L.Fabric, model: torch.nn.Module, val_data: List[Dict[str, 
     return fabric.all_reduce(mean, reduce_op="mean").item()
 
 
-def _find_resume_checkpoint(out_dir: Path, resume: Optional[str]) -> Optional[Path]:
+# ----------------------------------------------------------------------------------------------------
+# The loop, and the named pieces it is made of
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Loop:
+    """What the pieces of `fit` share: the set-up run and its resumable state."""
+
+    fabric: L.Fabric
+    model: Any  # the model as Fabric wrapped it
+    optimizer: Any
+    args: TrainArgs
+    out_dir: Path
+    trainable_shapes: Dict[str, torch.Size]
+    progress: Dict[str, Any]  # step, epoch, batch_in_epoch, rng, history: saved in every resumable checkpoint
+
+    def state(self) -> Dict[str, Any]:
+        return {"model": self.model, "optimizer": self.optimizer, "progress": self.progress}
+
+
+def prepare_out_dir(fabric: L.Fabric, out_dir: Path, resume: Optional[str], overwrite: bool,
+                    hyperparameters: Optional[Dict[str, Any]]) -> None:
+    """Refuse to overwrite a finished run (unless told to), start afresh with --overwrite, and record the
+    resolved arguments (reusable with --config hyperparameters.json)."""
+    if (out_dir / FINISHED_NAME).exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a finished run ({FINISHED_NAME}); pass --overwrite true or choose another --out_dir")
+    if overwrite and resume is None and fabric.global_rank == 0 and (out_dir / CHECKPOINT_DIR_NAME).exists():
+        shutil.rmtree(out_dir / CHECKPOINT_DIR_NAME)
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if hyperparameters is not None:
+            as_json = json.dumps(hyperparameters, default=lambda v: asdict(v) if is_dataclass(v) else str(v))
+            save_json(json.loads(as_json), out_dir / "hyperparameters.json")
+
+
+def find_resume_checkpoint(out_dir: Path, resume: Optional[str]) -> Optional[Path]:
+    """The checkpoint --resume names: "auto" is the newest in out_dir (None if there is none yet)."""
     if resume is None:
         return None
     if resume != "auto":
@@ -294,10 +302,106 @@ def _find_resume_checkpoint(out_dir: Path, resume: Optional[str]) -> Optional[Pa
     return candidates[-1] if candidates else None
 
 
-def fit(fabric: L.Fabric, model: torch.nn.Module, train_data: List[Dict[str, torch.Tensor]],
-        val_data: List[Dict[str, torch.Tensor]], args: TrainArgs, out_dir: Path, *,
+def resume_from(loop: Loop, checkpoint: Path) -> None:
+    """Load trainable weights, optimizer state, data position and RNG state from a resumable checkpoint,
+    after checking its weights' names and shapes against the model's trainable parameters."""
+    if checkpoint.is_file():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        check_keys_and_shapes(loop.trainable_shapes, saved.get("model", {}), str(checkpoint))
+    state = loop.state()
+    loop.fabric.load(checkpoint, state, strict=False, weights_only=True)
+    loop.progress = state["progress"]
+    torch.set_rng_state(loop.progress["rng"])
+    loop.fabric.print(f"resumed from {checkpoint} at step {loop.progress['step']}")
+
+
+def save_resumable(loop: Loop) -> Path:
+    """Write `checkpoints/step-NNNNNN.ckpt` (written to a temporary name, then renamed) and delete the
+    older ones: a full-model checkpoint can be tens of GB."""
+    directory = loop.out_dir / CHECKPOINT_DIR_NAME
+    path = directory / f"step-{loop.progress['step']:06d}.ckpt"
+    tmp = path.with_name(path.name + ".tmp")
+    loop.fabric.save(tmp, loop.state(), filter={"model": lambda name, _: name in loop.trainable_shapes})
+    loop.fabric.barrier()
+    if loop.fabric.global_rank == 0:
+        os.replace(tmp, path)
+        for old in directory.glob("step-*.ckpt"):
+            if old != path:
+                old.unlink()
+    return path
+
+
+def train_step(loop: Loop, train_data: List[Dict[str, torch.Tensor]], window: List[List[int]], lr: float) -> float:
+    """One optimizer step over the micro-batches of `window`; returns the mean loss (all ranks)."""
+    fabric, model, optimizer = loop.fabric, loop.model, loop.optimizer
+    step_loss = torch.zeros((), device=fabric.device)
+    for i, indices in enumerate(window):
+        batch = fabric.to_device(collate([train_data[j] for j in indices]))
+        with fabric.no_backward_sync(model, enabled=i < len(window) - 1):  # DDP syncs gradients once, at the end
+            loss = loss_fn(model(batch["input_ids"]), batch["labels"])
+            fabric.backward(loss / len(window))
+        step_loss += loss.detach() / len(window)
+    step_loss = fabric.all_reduce(step_loss, reduce_op="mean").item()
+    if not math.isfinite(step_loss):
+        kept = sorted((loop.out_dir / CHECKPOINT_DIR_NAME).glob("step-*.ckpt"))
+        raise FloatingPointError(f"loss became {step_loss} at step {loop.progress['step'] + 1}; training stopped. "
+                                 f"Last good checkpoint: {kept[-1] if kept else 'none'}. Lower the learning rate or check the data.")
+    if loop.args.grad_clip:
+        fabric.clip_gradients(model, optimizer, max_norm=loop.args.grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def evaluate(loop: Loop, val_data: List[Dict[str, torch.Tensor]], sample: Optional[Callable[[Llama], str]]) -> Dict[str, float]:
+    """Validation loss and perplexity, logged and added to the history; plus one sample answer."""
+    val_loss = validate(loop.fabric, loop.model, val_data, loop.args)
+    metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+    loop.fabric.log_dict(metrics, step=loop.progress["step"])
+    loop.progress["history"].append({"step": loop.progress["step"], **metrics})
+    message = f"step {loop.progress['step']}: val loss {val_loss:.4f}, perplexity {metrics['val_ppl']:.2f}"
+    if sample is not None and loop.fabric.global_rank == 0 and not isinstance(loop.fabric.strategy, FSDPStrategy):
+        message += f"\n  sample: {sample(loop.model.module)!r}"
+    loop.fabric.print(message)
+    return metrics
+
+
+def finish(loop: Loop, metrics: Dict[str, Any], total_steps: int, step_times: List[float],
+           save_weights: Callable[[Path, torch.nn.Module], None], weights_name: str) -> Dict[str, Any]:
+    """A last resumable checkpoint, the loss plot and history; if every step ran, the method's weights and
+    final_metrics.json (which marks the run finished). Returns the final metrics."""
+    last_checkpoint = save_resumable(loop)
+    finished = loop.progress["step"] >= total_steps
+    trainable_count, total_count = count_parameters(loop.model)
+    history = loop.progress["history"]
+    metrics = {**metrics,
+        "steps": loop.progress["step"], "total_steps": total_steps, "finished": finished,
+        "final_train_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None),
+        "seconds_per_step": sum(step_times) / max(1, len(step_times)),
+        "trainable_parameters": trainable_count, "total_parameters": total_count,
+        "peak_memory": peak_memory(loop.fabric.device),
+    }
+    weights_path = loop.out_dir / weights_name
+    if loop.fabric.global_rank == 0:
+        if finished:
+            save_weights(weights_path, loop.model.module)
+            metrics["weights_path"] = str(weights_path)
+        plot_losses(history, loop.out_dir / "loss.png")
+        save_json({"history": history}, loop.out_dir / "history.json")
+        if finished:
+            save_json(metrics, loop.out_dir / FINISHED_NAME)
+    loop.fabric.print(f"{parameter_report(loop.model)}; {metrics['peak_memory']}; resumable checkpoint {last_checkpoint}")
+    if finished:
+        loop.fabric.print(f"saved {weights_path}")
+    return metrics
+
+
+def fit(fabric: L.Fabric, model: Llama, train_data: List[Dict[str, torch.Tensor]],
+        val_data: List[Dict[str, torch.Tensor]], args: TrainArgs, out_dir: PathLike, *,
         save_weights: Callable[[Path, torch.nn.Module], None], weights_name: str,
-        sample: Optional[Callable[[torch.nn.Module], str]] = None, resume: Optional[str] = None,
+        sample: Optional[Callable[[Llama], str]] = None, resume: Optional[str] = None,
         overwrite: bool = False, hyperparameters: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Train the parameters of `model` that require grad; returns the final metrics.
 
@@ -305,171 +409,64 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, train_data: List[Dict[str, tor
     to `out_dir / weights_name` at the end. `sample(model)` answers a fixed instruction at each evaluation.
     """
     out_dir = Path(out_dir)
-    if (out_dir / FINISHED_NAME).exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a finished run ({FINISHED_NAME}); pass --overwrite true or choose another --out_dir")
-    if overwrite and resume is None and fabric.global_rank == 0 and (out_dir / CHECKPOINT_DIR_NAME).exists():
-        shutil.rmtree(out_dir / CHECKPOINT_DIR_NAME)
+    prepare_out_dir(fabric, out_dir, resume, overwrite, hyperparameters)
     if not train_data:
         raise ValueError("the training split is empty: prepare more data or lower --val_size")
-    if fabric.global_rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if hyperparameters is not None:  # the resolved arguments; reusable with --config hyperparameters.json
-            as_json = json.dumps(hyperparameters, default=lambda v: asdict(v) if is_dataclass(v) else str(v))
-            save_json(json.loads(as_json), out_dir / "hyperparameters.json")
-
     accumulation = args.accumulation_steps(fabric.world_size)
     sampler = BatchSampler([len(s["input_ids"]) for s in train_data], args.micro_batch_size, shuffle=True,
                            seed=args.seed, group_by_length=args.group_by_length)
-    steps_per_epoch = max(1, len(rank_batches(sampler, 0, fabric)) // accumulation)
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    total_steps = args.max_steps or args.epochs * max(1, len(rank_batches(sampler, 0, fabric)) // accumulation)
 
     model.activation_checkpointing = args.activation_checkpointing and not isinstance(fabric.strategy, FSDPStrategy)
     trainable_shapes = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
     fabric.print(f"{parameter_report(model)}; {peak_memory(fabric.device)} after loading")
-    model = fabric.setup_module(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, betas=tuple(args.betas))
-    optimizer = fabric.setup_optimizers(optimizer)
-
+    wrapped = fabric.setup_module(model)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay, betas=tuple(args.betas))
     fabric.seed_everything(args.seed)  # dropout draws the same masks on every rank and after a resume
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "rng": torch.get_rng_state(), "history": []}
-    state = {"model": model, "optimizer": optimizer, "progress": progress}
-    checkpoint = _find_resume_checkpoint(out_dir, resume)
+    loop = Loop(fabric, wrapped, fabric.setup_optimizers(optimizer), args, out_dir, trainable_shapes, progress)
+    checkpoint = find_resume_checkpoint(out_dir, resume)
     if checkpoint is not None:
-        if checkpoint.is_file():
-            saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-            check_keys_and_shapes(trainable_shapes, saved.get("model", {}), str(checkpoint))
-        fabric.load(checkpoint, state, strict=False, weights_only=True)
-        progress = state["progress"]
-        torch.set_rng_state(progress["rng"])
-        fabric.print(f"resumed from {checkpoint} at step {progress['step']}")
+        resume_from(loop, checkpoint)
+    else:
+        evaluate(loop, val_data, sample=None)  # the loss before training: the baseline to beat
 
-    def save_resumable() -> Path:
-        path = out_dir / CHECKPOINT_DIR_NAME / f"step-{progress['step']:06d}.ckpt"
-        tmp = path.with_name(path.name + ".tmp")
-        fabric.save(tmp, state, filter={"model": lambda name, _: name in trainable_shapes})
-        fabric.barrier()
-        if fabric.global_rank == 0:
-            os.replace(tmp, path)
-            for old in (out_dir / CHECKPOINT_DIR_NAME).glob("step-*.ckpt"):
-                if old != path:  # keep only the newest: a full-model checkpoint can be tens of GB
-                    old.unlink()
-        return path
-
-    def validate_and_log(with_sample: bool = True) -> Dict[str, float]:
-        val_loss = validate(fabric, model, val_data, args)
-        metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-        fabric.log_dict(metrics, step=progress["step"])
-        progress["history"].append({"step": progress["step"], **metrics})
-        message = f"step {progress['step']}: val loss {val_loss:.4f}, perplexity {metrics['val_ppl']:.2f}"
-        if with_sample and sample is not None and fabric.global_rank == 0 and not isinstance(fabric.strategy, FSDPStrategy):
-            message += f"\n  sample: {sample(model.module)!r}"
-        fabric.print(message)
-        return metrics
-
-    if checkpoint is None:
-        validate_and_log(with_sample=False)  # the loss before training: the baseline to beat
-    model.train()
+    loop.model.train()
     start_time, tokens_seen, step_times = time.perf_counter(), 0, []
-    metrics: Dict[str, float] = {}
-    bar = tqdm(total=total_steps, initial=progress["step"], desc="training", disable=fabric.global_rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=loop.progress["step"], desc="training", disable=fabric.global_rank != 0,
+               dynamic_ncols=True)
     try:
-        while progress["step"] < total_steps:
+        while loop.progress["step"] < total_steps:
+            progress = loop.progress
             batches = rank_batches(sampler, progress["epoch"], fabric)
             if progress["batch_in_epoch"] + accumulation > len(batches):  # a partial window ends the epoch
                 progress["epoch"], progress["batch_in_epoch"] = progress["epoch"] + 1, 0
                 continue
             step_start = time.perf_counter()
             window = batches[progress["batch_in_epoch"] : progress["batch_in_epoch"] + accumulation]
-            step_loss = torch.zeros((), device=fabric.device)
-            for i, indices in enumerate(window):
-                batch = fabric.to_device(collate([train_data[j] for j in indices]))
-                with fabric.no_backward_sync(model, enabled=i < accumulation - 1):
-                    loss = loss_fn(model(batch["input_ids"]), batch["labels"])
-                    fabric.backward(loss / accumulation)
-                step_loss += loss.detach() / accumulation
-                tokens_seen += batch["input_ids"].numel() * fabric.world_size
-            step_loss = fabric.all_reduce(step_loss, reduce_op="mean").item()
-            if not math.isfinite(step_loss):
-                kept = sorted((out_dir / CHECKPOINT_DIR_NAME).glob("step-*.ckpt"))
-                raise FloatingPointError(f"loss became {step_loss} at step {progress['step'] + 1}; training stopped. "
-                                         f"Last good checkpoint: {kept[-1] if kept else 'none'}. Lower the learning rate or check the data.")
-            if args.grad_clip:
-                fabric.clip_gradients(model, optimizer, max_norm=args.grad_clip)
             lr = lr_at(progress["step"], total_steps, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            progress["step"] += 1
-            progress["batch_in_epoch"] += accumulation
-            progress["rng"] = torch.get_rng_state()
-            progress["history"].append({"step": progress["step"], "train_loss": step_loss})
+            loss = train_step(loop, train_data, window, lr)
+            tokens_seen += sum(len(train_data[j]["input_ids"]) for indices in window for j in indices) * fabric.world_size
+            progress.update(step=progress["step"] + 1, batch_in_epoch=progress["batch_in_epoch"] + accumulation,
+                            rng=torch.get_rng_state())
+            progress["history"].append({"step": progress["step"], "train_loss": loss})
             step_times.append(time.perf_counter() - step_start)
             elapsed = time.perf_counter() - start_time
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:.0f}")
             if progress["step"] % args.log_interval == 0:
-                fabric.log_dict({"train_loss": step_loss, "lr": lr, "tokens_per_sec": tokens_seen / elapsed}, step=progress["step"])
+                fabric.log_dict({"train_loss": loss, "lr": lr, "tokens_per_sec": tokens_seen / elapsed}, step=progress["step"])
             if progress["step"] % args.eval_interval == 0 and progress["step"] < total_steps:
-                validate_and_log()
+                evaluate(loop, val_data, sample)
             if progress["step"] % args.save_interval == 0 and progress["step"] < total_steps:
-                save_resumable()
+                save_resumable(loop)
             if args.max_time is not None and elapsed > args.max_time:
                 fabric.print(f"max_time of {args.max_time:.0f} s reached at step {progress['step']}")
                 break
     except KeyboardInterrupt:
         bar.close()
-        fabric.print(f"interrupted: saved a resumable checkpoint at {save_resumable()} (continue with --resume auto)")
+        fabric.print(f"interrupted: saved a resumable checkpoint at {save_resumable(loop)} (continue with --resume auto)")
         raise SystemExit(130)
     bar.close()
-
-    metrics = validate_and_log()
-    last_checkpoint = save_resumable()
-    finished = progress["step"] >= total_steps
-    trainable_count, total_count = count_parameters(model)
-    metrics.update({
-        "steps": progress["step"], "total_steps": total_steps, "finished": finished,
-        "final_train_loss": next((h["train_loss"] for h in reversed(progress["history"]) if "train_loss" in h), None),
-        "seconds_per_step": sum(step_times) / max(1, len(step_times)),
-        "trainable_parameters": trainable_count, "total_parameters": total_count,
-        "peak_memory": peak_memory(fabric.device),
-    })
-    if fabric.global_rank == 0:
-        if finished:
-            save_weights(out_dir / weights_name, model.module)
-            metrics["weights_path"] = str(out_dir / weights_name)
-        plot_losses(progress["history"], out_dir / "loss.png")
-        save_json({"history": progress["history"]}, out_dir / "history.json")
-        if finished:
-            save_json(metrics, out_dir / FINISHED_NAME)
-    fabric.print(f"{parameter_report(model)}; {metrics['peak_memory']}; resumable checkpoint {last_checkpoint}")
-    if finished:
-        fabric.print(f"saved {out_dir / weights_name}")
-    return metrics
-
-
-def plot_losses(history: List[Dict[str, float]], path: Path) -> None:
-    """Training and validation loss against the optimizer step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
-    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    return finish(loop, evaluate(loop, val_data, sample), total_steps, step_times, save_weights, weights_name)

@@ -1,13 +1,23 @@
-"""Small helpers shared by the library and the scripts."""
+"""Small helpers shared by the library and the scripts: path and dtype names, parameter counts, memory."""
 
-import ctypes
-import ctypes.util
 import resource
-import sys
-from typing import Tuple
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+PathLike = Union[str, Path]
+DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """'bfloat16' -> torch.bfloat16; None stays None (keep the dtype a tensor already has)."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def count_parameters(model: nn.Module) -> Tuple[int, int]:
@@ -21,39 +31,17 @@ def parameter_report(model: nn.Module) -> str:
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4f} %)"
 
 
+def tied_parameters(model: nn.Module) -> set:
+    """ids of the parameters that more than one module holds (e.g. an lm_head tied to the token embedding):
+    such a weight cannot be wrapped or quantized without changing, or storing twice, its other user."""
+    seen: Dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        seen[id(param)] = seen.get(id(param), 0) + 1
+    return {param_id for param_id, count in seen.items() if count > 1}
+
+
 def peak_memory(device: torch.device) -> str:
     """Peak memory of this process: allocated GPU memory on CUDA, resident set size on the CPU."""
     if device.type == "cuda":
         return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB"
     return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB"  # ru_maxrss is in kB on Linux
-
-
-def keep_freed_memory_for_reuse() -> bool:
-    """Ask glibc's malloc to keep freed memory for the next allocation instead of giving it back to the
-    kernel. Returns whether the setting took (False off Linux/glibc: nothing changes).
-
-    Why it matters on CPU: glibc serves every allocation above ~32 MB with a fresh mmap and unmaps it on
-    free, so a training step's largest tensors (the (B, T, V) logits and their gradient: 65 MB each in
-    bf16 for 4 x 256 tokens of a 32k vocabulary) arrive as untouched pages, and the kernel faults in and
-    zeroes 16k pages for each one, every step: a bf16 lm_head product took twice as long with a fresh
-    output as with a reused one (about 6 % of the whole step). With these two settings the heap keeps
-    such blocks and the next step reuses them. The peak can grow by fragmentation (measured with
-    scripts/benchmark_finetune.py: ours did not grow; transformers + PEFT's bf16 step went from 1.45 to
-    1.85 GB peak RSS). jemalloc or tcmalloc
-    (LD_PRELOAD) achieve the same for any program. The setting lasts for the rest of the process, which
-    then keeps its peak heap instead of returning it to the system. GPU memory is managed by PyTorch's
-    own caching allocator and needs none of this.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    # Serve blocks up to 1 GB from the heap (glibcs that cap this setting at 32 MiB refuse it: then 32 MiB),
-    # and never shrink the heap.
-    mmap_set = mallopt(m_mmap_threshold, 1 << 30) or mallopt(m_mmap_threshold, 32 << 20)
-    trim_set = mallopt(m_trim_threshold, (1 << 31) - 1)
-    return bool(mmap_set and trim_set)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 from lit_lora.cli import run
-from lit_lora.convert import convert_hf_checkpoint, parse_dtype
+from lit_lora.convert import convert_hf_checkpoint
+from lit_lora.utils import parse_dtype
 
 
 def main(checkpoint_dir: Path, output_dir: Optional[Path] = None, dtype: Optional[str] = None) -> Path:

@@ -29,7 +29,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "params.json", "tokenizer
 WEIGHT_FORMATS = (
     (r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json", "convert_hf_checkpoint.py"),
     (r"pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json", "convert_hf_checkpoint.py"),
-    (r"consolidated\.\d+\.pth", "convert_checkpoint.py"),
+    (r"consolidated\.\d+\.pth", "convert_meta_checkpoint.py"),
 )
 
 

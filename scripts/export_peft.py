@@ -1,4 +1,4 @@
-"""Export a lit-lora LoRA adapter as a Hugging Face PEFT adapter.
+"""Step 6 (optional): export a lit-lora LoRA adapter as a Hugging Face PEFT adapter.
 
     python scripts/export_peft.py --lora_path out/lora/lit_lora.safetensors --output_dir out/lora/peft \
         --base_model_name_or_path meta-llama/Llama-2-7b-hf
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit_lora.cli import run
-from lit_lora.lora import load_lora_checkpoint
+from lit_lora.methods import read_weights
 from lit_lora.peft_interop import save_peft_adapter
 
 
@@ -19,14 +19,14 @@ def main(lora_path: Path, output_dir: Path, base_model_name_or_path: Optional[st
     """Write adapter_config.json and adapter_model.safetensors for PEFT.
 
     Args:
-        lora_path: the lit-lora adapter file (save_lora_checkpoint).
+        lora_path: the lit-lora adapter file (finetune/lora.py's lit_lora.safetensors).
         output_dir: the PEFT adapter directory to write.
         base_model_name_or_path: recorded in adapter_config.json so PEFT tools know the base model
             (e.g. meta-llama/Llama-2-7b-hf); optional.
     """
-    lora_config, model_config, state = load_lora_checkpoint(lora_path)
-    save_peft_adapter(output_dir, lora_config, state, base_model_name_or_path)
-    print(f"exported {lora_config} ({len(state)} tensors, base {model_config.name or 'unnamed'}) to {output_dir}")
+    weights = read_weights(lora_path, "lora")
+    save_peft_adapter(output_dir, weights.config, weights.tensors, base_model_name_or_path)
+    print(f"exported {weights.config} ({len(weights.tensors)} tensors, base {weights.model_config.name or 'unnamed'}) to {output_dir}")
     return Path(output_dir)
 
 

@@ -9,7 +9,7 @@ Llama layers q/k/v/o_proj, gate/up/down_proj or lm_head, in every layer, saved a
 
 from pathlib import Path
 
-from lit_lora.checkpoint import load_config, save_adapter_file
+from lit_lora.checkpoint import MethodFile, load_config, save_method_file
 from lit_lora.cli import run
 from lit_lora.peft_interop import load_peft_adapter
 
@@ -21,11 +21,11 @@ def main(peft_dir: Path, checkpoint_dir: Path, output_path: Path) -> Path:
         peft_dir: directory with adapter_config.json and adapter_model.safetensors.
         checkpoint_dir: the lit-lora conversion of the adapter's base model; its config is recorded in
             the adapter file and every tensor's shape is checked against it.
-        output_path: the lit-lora adapter file to write (use it with apply_lora_checkpoint or generate/lora.py).
+        output_path: the lit-lora adapter file to write (use it with generate/lora.py or lit_lora.methods.apply_weights).
     """
     model_config = load_config(checkpoint_dir)
     lora_config, state, ignored = load_peft_adapter(peft_dir, model_config)
-    save_adapter_file(output_path, state, method="lora", settings=lora_config.to_dict(), model_config=model_config)
+    save_method_file(output_path, MethodFile("lora", lora_config.to_dict(), model_config, state))
     note = f"; ignored PEFT's copies of the base weights {ignored}" if ignored else ""
     print(f"imported {lora_config} ({len(state)} tensors) to {output_path}{note}")
     return Path(output_path)

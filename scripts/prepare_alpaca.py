@@ -1,4 +1,4 @@
-"""Step 2: prepare the Stanford Alpaca instruction data (52k records) for finetuning.
+"""Step 3: prepare the Stanford Alpaca instruction data (52k records) for finetuning.
 
     python scripts/prepare_alpaca.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
 

@@ -1,4 +1,4 @@
-"""Step 2 (alternative): prepare the Databricks Dolly 15k instruction data for finetuning.
+"""Step 3 (alternative): prepare the Databricks Dolly 15k instruction data for finetuning.
 
     python scripts/prepare_dolly.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
 

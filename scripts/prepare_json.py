@@ -1,4 +1,4 @@
-"""Step 2 (your own data): prepare any instruction dataset stored as a JSON list or JSON Lines.
+"""Step 3 (your own data): prepare any instruction dataset stored as a JSON list or JSON Lines.
 
     python scripts/prepare_json.py --data_file my_data.jsonl --destination_path data/mine \
         --instruction_key question --input_key context --output_key answer

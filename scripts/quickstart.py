@@ -6,10 +6,10 @@ finetuned with LoRA and with LLaMA-Adapter on the same budget, and scored on hel
     1. a synthetic world: a corpus and Alpaca-format instructions (train, and held-out test)
     2. a SentencePiece tokenizer and a ~1M-parameter Llama pretrained on the corpus (reused by reruns)
     3. the instructions prepared exactly like Alpaca (lit_lora.prepare)
-    4. LoRA and LLaMA-Adapter finetuned through finetune/lora.py and finetune/adapter.py
+    4. LoRA and LLaMA-Adapter finetuned exactly as finetune/lora.py and finetune/adapter.py do
     5. held-out exact-match accuracy of the base model, the LoRA model and the Adapter model
     6. the side-by-side table (comparison.md) and plots (loss_curves.png, lora_update_heatmap.png)
-    7. LoRA merged into the base (scripts/merge_lora.py), and an instruction answered (generate/lora.py)
+    7. LoRA merged into the base (as scripts/merge_lora.py does), and an instruction answered (as generate/lora.py does)
 
 howto/compare_lora_adapter.md explains the numbers; lit_lora/synthetic.py how the world is made.
 """
@@ -25,9 +25,12 @@ from lit_lora.adapter import AdapterConfig
 from lit_lora.checkpoint import WEIGHTS_NAME, load_checkpoint, load_json, save_json
 from lit_lora.cli import run
 from lit_lora.compare import (RunResult, Variant, exact_match, finetune, load_eval_records, load_finetuned,
-                              load_script_main, plot_lora_heatmap, plot_loss_curves, release_memory, write_report)
+                              plot_update, release_memory, write_report)
 from lit_lora.generate import generate
+from lit_lora.inference import answer_with_each
 from lit_lora.lora import LoRAConfig
+from lit_lora.methods import merge_into_checkpoint
+from lit_lora.plots import plot_loss_curves
 from lit_lora.prepare import format_summary, prepare_instruction_data
 from lit_lora.prompts import get_prompt_style
 from lit_lora.synthetic import (PRETRAIN_ARGS, TINY_BASE, WEIGHTS_DIR_NAME, WorldConfig, build_world, fingerprint,
@@ -139,18 +142,18 @@ def main(
              f"tokenizer, pretrained for {pretrain_args.max_steps} steps on the synthetic corpus"]
     print(write_report(results, out_dir, "LoRA vs LLaMA-Adapter on the synthetic world", notes))
     plot_loss_curves(results[1:], out_dir / "loss_curves.png")
-    plot_lora_heatmap(results[1].weights_path, out_dir / "lora_update_heatmap.png")
+    plot_update(results[1], out_dir / "lora_update_heatmap.png", title="Size of the LoRA update per layer and projection")
     print(f"wrote {out_dir / 'comparison.md'}, {out_dir / 'loss_curves.png'} and {out_dir / 'lora_update_heatmap.png'}")
 
     banner(7, "LoRA merged into the base, and a held-out instruction answered")
     lora_path = results[1].weights_path
-    merged_dir = load_script_main("scripts/merge_lora.py")(checkpoint_dir=checkpoint_dir, lora_path=lora_path,
-                                                            output_dir=out_dir / "merged")
+    merged_dir, _ = merge_into_checkpoint(checkpoint_dir, lora_path, out_dir / "merged")
+    print(f"merged {lora_path} into {merged_dir}")
     question = world.test[-1]
-    print(f"\ngenerate/lora.py answers {question.instruction!r} (expected {question.answer!r}):")
-    answer = load_script_main("generate/lora.py")(checkpoint_dir=checkpoint_dir, lora_path=lora_path,
-                                                 prompt=question.instruction, temperature=0.0, max_new_tokens=16,
-                                                 device=device.type, dtype="float32")[0]
+    print(f"\nthe base with the LoRA file (as generate/lora.py runs it) answers {question.instruction!r} "
+          f"(expected {question.answer!r}):")
+    answer = answer_with_each(checkpoint_dir, [lora_path], "lora", question.instruction, merge=True, temperature=0.0,
+                              max_new_tokens=16, device=device.type, dtype="float32")[0]
     merged = load_checkpoint(merged_dir, device=device).eval()
     prompt_ids = tokenizer.encode(style.format(question.instruction), bos=True)
     merged_ids = generate(merged, prompt_ids, 16, temperature=0.0, eos_id=tokenizer.eos_id)[len(prompt_ids):]

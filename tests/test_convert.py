@@ -361,7 +361,7 @@ def test_download_prefers_safetensors_and_fetches_config_and_tokenizer(download_
     files, converter = choose("meta-llama/Llama-2-13b", ["consolidated.00.pth", "consolidated.01.pth", "params.json",
                                                         "tokenizer.model", "checklist.chk"])
     assert sorted(files) == ["consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
-    assert converter == "convert_checkpoint.py"
+    assert converter == "convert_meta_checkpoint.py"
     with pytest.raises(ValueError, match="holds no Llama weights"):
         choose("karpathy/tinyllamas", ["stories15M.bin", "stories15M.pt", "README.md"])
 

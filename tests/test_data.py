@@ -24,7 +24,7 @@ from sentencepiece import SentencePieceProcessor
 
 from lit_lora.checkpoint import save_tensors
 from lit_lora.data import (IGNORE_INDEX, BatchSampler, check_same_tokenizer, collate, load_prepare_config,
-                           load_prepared, make_dataloader, save_prepared)
+                           load_prepared, save_prepared)
 from lit_lora.prepare import (DOLLY_FIELDS, choose_val_positions, download_if_missing,
                               fit_sample, prepare_instruction_data, read_examples)
 from lit_lora.prompts import PROMPT_STYLES, PromptStyle, get_prompt_style, register_prompt_style
@@ -429,6 +429,11 @@ def test_collate_pads_right():
 
 def test_dataloader_is_deterministic_and_covers_every_sample():
     samples = [{"input_ids": torch.full((n,), i), "labels": torch.full((n,), i)} for i, n in enumerate([3, 9, 1, 4, 7, 2, 8, 5, 6, 2])]
+
+    def make_dataloader(samples, batch_size, shuffle, seed, group_by_length=False):  # BatchSampler in torch's DataLoader
+        lengths = [len(sample["input_ids"]) for sample in samples]
+        sampler = BatchSampler(lengths, batch_size, shuffle, seed, group_by_length)
+        return torch.utils.data.DataLoader(samples, batch_sampler=sampler, collate_fn=collate)
 
     def epochs(loader, count=2):
         return [[b["input_ids"][:, 0].tolist() for b in loader] for _ in range(count)]

@@ -57,29 +57,26 @@ def _finetune(method: str, tiny_run: Path, out: str, **kwargs):
 
 
 def _apply(method: str, model):
-    if method == "lora":
-        from lit_lora.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, save_lora_checkpoint
+    """Apply a method through the registry, as lit_lora.methods.finetune does; returns its save function."""
+    from lit_lora.adapter import AdapterConfig
+    from lit_lora.lora import LoRAConfig
+    from lit_lora.methods import get_method, save_weights
 
-        config = LoRAConfig(r=8, alpha=16, dropout=0.05)
-        add_lora(model, config)
-        mark_only_lora_as_trainable(model)
-        return lambda path, m: save_lora_checkpoint(path, m, config)
-    from lit_lora.adapter import AdapterConfig, add_adapter, mark_only_adapter_as_trainable, save_adapter_checkpoint
-
-    config = AdapterConfig(prompt_length=10, start_layer=0)
-    add_adapter(model, config)
-    mark_only_adapter_as_trainable(model)
-    return lambda path, m: save_adapter_checkpoint(path, m, config)
+    config = LoRAConfig(r=8, alpha=16, dropout=0.05) if method == "lora" else AdapterConfig(prompt_length=10, start_layer=0)
+    registered = get_method(method)
+    registered.add(model, config)
+    registered.mark_trainable(model)
+    return lambda path, m: save_weights(path, m, registered, config)
 
 
 @pytest.mark.parametrize(("method", "learning_rate", "margin"), [("lora", 2e-2, 1.0), ("adapter", 1e-1, 0.3)])
 def test_finetuning_lowers_val_loss_and_changes_only_the_adapter(tiny_run, method, learning_rate, margin):
     """The same steps as finetune/lora.py and finetune/adapter.py, holding on to the model to inspect it."""
-    from lit_lora.train import fit, start_run
+    from lit_lora.train import RunSettings, fit, start_run
 
     args = _train_args(learning_rate=learning_rate)
     out = tiny_run / method
-    session = start_run(tiny_run / "base", tiny_run / "data", out, args, accelerator="cpu")
+    session = start_run(RunSettings(tiny_run / "base", tiny_run / "data", out, args, accelerator="cpu"))
     save_weights = _apply(method, session.model)
     frozen_before = {n: p.detach().clone() for n, p in session.model.named_parameters() if not p.requires_grad}
     trainable_before = {n: p.detach().clone() for n, p in session.model.named_parameters() if p.requires_grad}
@@ -143,18 +140,19 @@ DDP_SCRIPT = """
 import sys
 from pathlib import Path
 from lit_lora.checkpoint import save_tensors
-from lit_lora.lora import LoRAConfig, add_lora, lora_state_dict, mark_only_lora_as_trainable, save_lora_checkpoint
-from lit_lora.train import TrainArgs, fit, start_run
+from lit_lora.lora import LoRAConfig, add_lora, lora_state_dict, mark_only_lora_as_trainable
+from lit_lora.methods import save_weights
+from lit_lora.train import RunSettings, TrainArgs, fit, start_run
 
 root, out = Path(sys.argv[1]), Path(sys.argv[2])
 args = TrainArgs(learning_rate=3e-3, global_batch_size=8, micro_batch_size=2, warmup_steps=1, max_steps=3,
                  eval_iters=1, seed=3)
-session = start_run(root / "base", root / "data", out, args, devices=2, strategy="ddp", accelerator="cpu")
+session = start_run(RunSettings(root / "base", root / "data", out, args, devices=2, strategy="ddp", accelerator="cpu"))
 config = LoRAConfig(r=4, alpha=8, dropout=0.1)
 add_lora(session.model, config)
 mark_only_lora_as_trainable(session.model)
 fit(session.fabric, session.model, session.train_data, session.val_data, args, out,
-    save_weights=lambda path, model: save_lora_checkpoint(path, model, config), weights_name="lit_lora.safetensors")
+    save_weights=lambda path, model: save_weights(path, model, "lora", config), weights_name="lit_lora.safetensors")
 save_tensors(lora_state_dict(session.model), out / f"rank{session.fabric.global_rank}.safetensors")
 """
 
@@ -241,7 +239,8 @@ def test_loss_fn_matches_cross_entropy(dtype, shape):
 
 def test_bf16_true_training_keeps_the_logits_in_bf16(tmp_path):
     """Fabric would cast the model's outputs to float32 (a full copy of the logits); setup_fabric's plugin does not."""
-    from lit_lora.train import HalfPrecisionKeepingOutputs, loss_fn, setup_fabric
+    from lit_lora.speed import HalfPrecisionKeepingOutputs
+    from lit_lora.train import loss_fn, setup_fabric
 
     fabric = setup_fabric(tmp_path, "bf16-true", devices=1, num_nodes=1, strategy="auto", accelerator="cpu",
                           activation_checkpointing=False)

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from conftest import lit_from_hf, make_hf_llama
-from lit_lora.adapter import AdapterConfig, add_adapter, apply_adapter_checkpoint, save_adapter_checkpoint
+from lit_lora.adapter import AdapterConfig, add_adapter
 from lit_lora.checkpoint import load_checkpoint, save_checkpoint
-from lit_lora.generate import (TextStreamer, choose_dtype, cpu_supports_fast_bf16, generate, sample_next_token,
-                               top_k_filter, top_p_filter)
+from lit_lora.generate import generate, sample_next_token, top_k_filter, top_p_filter
+from lit_lora.inference import TextStreamer, choose_dtype
+from lit_lora.speed import cpu_supports_fast_bf16
 from lit_lora.hf_names import lit_to_hf_name
-from lit_lora.lora import LoRAConfig, add_lora, apply_lora_checkpoint, lora_layers, merge_lora, remove_lora, save_lora_checkpoint
+from lit_lora.lora import LoRAConfig, add_lora, lora_layers, merge_lora, remove_lora
+from lit_lora.methods import apply_weights, save_weights
 from lit_lora.model import Config, Llama
 from lit_lora.prompts import get_prompt_style
 from lit_lora.tokenizer import Tokenizer
@@ -215,9 +217,9 @@ def test_bad_settings_are_clear_errors():
 
 def test_dtype_choice_detects_bf16_at_run_time(monkeypatch):
     assert choose_dtype(torch.device("cpu"), "float32") == torch.float32
-    monkeypatch.setattr("lit_lora.generate.cpu_supports_fast_bf16", lambda: False)
+    monkeypatch.setattr("lit_lora.inference.cpu_supports_fast_bf16", lambda: False)
     assert choose_dtype(torch.device("cpu")) == torch.float32
-    monkeypatch.setattr("lit_lora.generate.cpu_supports_fast_bf16", lambda: True)
+    monkeypatch.setattr("lit_lora.inference.cpu_supports_fast_bf16", lambda: True)
     assert choose_dtype(torch.device("cpu")) == torch.bfloat16
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else None
     if flags is not None:
@@ -264,11 +266,11 @@ def tiny_checkpoint(tmp_path_factory, llama2_tokenizer_path):
     for seed in (1, 2):
         add_lora(model, LoRAConfig(r=4, alpha=8, targets=("q", "v", "head")))
         randomize([p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)], seed=seed, std=0.3)
-        save_lora_checkpoint(root / f"lora{seed}.safetensors", model, LoRAConfig(r=4, alpha=8, targets=("q", "v", "head")))
+        save_weights(root / f"lora{seed}.safetensors", model, "lora", LoRAConfig(r=4, alpha=8, targets=("q", "v", "head")))
         remove_lora(model)
     add_adapter(model, AdapterConfig(prompt_length=4, start_layer=1))
     randomize([model.layers[1].attn.adapter.prompt, model.layers[1].attn.adapter.gate], seed=3, std=1.0)
-    save_adapter_checkpoint(root / "adapter.safetensors", model, AdapterConfig(prompt_length=4, start_layer=1))
+    save_weights(root / "adapter.safetensors", model, "adapter", AdapterConfig(prompt_length=4, start_layer=1))
     return root
 
 
@@ -284,7 +286,7 @@ def expected_response(checkpoint, instruction, attach):
 
 def merged_lora(path):
     def attach(model):
-        apply_lora_checkpoint(model, path)
+        apply_weights(model, path)
         merge_lora(model)
     return attach
 
@@ -322,7 +324,7 @@ def test_lora_script_merged_answers_survive_switching_adapters(tiny_checkpoint, 
 
 def test_adapter_script_prints_the_response(tiny_checkpoint, capsys):
     expected = expected_response(tiny_checkpoint, "Name a colour.",
-                                 lambda m: apply_adapter_checkpoint(m, tiny_checkpoint / "adapter.safetensors"))
+                                 lambda m: apply_weights(m, tiny_checkpoint / "adapter.safetensors"))
     answers = generate_script("adapter")(checkpoint_dir=tiny_checkpoint / "base", prompt="Name a colour.",
                                          adapter_path=tiny_checkpoint / "adapter.safetensors", temperature=0.0,
                                          max_new_tokens=20, dtype="float32")
@@ -348,12 +350,13 @@ def test_base_script_continues_the_prompt_and_refuses_a_prompt_too_long(tiny_che
 
 def test_lora_script_on_a_4bit_base(tiny_checkpoint, capsys):
     """QLoRA inference: generate/lora.py --quantize nf4-dq keeps the adapter beside the 4-bit base."""
-    from lit_lora.quantize import Linear4bit, load_checkpoint_quantized
+    from lit_lora.nf4 import Linear4bit
+    from lit_lora.quantize import load_checkpoint_quantized
 
     path = tiny_checkpoint / "lora1.safetensors"
     model = load_checkpoint_quantized(tiny_checkpoint / "base", mode="nf4-dq", dtype=torch.float32).eval()
     assert isinstance(model.layers[0].attn.k_proj, Linear4bit)
-    apply_lora_checkpoint(model, path)
+    apply_weights(model, path)
     tokenizer = Tokenizer(tiny_checkpoint / "base" / "tokenizer.model")
     prompt_ids = tokenizer.encode(get_prompt_style("alpaca").format("Name a colour."), bos=True)
     expected = tokenizer.decode(generate(model, prompt_ids, 20, temperature=0.0, eos_id=tokenizer.eos_id)[len(prompt_ids):])
@@ -367,7 +370,8 @@ def test_lora_script_on_a_4bit_base(tiny_checkpoint, capsys):
 
 def test_base_script_with_int8_weights_and_compiled(tiny_checkpoint, capsys):
     """--quantize int8 answers like an int8 model built here; --compile true gives the same greedy tokens."""
-    from lit_lora.quantize import Int8Linear, load_checkpoint_quantized
+    from lit_lora.int8 import Int8Linear
+    from lit_lora.quantize import load_checkpoint_quantized
 
     model = load_checkpoint_quantized(tiny_checkpoint / "base", mode="int8", dtype=torch.bfloat16, skip=()).eval()
     assert isinstance(model.lm_head, Int8Linear)
@@ -383,7 +387,7 @@ def test_base_script_with_int8_weights_and_compiled(tiny_checkpoint, capsys):
 
 
 def test_a_failing_compile_is_a_one_line_error(tiny_checkpoint, monkeypatch):
-    from lit_lora.generate import compile_for_decoding
+    from lit_lora.speed import compile_for_decoding
 
     def broken_compile(model, **kwargs):
         def compiled(*args, **kwargs):
@@ -397,3 +401,36 @@ def test_a_failing_compile_is_a_one_line_error(tiny_checkpoint, monkeypatch):
     with pytest.raises(ValueError, match=r"^compiling the model failed \(RuntimeError: InvalidCxxCompiler: No working C\+\+ "
                                          r"compiler found\); run without --compile"):
         compile_for_decoding(model, torch.tensor([1, 2, 3]))
+
+
+def test_generation_uses_the_prompt_style_recorded_in_the_adapter_file(tiny_checkpoint, tmp_path, capsys):
+    """An adapter trained with another template is prompted with it, unless --prompt_style says otherwise."""
+    from lit_lora.methods import read_weights
+    from lit_lora.prompts import PROMPT_STYLES, PromptStyle, register_prompt_style
+
+    style = register_prompt_style(PromptStyle("brackets", "[{instruction}] ->", "[{instruction} | {input}] ->"))
+    try:
+        weights = read_weights(tiny_checkpoint / "lora1.safetensors")
+        model = load_checkpoint(tiny_checkpoint / "base")
+        apply_weights(model, tiny_checkpoint / "lora1.safetensors")
+        path = save_weights(tmp_path / "brackets.safetensors", model, "lora", weights.config,
+                            training={"prompt_style": "brackets", "max_seq_length": 64})
+        tokenizer = Tokenizer(tiny_checkpoint / "base" / "tokenizer.model")
+
+        def answer(template):
+            merged = load_checkpoint(tiny_checkpoint / "base").eval()
+            apply_weights(merged, path)
+            merge_lora(merged)
+            prompt_ids = tokenizer.encode(template.format("Name a colour."), bos=True)
+            return tokenizer.decode(generate(merged, prompt_ids, 20, temperature=0.0, eos_id=tokenizer.eos_id)[len(prompt_ids):])
+
+        in_style, in_alpaca = answer(style), answer(get_prompt_style("alpaca"))
+        assert in_style != in_alpaca
+        run = lambda **kwargs: generate_script("lora")(checkpoint_dir=tiny_checkpoint / "base", prompt="Name a colour.",
+                                                       lora_path=path, temperature=0.0, max_new_tokens=20,
+                                                       dtype="float32", **kwargs)
+        assert run() == [in_style]
+        assert "prompt style brackets" in capsys.readouterr().err
+        assert run(prompt_style="alpaca") == [in_alpaca]
+    finally:
+        PROMPT_STYLES.pop("brackets")

@@ -9,11 +9,12 @@ import torch
 import torch.nn as nn
 
 from conftest import lit_from_hf, make_hf_llama
-from lit_lora.checkpoint import CheckpointError, load_checkpoint, save_adapter_file, save_checkpoint, save_json, save_tensors
+from lit_lora.checkpoint import (CheckpointError, MethodFile, load_checkpoint, save_checkpoint, save_json, save_method_file,
+                                 save_tensors)
 from lit_lora.hf_names import hf_to_lit_name, lit_to_hf_name
-from lit_lora.lora import (LoRAConfig, LoRALinear, add_lora, apply_lora_checkpoint, load_lora_checkpoint,
-                           load_lora_state_dict, lora_disabled, lora_layers, lora_state_dict, mark_only_lora_as_trainable,
-                           merge_lora, remove_lora, save_lora_checkpoint)
+from lit_lora.lora import (LoRAConfig, LoRALinear, add_lora, load_lora_state_dict, lora_disabled, lora_layers,
+                           lora_state_dict, mark_only_lora_as_trainable, merge_lora, remove_lora)
+from lit_lora.methods import apply_weights, read_weights, save_weights
 from lit_lora.model import Config, Llama
 from lit_lora.peft_interop import load_peft_adapter
 from lit_lora.utils import parameter_report
@@ -25,9 +26,9 @@ HF_TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                    "gate": "gate_proj", "up": "up_proj", "down": "down_proj", "head": "lm_head"}
 
 
-def script(name):
-    """The `main` of scripts/<name>.py, called in-process (no interpreter start per test)."""
-    return runpy.run_path(str(ROOT / "scripts" / f"{name}.py"))["main"]
+def script(name, folder="scripts"):
+    """The `main` of <folder>/<name>.py, called in-process (no interpreter start per test)."""
+    return runpy.run_path(str(ROOT / folder / f"{name}.py"))["main"]
 
 
 def randomize_lora(model, seed=1, std=0.1):
@@ -137,7 +138,7 @@ def test_export_and_import_peft(tmp_path, n_kv_heads, targets):
         ours_logits = ours(idx)
 
     # lit-lora -> PEFT: PEFT's own loader on a fresh HF model with the same base weights.
-    save_lora_checkpoint(tmp_path / "lora.safetensors", ours, lora_config)
+    save_weights(tmp_path / "lora.safetensors", ours, "lora", lora_config)
     script("export_peft")(lora_path=tmp_path / "lora.safetensors", output_dir=tmp_path / "peft")
     peft_model = PeftModel.from_pretrained(make_hf_llama(n_kv_heads=n_kv_heads), str(tmp_path / "peft")).eval()
     with torch.no_grad():
@@ -148,13 +149,14 @@ def test_export_and_import_peft(tmp_path, n_kv_heads, targets):
     peft_model.save_pretrained(str(tmp_path / "peft_saved"))
     base_dir = save_checkpoint(tmp_path / "base", tiny_llama(n_kv_heads).state_dict(), ours.config)
     script("import_peft")(peft_dir=tmp_path / "peft_saved", checkpoint_dir=base_dir, output_path=tmp_path / "imported.safetensors")
-    imported_config, _, imported_state = load_lora_checkpoint(tmp_path / "imported.safetensors")
+    imported = read_weights(tmp_path / "imported.safetensors", "lora")
+    imported_config, imported_state = imported.config, imported.tensors
     assert imported_config == lora_config
     original = lora_state_dict(ours)
     assert imported_state.keys() == original.keys()
     assert all(torch.equal(imported_state[k], original[k]) for k in original)
     model = load_checkpoint(base_dir)
-    apply_lora_checkpoint(model, tmp_path / "imported.safetensors")
+    apply_weights(model, tmp_path / "imported.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(model(idx), peft_logits, atol=1e-4, rtol=0)
 
@@ -314,7 +316,7 @@ def test_howto_example_runs():
 def test_lora_checkpoint_round_trip_and_errors(tmp_path):
     model, lora_config = tiny_lora_llama(("q", "v", "down"))
     randomize_lora(model)
-    path = save_lora_checkpoint(tmp_path / "lora.safetensors", model, lora_config)
+    path = save_weights(tmp_path / "lora.safetensors", model, "lora", lora_config)
     state = lora_state_dict(model)
     assert set(state) == {f"layers.{i}.{m}.{ab}" for i in range(3) for m in ("attn.q_proj", "attn.v_proj", "mlp.down_proj")
                           for ab in ("lora_A", "lora_B")}
@@ -323,7 +325,7 @@ def test_lora_checkpoint_round_trip_and_errors(tmp_path):
     assert adapter_bytes < path.stat().st_size < adapter_bytes + 4096
 
     fresh = tiny_llama()
-    assert apply_lora_checkpoint(fresh, path) == lora_config
+    assert apply_weights(fresh, path, "lora").config == lora_config
     idx = torch.randint(0, 256, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(fresh(idx), model(idx), atol=0, rtol=0)
@@ -331,24 +333,24 @@ def test_lora_checkpoint_round_trip_and_errors(tmp_path):
     # A base with a different architecture: refused, and left without LoRA layers.
     other = Llama(Config.from_name("tiny", vocab_size=256))
     with pytest.raises(CheckpointError, match="different base model: .*n_layer=3"):
-        apply_lora_checkpoint(other, path)
+        apply_weights(other, path)
     assert not lora_layers(other)
 
     # Tensors that do not fit the settings in the header: wrong rank, a missing layer.
     wrong_rank = {**lora_config.to_dict(), "r": 8}
-    save_adapter_file(tmp_path / "rank.safetensors", state, "lora", wrong_rank, model.config)
+    save_method_file(tmp_path / "rank.safetensors", MethodFile("lora", wrong_rank, model.config, state))
     with pytest.raises(CheckpointError, match="wrong shapes: layers.0.attn.q_proj.lora_A"):
-        load_lora_checkpoint(tmp_path / "rank.safetensors")
+        read_weights(tmp_path / "rank.safetensors")
     missing = {k: v for k, v in state.items() if not k.startswith("layers.2.mlp")}
-    save_adapter_file(tmp_path / "missing.safetensors", missing, "lora", lora_config.to_dict(), model.config)
+    save_method_file(tmp_path / "missing.safetensors", MethodFile("lora", lora_config.to_dict(), model.config, missing))
     with pytest.raises(CheckpointError, match="missing 2 keys: layers.2.mlp.down_proj.lora_A"):
-        load_lora_checkpoint(tmp_path / "missing.safetensors")
+        read_weights(tmp_path / "missing.safetensors")
     rank2, _ = tiny_lora_llama(("q", "v", "down"), r=2)
     with pytest.raises(CheckpointError, match="my adapter does not match the model: wrong shapes"):
         load_lora_state_dict(rank2, state, source="my adapter")
     (tmp_path / "corrupt.safetensors").write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_lora_checkpoint(tmp_path / "corrupt.safetensors")
+        read_weights(tmp_path / "corrupt.safetensors")
 
 
 def test_merge_script_writes_a_standalone_checkpoint(tmp_path):
@@ -356,7 +358,7 @@ def test_merge_script_writes_a_standalone_checkpoint(tmp_path):
     randomize_lora(model)
     base_dir = save_checkpoint(tmp_path / "base", tiny_llama().state_dict(), model.config)
     (base_dir / "tokenizer.model").write_bytes(b"sentencepiece stand-in")
-    save_lora_checkpoint(tmp_path / "lora.safetensors", model, lora_config)
+    save_weights(tmp_path / "lora.safetensors", model, "lora", lora_config)
 
     out = script("merge_lora")(checkpoint_dir=base_dir, lora_path=tmp_path / "lora.safetensors", output_dir=tmp_path / "merged")
     merged = load_checkpoint(out)
@@ -379,7 +381,7 @@ def test_merge_script_errors_are_one_line(tmp_path):
 # 4. Sizes --------------------------------------------------------------------------------------------
 
 def test_adapter_sizes_for_7b(capsys):
-    sizes = script("lora_sizes")(model_name="7B", r=8, targets=("q", "v"))
+    sizes = script("lora_sizes", "benchmarks")(model_name="7B", r=8, targets=("q", "v"))
     assert sizes["adapter_fp32_bytes"] == 4 * 4_194_304  # 16.8 MB
     assert sizes["adapter_bf16_bytes"] == 2 * 4_194_304  # 8.4 MB
     assert sizes["base_bf16_bytes"] == 2 * 6_738_415_616  # 13.5 GB

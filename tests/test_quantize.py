@@ -14,12 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_lora.checkpoint import WEIGHTS_NAME, CheckpointError, save_checkpoint
-from lit_lora.lora import (LoRAConfig, LoRALinear, add_lora, apply_lora_checkpoint, lora_layers,
-                           mark_only_lora_as_trainable, merge_lora, save_lora_checkpoint)
+from lit_lora.int8 import Int8Linear
+from lit_lora.lora import LoRAConfig, LoRALinear, add_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
+from lit_lora.methods import apply_weights, save_weights
 from lit_lora.model import Config, Llama
-from lit_lora.quantize import (DYNAMIC_8BIT_CODE, NF4_CODE, Int8Linear, Linear4bit, bits_per_parameter, dequantize_absmax,
-                               dequantize_model, dequantize_nf4, load_checkpoint_quantized, merge_lora_quantized, quantize_absmax,
-                               quantize_blockwise, quantize_model, quantize_nf4, quantized_storage)
+from lit_lora.nf4 import (DYNAMIC_8BIT_CODE, NF4_CODE, Linear4bit, dequantize_absmax, dequantize_nf4, quantize_absmax,
+                          quantize_blockwise, quantize_nf4)
+from lit_lora.quantize import (bits_per_parameter, dequantize_model, load_checkpoint_quantized, merge_lora_quantized,
+                               quantize_model, quantized_storage)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +187,7 @@ def test_bits_per_parameter_measured_on_a_large_layer():
 
 
 def test_7b_weights_in_4bit_on_the_meta_device():
-    """Acceptance: the figures scripts/qlora_memory.py prints (bf16 model, lm_head and embedding kept)."""
+    """Acceptance: the figures benchmarks/qlora_memory.py prints (bf16 model, lm_head and embedding kept)."""
     with torch.device("meta"):
         model = Llama(Config.from_name("7B")).to(torch.bfloat16)
     bf16_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -198,7 +200,7 @@ def test_7b_weights_in_4bit_on_the_meta_device():
 
 
 def test_qlora_memory_script_prints_the_7b_figures():
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "qlora_memory.py"), "--sizes", "[7B]"],
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "qlora_memory.py"), "--sizes", "[7B]"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "nf4-dq     3.87 GB" in out.stdout and "bf16      13.48 GB" in out.stdout
@@ -229,7 +231,7 @@ print(json.dumps({"peak_mb": status_mb("VmHWM") - before, "model_mb": quantized_
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
 def test_loading_into_4bit_never_holds_the_16bit_model(tmp_path):
     """Peak RSS (subprocess) while loading a ~120 MB bf16 checkpoint straight into 4 bits stays near
-    the 4-bit size plus one matrix's temporaries (scripts/qlora_memory.py --measure_load does ~310 MB)."""
+    the 4-bit size plus one matrix's temporaries (benchmarks/qlora_memory.py --measure_load does ~310 MB)."""
     config = tiny_config(vocab_size=2048, n_layer=8, n_head=8, n_kv_heads=8, n_embd=768, intermediate_size=2048)
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in Llama(config).state_dict().items()}
@@ -402,9 +404,9 @@ def test_qlora_adapter_file_applies_to_a_base_loaded_in_4bit(tmp_path):
     with torch.no_grad():
         for layer in lora_layers(trained).values():
             layer.lora_B.normal_(0, 0.05)
-    save_lora_checkpoint(tmp_path / "lora.safetensors", trained, lora_config)
+    save_weights(tmp_path / "lora.safetensors", trained, "lora", lora_config)
     fresh = load_checkpoint_quantized(tmp_path / "base", dtype=torch.float32)
-    assert apply_lora_checkpoint(fresh, tmp_path / "lora.safetensors") == lora_config
+    assert apply_weights(fresh, tmp_path / "lora.safetensors", "lora").config == lora_config
     idx = torch.randint(0, 256, (1, 10))
     assert torch.equal(fresh(idx), trained(idx))
 

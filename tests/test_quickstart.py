@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_lora.compare import (RunResult, Variant, comparison_rows, exact_match, lora_update_norms, markdown_table,
-                              parse_variant)
-from lit_lora.lora import LoRAConfig, add_lora, lora_layers, save_lora_checkpoint
+from lit_lora.compare import RunResult, Variant, comparison_rows, exact_match, markdown_table, parse_variant
+from lit_lora.lora import LoRAConfig, add_lora, lora_layers, lora_update_norms
+from lit_lora.methods import read_weights, save_weights
 from lit_lora.model import Config, Llama
 from lit_lora.prompts import get_prompt_style
 from lit_lora.synthetic import (TASKS, WorldConfig, build_world, pack_corpus, quiz_document, tokenizer_texts,
@@ -90,9 +90,10 @@ def test_lora_update_norms_match_the_dense_update(tmp_path):
     add_lora(model, config)
     for layer in lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B)
-    save_lora_checkpoint(tmp_path / "lora.safetensors", model, config)
-    projections, layers, norms = lora_update_norms(tmp_path / "lora.safetensors")
-    assert projections == ["q", "v", "down"] and layers == ["0", "1"]
+    save_weights(tmp_path / "lora.safetensors", model, "lora", config)
+    weights = read_weights(tmp_path / "lora.safetensors")
+    projections, layers, norms = lora_update_norms(weights.config, weights.model_config, weights.tensors)
+    assert projections == ["q_proj", "v_proj", "down_proj"] and layers == ["0", "1"]
     for row, (target, module) in enumerate((("q", "attn.q_proj"), ("v", "attn.v_proj"), ("down", "mlp.down_proj"))):
         for layer in range(2):
             lora = model.get_submodule(f"layers.{layer}.{module}")

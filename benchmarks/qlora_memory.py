@@ -1,8 +1,8 @@
 """What QLoRA needs in memory: Llama 2 in 4 bits, counted on the meta device, and two measurements.
 
-    python scripts/qlora_memory.py                                   # weights of 7B, 13B, 70B; LoRA optimizer
-    python scripts/qlora_memory.py --activations true                # + activations of 7B by sequence length
-    python scripts/qlora_memory.py --measure_load true               # + peak RSS of loading a ~310 MB checkpoint
+    python benchmarks/qlora_memory.py                                   # weights of 7B, 13B, 70B; LoRA optimizer
+    python benchmarks/qlora_memory.py --activations true                # + activations of 7B by sequence length
+    python benchmarks/qlora_memory.py --measure_load true               # + peak RSS of loading a ~310 MB checkpoint
 
 1. Weights. Each model is built on the meta device (no memory, no compute) in bf16, its projections
    swapped for `Linear4bit` shells by `quantize_model` (lm_head and the embedding stay bf16), and the
@@ -37,7 +37,8 @@ from lit_lora.checkpoint import save_checkpoint
 from lit_lora.cli import run
 from lit_lora.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
 from lit_lora.model import Config, Llama
-from lit_lora.quantize import NF4_MODES, bits_per_parameter, quantize_model, quantized_storage
+from lit_lora.nf4 import NF4_MODES
+from lit_lora.quantize import bits_per_parameter, quantize_model, quantized_storage
 
 GB = 1e9
 

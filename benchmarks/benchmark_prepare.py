@@ -1,10 +1,10 @@
 """Benchmark: prepare a full-size Alpaca (52,002 records) and compare tokenizing in batches with a loop.
 
 The 52k file is simulated by repeating a local Alpaca sample; the timed code is exactly what
-scripts/prepare_alpaca.py runs. Issue 6 asks for the whole preparation in under 60 s on 2 cores.
+scripts/prepare_alpaca.py runs. The target: the whole preparation in under 60 s on 2 cores.
 
-    python scripts/benchmark_prepare.py --tokenizer_path checkpoints/meta-llama/Llama-2-7b-hf/tokenizer.model \
-        --data_file ../shared/data/alpaca/alpaca_data_sample.json
+    python benchmarks/benchmark_prepare.py --tokenizer_path checkpoints/meta-llama/Llama-2-7b-hf/tokenizer.model \
+        --data_file data/alpaca/alpaca_data.json
 """
 
 import json
@@ -23,8 +23,8 @@ from lit_lora.tokenizer import Tokenizer
 
 
 def main(
-    data_file: Path = Path("../shared/data/alpaca/alpaca_data_sample.json"),
-    tokenizer_path: Path = Path("../shared/data/llama2-tokenizer/tokenizer.model"),
+    data_file: Path = Path("data/alpaca/alpaca_data.json"),
+    tokenizer_path: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf/tokenizer.model"),
     n_records: int = 52002,
     repeats: int = 3,
 ) -> dict:

@@ -1,7 +1,7 @@
 """Decoding speed of lit_lora.generate next to transformers' generate(), same model, same machine, one run.
 
-    python scripts/benchmark_generate.py                       # both models, 5 rounds
-    python scripts/benchmark_generate.py --models '[60M]' --rounds 9 --threads 1
+    python benchmarks/benchmark_generate.py                       # both models, 5 rounds
+    python benchmarks/benchmark_generate.py --models '[60M]' --rounds 9 --threads 1
 
 For each model a random Llama is built once and copied into a transformers LlamaForCausalLM with the
 same weights. Every round then runs, back to back: transformers in float32 (its default, with its own
@@ -36,7 +36,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from lit_lora.cli import run
-from lit_lora.generate import compile_for_decoding, cpu_supports_fast_bf16, generate
+from lit_lora.generate import generate
+from lit_lora.speed import compile_for_decoding, cpu_supports_fast_bf16
 from lit_lora.hf_names import config_to_hf, lit_to_hf_name
 from lit_lora.model import Config, Llama
 from lit_lora.quantize import quantize_model

@@ -1,18 +1,19 @@
 """Benchmark: one LoRA training step of lit-lora against transformers + PEFT, same model, same data.
 
-    python scripts/benchmark_finetune.py                          # float32, then bf16 if the CPU has it
-    python scripts/benchmark_finetune.py --threads 1              # on a machine others are using too
-    python scripts/benchmark_finetune.py --modes '[bf16]' --rounds 20 --fabric_overhead true
+    python benchmarks/benchmark_finetune.py                          # float32, then bf16 if the CPU has it
+    python benchmarks/benchmark_finetune.py --threads 1              # on a machine others are using too
+    python benchmarks/benchmark_finetune.py --modes '[bf16]' --rounds 20 --fabric_overhead true
 
-Issue 7 (point 4) asks for at least parity with transformers + PEFT in float32 and >= 1.5x in bf16 on
-CPU, at equal loss, with a peak RSS no higher than theirs, on a ~60M-parameter Llama (stories42M's shape
-with an untied head: vocab 32000, C 512, 8 layers, 8 heads, MLP 1376).
+The targets it checks: at least parity with transformers + PEFT in float32 and >= 1.5x in bf16 on CPU,
+at equal loss, with a peak RSS no higher than theirs, on a ~60M-parameter Llama (stories42M's shape
+with an untied head: vocab 32000, C 512, 8 layers, 8 heads, MLP 1376). The fairer comparison is the
+"+malloc" row: transformers + PEFT given the same allocator setting.
 
 What one step is. A micro-batch of 4 random sequences of 256 tokens (the first 16 labels of each row are
 IGNORE_INDEX, like a prompt): forward, next-token cross entropy, backward, gradient clipping to norm 1,
 AdamW (lr 3e-4, betas 0.9/0.95) over the LoRA matrices (r=8, alpha=16 on q_proj and v_proj), zero_grad.
   ours    exactly the step of `lit_lora.train.fit`: the model from `load_checkpoint` (in bf16 for
-          bf16-true, like `start_run`) + `apply_lora_checkpoint`, Fabric from `setup_fabric`,
+          bf16-true, like `start_run`) + `apply_weights`, Fabric from `setup_fabric`,
           `setup_module` / `setup_optimizers`, `loss_fn`, `fabric.backward`, `fabric.clip_gradients`
           (fit's bookkeeping around it, progress bar and metric logging, is not timed). With
           --fabric_overhead a plain-PyTorch copy of the same step (no Fabric) runs beside it.
@@ -20,7 +21,7 @@ AdamW (lr 3e-4, betas 0.9/0.95) over the LoRA matrices (r=8, alpha=16 on q_proj 
           (is_trainable), `model(input_ids=..., labels=..., use_cache=False).loss`, in bf16 mode under
           torch.autocast("cpu", dtype=torch.bfloat16) with float32 weights (the standard recipe).
   theirs +malloc  theirs again, with the malloc setting our training loop makes on CPU
-          (`lit_lora.utils.keep_freed_memory_for_reuse`: freed large blocks stay in the heap instead of
+          (`lit_lora.speed.keep_freed_memory_for_reuse`: freed large blocks stay in the heap instead of
           going back to the kernel, so a step's big tensors do not fault in fresh zeroed pages). It helps
           theirs as much as ours; this row shows how much of "vs theirs" is the setting and how much the code.
 Both start from identical weights (base and LoRA A/B are written once, in each library's format) and
@@ -62,7 +63,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from lit_lora.cli import run
-from lit_lora.utils import keep_freed_memory_for_reuse
+from lit_lora.speed import keep_freed_memory_for_reuse
 
 MICRO_BATCH, SEQ_LEN, PROMPT_LEN = 4, 256, 16
 TOKENS = MICRO_BATCH * SEQ_LEN  # per step
@@ -123,7 +124,8 @@ def write_inputs(workdir: Path, seed: int, dropout: float) -> Dict[str, Any]:
     from lit_lora.checkpoint import save_checkpoint, save_json, save_tensors
     from lit_lora.data import IGNORE_INDEX
     from lit_lora.hf_names import config_to_hf, lit_to_hf_name
-    from lit_lora.lora import LoRAConfig, add_lora, lora_state_dict, save_lora_checkpoint
+    from lit_lora.lora import LoRAConfig, add_lora, lora_state_dict
+    from lit_lora.methods import save_weights
     from lit_lora.model import Config, Llama
     from lit_lora.peft_interop import save_peft_adapter
 
@@ -138,7 +140,7 @@ def write_inputs(workdir: Path, seed: int, dropout: float) -> Dict[str, Any]:
 
     lora_config = LoRAConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=dropout, targets=("q", "v"))
     add_lora(model, lora_config)  # random A (Kaiming-uniform), B = 0: the first step trains B only
-    save_lora_checkpoint(workdir / "lit_lora.safetensors", model, lora_config)
+    save_weights(workdir / "lit_lora.safetensors", model, "lora", lora_config)
     save_peft_adapter(workdir / "peft", lora_config, lora_state_dict(model))
 
     input_ids = torch.randint(0, config.vocab_size, (MICRO_BATCH, SEQ_LEN))
@@ -158,11 +160,12 @@ def write_inputs(workdir: Path, seed: int, dropout: float) -> Dict[str, Any]:
 def build_ours(workdir: Path, precision: str, fabric: bool):
     """lit-lora the way finetune/lora.py + lit_lora.train.fit train it."""
     from lit_lora.checkpoint import load_checkpoint
-    from lit_lora.lora import apply_lora_checkpoint, mark_only_lora_as_trainable
+    from lit_lora.lora import mark_only_lora_as_trainable
+    from lit_lora.methods import apply_weights
     from lit_lora.train import PRECISION_DTYPES, loss_fn, setup_fabric
 
     model = load_checkpoint(workdir / "lit", dtype=PRECISION_DTYPES.get(precision, torch.float32))
-    apply_lora_checkpoint(model, workdir / "lit_lora.safetensors")  # add_lora with the file's r, alpha, dropout
+    apply_weights(model, workdir / "lit_lora.safetensors")  # add_lora with the file's r, alpha, dropout
     mark_only_lora_as_trainable(model)
     batch = _load_batch(workdir)
 
@@ -443,7 +446,7 @@ def main(
     return rows
 
 
-# Issue 7's targets: speed relative to theirs by mode, and the loss agreement expected of each mode.
+# The targets: speed relative to theirs by mode, and the loss agreement expected of each mode.
 SPEED_TARGETS = {"fp32": 1.0, "bf16": 1.5}
 LOSS_TOLERANCES = {"fp32": 1e-5, "bf16": 5e-3}  # relative; bf16 sides round differently (bf16-true vs autocast)
 

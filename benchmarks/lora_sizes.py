@@ -1,6 +1,6 @@
 """How big LoRA is next to its base model, computed on the meta device (nothing is allocated).
 
-    python scripts/lora_sizes.py --model_name 7B --r 8 --targets '[q, v]'
+    python benchmarks/lora_sizes.py --model_name 7B --r 8 --targets '[q, v]'
 """
 
 from typing import Dict, Tuple

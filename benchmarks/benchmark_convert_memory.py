@@ -1,7 +1,7 @@
 """Peak memory of the weight converters, against a straightforward load-everything converter.
 
-    python scripts/benchmark_convert_memory.py                 # ~340 MB float16 checkpoints (default)
-    python scripts/benchmark_convert_memory.py --n_layer 16    # bigger
+    python benchmarks/benchmark_convert_memory.py                 # ~340 MB float16 checkpoints (default)
+    python benchmarks/benchmark_convert_memory.py --n_layer 16    # bigger
 
 Writes random Llama-2-architecture checkpoints (Hugging Face safetensors in 2 shards, Hugging Face
 .bin in 2 shards, Meta's format in 2 tensor-parallel shards) into a temporary directory, then runs
@@ -126,13 +126,15 @@ def make_checkpoints(root: Path, config: Config, dtype: torch.dtype) -> Dict[str
 
 
 def lean_hf(source: str, output: str, dtype: Optional[str]) -> None:
-    from lit_lora.convert import convert_hf_checkpoint, parse_dtype
+    from lit_lora.convert import convert_hf_checkpoint
+    from lit_lora.utils import parse_dtype
 
     convert_hf_checkpoint(source, output, parse_dtype(dtype))
 
 
 def lean_meta(source: str, output: str, dtype: Optional[str]) -> None:
-    from lit_lora.convert import convert_meta_checkpoint, parse_dtype
+    from lit_lora.convert import convert_meta_checkpoint
+    from lit_lora.utils import parse_dtype
 
     convert_meta_checkpoint(source, output, parse_dtype(dtype))
 

@@ -1,6 +1,6 @@
 """Step 2 (Meta's original format): turn Meta's Llama 2 download into a lit-lora checkpoint.
 
-    python scripts/convert_checkpoint.py --checkpoint_dir checkpoints/llama-2-13b
+    python scripts/convert_meta_checkpoint.py --checkpoint_dir checkpoints/llama-2-13b
 
 reads `params.json` and the tensor-parallel shards `consolidated.00.pth`, `consolidated.01.pth`, ...,
 joins them, permutes the q/k rows to the rotate-half rotary layout and writes `lit_model.safetensors`,
@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 from lit_lora.cli import run
-from lit_lora.convert import convert_meta_checkpoint, parse_dtype
+from lit_lora.convert import convert_meta_checkpoint
+from lit_lora.utils import parse_dtype
 
 
 def main(checkpoint_dir: Path, output_dir: Optional[Path] = None, dtype: Optional[str] = None,
