@@ -27,7 +27,6 @@ import json
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from typing import Dict, Tuple
 
 import torch

@@ -30,7 +30,7 @@ from lit_lora.checkpoint import load_checkpoint
 from lit_lora.int8 import Int8Linear
 from lit_lora.lora import lora_layers
 from lit_lora.model import Llama
-from lit_lora.nf4 import NF4_BLOCK_SIZE, SCALE_BLOCK_SIZE, Linear4bit
+from lit_lora.nf4 import NF4_BLOCK_SIZE, NF4_MODES, SCALE_BLOCK_SIZE, Linear4bit
 from lit_lora.utils import PathLike, tied_parameters
 
 
@@ -56,8 +56,8 @@ SCHEMES: Dict[str, Scheme] = {
     # 60M model with a 32k vocabulary reads). The embedding keeps the float matrix (a lookup reads one row).
     "int8": Scheme("int8", Int8Linear, Int8Linear.from_weight, 8.0, (), True),
 }
-QuantizeMode = Literal["nf4", "nf4-dq", "int8"]  # the names of SCHEMES, for the scripts' --quantize
-QLoRAMode = Literal["nf4", "nf4-dq"]  # the schemes finetune/lora.py trains on
+QuantizeMode = Literal[tuple(SCHEMES)]  # the scripts' --quantize choices: every scheme's name
+QLoRAMode = Literal[NF4_MODES]  # the schemes finetune/lora.py trains on
 BACKENDS = ("torch", "bitsandbytes")
 
 

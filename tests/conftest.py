@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_lora.checkpoint import save_checkpoint
 from lit_lora.hf_names import config_from_hf, hf_to_lit_name
-from lit_lora.model import Llama
+from lit_lora.model import Config, Llama
+from lit_lora.prepare import prepare_instruction_data
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -60,3 +62,45 @@ def lit_from_hf(hf_model) -> Llama:
 @pytest.fixture
 def hf_llama_factory():
     return make_hf_llama
+
+
+def assert_greedy_tokens(actual, expected, next_token_logits, prompt_length: int, atol: float = 1e-4,
+                         eos_id=None) -> None:
+    """Greedy ids `actual` (T,) from one computation path against `expected` (T',), the greedy ids of a
+    reference path (transformers, PEFT, a forward pass without KV cache, unmerged weights...).
+
+    Two different paths round differently (other kernels; Intel AMX or not), so where the reference's two
+    best logits tie to within `atol` either choice is right, and after it the sequences part. So: equal
+    ids pass at once; otherwise, from the first difference on, every new token of `actual` must be the
+    reference's greedy choice to within `atol`, scored by `next_token_logits(ids (T,)) -> (T, vocab)`, the
+    reference model's logits over `actual` itself (teacher forcing, one full forward pass). A wrong token
+    is below the top logit by far more than 1e-4 (float32 logits of order 1) and still fails. Without
+    `eos_id` both must have the same length; with it, each may stop at its own first EOS."""
+    if torch.equal(actual, expected):
+        return
+    assert eos_id is not None or actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.equal(actual[:prompt_length], expected[:prompt_length]), "the prompts differ"
+    differ = (actual[: len(expected)] != expected[: len(actual)]).nonzero()
+    start = int(differ[0]) if len(differ) else min(len(actual), len(expected))  # or one stopped earlier (EOS)
+    with torch.no_grad():
+        logits = next_token_logits(actual[:-1]).float()  # (T - 1, vocab): row t scores token t + 1
+    scored = logits[start - 1:]
+    below_top = scored.max(dim=-1).values - scored.gather(-1, actual[start:, None])[:, 0]
+    assert (below_top <= atol).all(), (f"token {start + int(below_top.argmax())} of {actual.tolist()} is "
+                                       f"{float(below_top.max()):.3g} below the reference's top logit "
+                                       f"(expected {expected.tolist()})")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, llama2_tokenizer_path, shared_data):
+    """A tiny random base checkpoint with the real Llama 2 tokenizer, and the real Alpaca sample prepared."""
+    root = tmp_path_factory.mktemp("finetune")
+    torch.manual_seed(0)
+    model = Llama(Config.from_name("tiny", block_size=256))
+    # A random tiny model's logits are nearly uniform (head std 0.02 over 64 features), which leaves an
+    # adapter nothing to move in a few steps. A wider head gives them the spread of a trained model.
+    torch.nn.init.normal_(model.lm_head.weight, std=0.3)
+    save_checkpoint(root / "base", model.state_dict(), model.config, tokenizer_path=llama2_tokenizer_path)
+    prepare_instruction_data(shared_data / "alpaca" / "alpaca_data_sample.json", root / "data", llama2_tokenizer_path,
+                             max_seq_length=128, val_size=8, seed=42)
+    return root

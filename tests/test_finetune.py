@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_lora.checkpoint import load_checkpoint, load_tensors, save_checkpoint
+from lit_lora.checkpoint import load_tensors
 from lit_lora.model import Config, Llama
-from lit_lora.prepare import prepare_instruction_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,21 +23,6 @@ def _script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, llama2_tokenizer_path, shared_data):
-    """A tiny random base checkpoint with the real Llama 2 tokenizer, and the real Alpaca sample prepared."""
-    root = tmp_path_factory.mktemp("finetune")
-    torch.manual_seed(0)
-    model = Llama(Config.from_name("tiny", block_size=256))
-    # A random tiny model's logits are nearly uniform (head std 0.02 over 64 features), which leaves an
-    # adapter nothing to move in a few steps. A wider head gives them the spread of a trained model.
-    torch.nn.init.normal_(model.lm_head.weight, std=0.3)
-    save_checkpoint(root / "base", model.state_dict(), model.config, tokenizer_path=llama2_tokenizer_path)
-    prepare_instruction_data(shared_data / "alpaca" / "alpaca_data_sample.json", root / "data", llama2_tokenizer_path,
-                             max_seq_length=128, val_size=8, seed=42)
-    return root
 
 
 def _train_args(**overrides):

@@ -7,11 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lit_lora.checkpoint import CheckpointError, check_keys_and_shapes, load_checkpoint, save_checkpoint
+from lit_lora.checkpoint import CheckpointError, check_keys_and_shapes, load_checkpoint
 from lit_lora.compare import RunResult, Variant, compare_methods, load_finetuned, parse_variant
 from lit_lora.methods import METHODS, Method, apply_weights, read_weights, register_method, save_weights, take_off
-from lit_lora.model import Config, Llama
-from lit_lora.prepare import prepare_instruction_data
+from lit_lora.model import Llama
 from lit_lora.train import TrainArgs
 
 # ---- the toy method's own code: a trainable bias on the logits ------------------------------------------
@@ -68,23 +67,11 @@ def toy_method():
         METHODS.pop(TOY.name)
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, llama2_tokenizer_path, shared_data):
-    root = tmp_path_factory.mktemp("methods")
-    torch.manual_seed(0)
-    model = Llama(Config.from_name("tiny", block_size=256))
-    torch.nn.init.normal_(model.lm_head.weight, std=0.3)
-    save_checkpoint(root / "base", model.state_dict(), model.config, tokenizer_path=llama2_tokenizer_path)
-    prepare_instruction_data(shared_data / "alpaca" / "alpaca_data_sample.json", root / "data", llama2_tokenizer_path,
-                             max_seq_length=128, val_size=8, seed=42)
-    return root
-
-
-def test_a_registered_toy_method_runs_through_compare(toy_method, tiny_base, tmp_path, capsys):
+def test_a_registered_toy_method_runs_through_compare(toy_method, tiny_run, tmp_path, capsys):
     assert parse_variant("head-bias") == Variant("head-bias", "head-bias")
     budget = dict(max_steps=3, global_batch_size=8, micro_batch_size=4, warmup_steps=1, eval_interval=2,
                   eval_iters=1, seed=1, save_interval=100)
-    report = compare_methods(tiny_base / "base", tiny_base / "data", tmp_path / "compare",
+    report = compare_methods(tiny_run / "base", tiny_run / "data", tmp_path / "compare",
                              [Variant("toy", "head-bias"), parse_variant("lora-r2-qv")], budget, accelerator="cpu")
     rows = json.loads((tmp_path / "compare" / "comparison.json").read_text())["rows"]
     assert [row["method"] for row in rows] == ["toy", "lora-r2-qv"]
@@ -98,9 +85,9 @@ def test_a_registered_toy_method_runs_through_compare(toy_method, tiny_base, tmp
     assert not list((tmp_path / "compare").glob("head-bias_update_heatmap*"))  # the toy method does not
 
     # The trained toy model, as compare scored it, equals the base with the bias added by hand.
-    model = load_finetuned(RunResult("toy", "head-bias", tmp_path / "compare" / "toy"), tiny_base / "base",
+    model = load_finetuned(RunResult("toy", "head-bias", tmp_path / "compare" / "toy"), tiny_run / "base",
                            torch.device("cpu"))
-    base = load_checkpoint(tiny_base / "base").eval()
+    base = load_checkpoint(tiny_run / "base").eval()
     idx = torch.randint(0, 32000, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), base(idx) + weights.tensors["lm_head.bias"], atol=1e-5, rtol=0)
@@ -108,8 +95,8 @@ def test_a_registered_toy_method_runs_through_compare(toy_method, tiny_base, tmp
     assert isinstance(model.lm_head, nn.Linear)
 
 
-def test_a_weights_file_of_an_unknown_method_is_a_clear_error(toy_method, tiny_base, tmp_path):
-    model = load_checkpoint(tiny_base / "base")
+def test_a_weights_file_of_an_unknown_method_is_a_clear_error(toy_method, tiny_run, tmp_path):
+    model = load_checkpoint(tiny_run / "base")
     add_bias(model, None)
     path = save_weights(tmp_path / "bias.safetensors", model, TOY, None)  # no settings
     remove_bias(model)

@@ -339,7 +339,10 @@ def test_load_checkpoint_quantized_equals_quantizing_the_loaded_model(tmp_path, 
     if tie:
         assert loaded.lm_head.weight is loaded.tok_embeddings.weight
     idx = torch.randint(0, 256, (1, 8))
-    assert torch.equal(loaded(idx), reference(idx))
+    # Equal tensors, two loading routes: `loaded` holds the file's tensors assigned on the meta-device model,
+    # `reference` deep copies; other memory alignments may take other kernel paths, so a float32 tolerance.
+    expected = reference(idx)
+    torch.testing.assert_close(loaded(idx), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
     assert load_checkpoint_quantized(tmp_path, dtype=torch.bfloat16).tok_embeddings.weight.dtype == torch.bfloat16
 
 
@@ -546,7 +549,10 @@ def test_int8_model_stays_close_to_the_float_model(tmp_path, tie):
     loaded = load_checkpoint_quantized(tmp_path, mode="int8", dtype=torch.float32, skip=())
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
-    assert torch.equal(loaded(idx), model(idx))
+    # Equal tensors, two loading routes (assigned on the meta-device model vs quantized in place): other
+    # memory alignments may take other kernel paths, so a float32 tolerance.
+    expected = model(idx)
+    torch.testing.assert_close(loaded(idx), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
     assert bits_per_parameter("int8") == 8
 
 
