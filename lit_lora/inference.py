@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, TextIO, Tuple
 
 import torch
 
-from lit_lora.checkpoint import TOKENIZER_NAME, TRAINING_NAME, load_checkpoint, load_config, load_json
+from lit_lora.checkpoint import TOKENIZER_NAME, check_same_base, load_checkpoint, load_config
 from lit_lora.generate import check_prompt_fits, generate
 from lit_lora.methods import apply_weights, get_method, read_weights, take_off
 from lit_lora.model import Llama
@@ -136,12 +136,6 @@ def load_for_generation(checkpoint_dir: PathLike, device: str = "auto", dtype: s
     return model
 
 
-def checkpoint_prompt_style(checkpoint_dir: PathLike) -> Optional[str]:
-    """The prompt style a fully finetuned checkpoint learned (its training.json), or None for a base model."""
-    path = Path(checkpoint_dir) / TRAINING_NAME
-    return load_json(path).get("prompt_style") if path.is_file() else None
-
-
 # ----------------------------------------------------------------------------------------------------
 # Streaming and timing one answer
 # ----------------------------------------------------------------------------------------------------
@@ -227,6 +221,9 @@ def answer_with_each(checkpoint_dir: PathLike, paths: Sequence[PathLike], method
     if not paths:
         raise ValueError(f"no {found.name} weights file given")
     headers = [read_weights(path, found) for path in paths]  # a wrong or corrupt file fails before loading
+    base_config = load_config(checkpoint_dir)
+    for path, header in zip(paths, headers):
+        check_same_base(str(path), header.model_config, base_config)
     styles = [get_prompt_style(prompt_style or header.prompt_style or DEFAULT_PROMPT_STYLE) for header in headers]
     tokenizer, prompts = encode_prompts(checkpoint_dir, [style.format(instruction, input) for style in styles],
                                         max_new_tokens)
@@ -236,9 +233,6 @@ def answer_with_each(checkpoint_dir: PathLike, paths: Sequence[PathLike], method
               + ("a quantized base cannot absorb it in place; scripts/merge_lora.py merges into a 16-bit copy)"
                  if found.merge is not None else "this method has nothing to merge)"), file=sys.stderr)
         merge = False
-    for path in paths:  # every file against the base before the first answer, not after it
-        apply_weights(model, path, found)
-        take_off(model, found)
     answers = []
     for path, style, prompt_ids in zip(paths, styles, prompts):
         weights = apply_weights(model, path, found)
