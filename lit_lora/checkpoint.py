@@ -18,9 +18,12 @@ Every file is written to a temporary name and renamed into place, so an interrup
 a half-written file behind.
 """
 
+import glob
 import json
+import math
 import os
 import secrets
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +52,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a writer that was killed
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # unique: concurrent writers never share it
     # O_EXCL: never reuse an existing file; mode 0o666 lets the umask give the usual permissions.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -59,9 +64,20 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities as null: JSON has no such numbers, and Python's `NaN` would make the file invalid."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
 def save_json(data: Any, path: PathLike) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
 
 
 def load_json(path: PathLike) -> Any:
@@ -75,9 +91,21 @@ def load_json(path: PathLike) -> Any:
 
 
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write tensors as safetensors, atomically."""
+    """Write tensors as safetensors, atomically; a failed write (e.g. a full disk) is an OSError naming the file."""
     with atomic_path(path) as tmp:
-        save_file({name: t.detach().contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
+        try:
+            save_file({name: t.detach().contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
+        except (SafetensorError, RuntimeError) as error:
+            raise OSError(f"could not write {path}: {error} (is the disk full?)") from None
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """A `CheckpointError` naming `source` and the tensors if any floating-point value is NaN or infinite:
+    such weights are the remains of a diverged run, never worth saving or loading."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{source} holds NaN or infinite values in {_short(bad)}: the training run that made "
+                              "them diverged; use an earlier checkpoint or train again with a lower learning rate")
 
 
 def load_tensors(path: PathLike, device: str = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -130,6 +158,7 @@ def save_checkpoint(checkpoint_dir: PathLike, state: Mapping[str, torch.Tensor],
     state = dict(state)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
+    check_finite(state, f"the model to save as {checkpoint_dir}")
     save_tensors(state, checkpoint_dir / WEIGHTS_NAME, metadata={"format": "pt"})
     save_json(config.to_dict(), checkpoint_dir / CONFIG_NAME)
     if training is not None:
@@ -213,6 +242,7 @@ def load_checkpoint(checkpoint_dir: PathLike, dtype: Optional[torch.dtype] = Non
         tensor = read_tensor(path, name)
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: {name} has dtype {tensor.dtype}, expected a floating-point tensor")
+        check_finite({name: tensor}, str(path))
         module_name, _, tensor_name = name.rpartition(".")
         owner = model.get_submodule(module_name)
         if hasattr(owner, "load_weight"):
@@ -226,6 +256,25 @@ def load_checkpoint(checkpoint_dir: PathLike, dtype: Optional[torch.dtype] = Non
         else:
             model.lm_head.weight = model.tok_embeddings.weight
     return model
+
+
+@contextmanager
+def removed_on_failure(output_dir: PathLike) -> Iterator[Path]:
+    """Create `output_dir`; if the block fails, remove every directory this call created. (Files inside
+    are written atomically, so an output directory that existed before keeps its old, complete files.)"""
+    output_dir = Path(output_dir)
+    first_created = None
+    if not output_dir.exists():
+        first_created = output_dir
+        while not first_created.parent.exists():
+            first_created = first_created.parent
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        yield output_dir
+    except BaseException:
+        if first_created is not None:
+            shutil.rmtree(first_created, ignore_errors=True)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,6 +296,7 @@ class MethodFile:
 def save_method_file(path: PathLike, contents: MethodFile) -> Path:
     """Write the tensors with the method, its settings, the base model config and the training facts in
     the header."""
+    check_finite(contents.tensors, f"the {contents.method} weights to save as {path}")
     metadata = {"method": contents.method, "settings": json.dumps(contents.settings),
                 "model_config": json.dumps(contents.model_config.to_dict()), "training": json.dumps(contents.training)}
     save_tensors(contents.tensors, path, metadata=metadata)
@@ -268,6 +318,7 @@ def read_method_file(path: PathLike, method: Optional[str] = None) -> MethodFile
         raise CheckpointError(f"{path}: unreadable adapter header ({error})") from None
     if not isinstance(settings, dict) or not isinstance(training, dict):
         raise CheckpointError(f"{path}: unreadable adapter header (settings and training must be JSON objects)")
+    check_finite(tensors, str(path))
     return MethodFile(metadata["method"], settings, model_config, tensors, training)
 
 

@@ -137,10 +137,10 @@ def parse_variant(spec: str) -> Variant:
 
 def finetune(variant: Variant, out_dir: PathLike, device: torch.device, **arguments: Any) -> RunResult:
     """Finetune `variant` as its finetune script would, with `arguments` (checkpoint_dir, data_dir, train,
-    ...) and overwrite=True, and measure its peak memory; returns the run's metrics and loss history."""
+    overwrite, ...), and measure its peak memory; returns the run's metrics and loss history."""
     out_dir = Path(out_dir)
     with measure_peak_memory(device) as peak:
-        metrics = finetune_method(variant.method, {"out_dir": out_dir, "overwrite": True, **variant.settings, **arguments})
+        metrics = finetune_method(variant.method, {"out_dir": out_dir, **variant.settings, **arguments})
     if not metrics.get("finished"):
         raise RuntimeError(f"{variant.name}: training stopped at step {metrics['steps']} of {metrics['total_steps']}")
     history = json.loads((out_dir / "history.json").read_text())["history"]
@@ -359,11 +359,12 @@ def plot_update(result: RunResult, path: PathLike, title: str = "") -> Optional[
 def compare_methods(checkpoint_dir: PathLike, data_dir: PathLike, out_dir: PathLike, variants: Sequence[Variant],
                     budget: Dict[str, Any], include: Sequence[PathLike] = (), learning_rates: Optional[Dict[str, float]] = None,
                     eval_file: Optional[PathLike] = None, max_new_tokens: int = 64, precision: Optional[str] = None,
-                    accelerator: str = "auto") -> str:
+                    accelerator: str = "auto", overwrite: bool = False) -> str:
     """Finetune every variant on the same `budget` (TrainArgs fields: max_steps, global_batch_size, seed,
     ...), each with its method's own learning rate unless `learning_rates` names one; add the runs of
     `include`; score every model (the base too) on `eval_file` by exact match; write comparison.md,
-    comparison.json, loss_curves.png and the update heatmaps to `out_dir`. Returns the report."""
+    comparison.json, loss_curves.png and the update heatmaps to `out_dir`. A run directory holding an earlier
+    run is refused unless `overwrite`. Returns the report."""
     learning_rates = dict(learning_rates or {})
     names = [variant.name for variant in variants] + [str(path) for path in include]
     if len(set(names)) != len(names):
@@ -385,7 +386,8 @@ def compare_methods(checkpoint_dir: PathLike, data_dir: PathLike, out_dir: PathL
         print(f"\n=== {variant.name}: {train.max_steps} steps of {train.global_batch_size}, learning rate "
               f"{train.learning_rate:g} ===", flush=True)
         results.append(finetune(variant, out_dir / variant.name, device, checkpoint_dir=checkpoint_dir,
-                                data_dir=data_dir, train=train, precision=precision, accelerator=accelerator))
+                                data_dir=data_dir, train=train, precision=precision, accelerator=accelerator,
+                                overwrite=overwrite))
         release_memory()
     results += finished
 

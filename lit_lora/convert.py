@@ -52,11 +52,12 @@ from lit_lora.checkpoint import (
     load_config,
     load_json,
     model_state_shapes,
+    removed_on_failure,
     save_json,
 )
 from lit_lora.hf_names import config_from_hf, config_to_hf, hf_to_lit_name, lit_to_hf_name
 from lit_lora.model import Config, Llama
-from lit_lora.utils import PathLike
+from lit_lora.utils import PathLike, inside
 
 HF_CONFIG_NAME = "config.json"
 HF_WEIGHTS_NAME = "model.safetensors"
@@ -141,7 +142,15 @@ def _safetensors_dtype(code: str, path: Path, key: str) -> torch.dtype:
 
 def _torch_load(path: Path) -> Dict[str, torch.Tensor]:
     """A PyTorch checkpoint as a dict of memory-mapped tensors. weights_only=True: no code is unpickled."""
-    state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        with open(path, "rb") as f:
+            pickled = f.read(1) == b"\x80"  # the pickle PROTO opcode a legacy torch.save file starts with
+        if "mmap" not in str(error) or not pickled:
+            raise
+        # A file written by torch < 1.6 (the legacy, non-zip format) cannot be memory-mapped: read it whole.
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CheckpointError(f"{path} does not hold a flat dict of tensors")
     return state
@@ -186,26 +195,6 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _removed_on_failure(output_dir: Path) -> Iterator[Path]:
-    """Create `output_dir`; if the block fails, remove every directory this call created.
-
-    Files inside are written atomically (temporary name, then rename), so an output directory that
-    existed before the run keeps its old, complete files."""
-    first_created = None
-    if not output_dir.exists():
-        first_created = output_dir
-        while not first_created.parent.exists():
-            first_created = first_created.parent
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        yield output_dir
-    except BaseException:
-        if first_created is not None:
-            shutil.rmtree(first_created, ignore_errors=True)
-        raise
-
-
 def _copy_file(source: Path, destination: Path) -> None:
     if source.resolve() == destination.resolve():
         return
@@ -227,7 +216,7 @@ def _check_plan(config: Config, layout: Layout, source: str, config_path: Path) 
 def _write_lit_checkpoint(output_dir: Path, config: Config, layout: Layout,
                           tensors: Iterable[Tuple[str, torch.Tensor]], tokenizer: Optional[Path]) -> Path:
     """Weights first (the step that can still fail on a bad file), then the config that describes them."""
-    with _removed_on_failure(output_dir):
+    with removed_on_failure(output_dir):
         save_tensors_streaming(output_dir / WEIGHTS_NAME, layout, tensors, metadata={"format": "pt"})
         save_json(config.to_dict(), output_dir / CONFIG_NAME)
         if tokenizer is not None:
@@ -251,7 +240,8 @@ def hf_weight_files(checkpoint_dir: PathLike) -> List[Path]:
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_path} has no 'weight_map' (not a sharded-checkpoint index)")
-            files = [checkpoint_dir / name for name in dict.fromkeys(weight_map.values())]  # unique, in order
+            files = [inside(checkpoint_dir, str(name), str(index_path))  # unique, in order; never outside the directory
+                     for name in dict.fromkeys(weight_map.values())]
             for file in files:
                 if not file.is_file():
                     raise CheckpointError(f"{index_path} lists {file.name}, which is missing (incomplete download? "
@@ -507,7 +497,7 @@ def convert_lit_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike) -> Pa
     if len(dtypes) == 1:  # what from_pretrained(dtype="auto") loads the weights as
         hf_config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
     tokenizer = checkpoint_dir / TOKENIZER_NAME
-    with _removed_on_failure(output_dir):
+    with removed_on_failure(output_dir):
         save_tensors_streaming(output_dir / HF_WEIGHTS_NAME, hf_layout, tensors(), metadata={"format": "pt"})
         save_json(hf_config, output_dir / HF_CONFIG_NAME)
         if tokenizer.is_file():

@@ -24,13 +24,13 @@ comparing the logits at position t with labels[t + 1].
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch.utils.data import Sampler
 
 from lit_lora.checkpoint import load_json, load_tensors, save_tensors
-from lit_lora.utils import PathLike
+from lit_lora.utils import PathLike, inside
 
 IGNORE_INDEX = -100  # the default `ignore_index` of torch.nn.functional.cross_entropy
 FORMAT_NAME = "lit-lora prepared instruction data"
@@ -92,6 +92,31 @@ def load_prepared(path: PathLike) -> List[Sample]:
 def load_prepare_config(prepared_dir: PathLike) -> Dict[str, Any]:
     """The prepare_config.json of a prepared directory (how its data was made)."""
     return load_json(Path(prepared_dir) / PREPARE_CONFIG_NAME)
+
+
+def load_prepared_split(prepared_dir: PathLike, split: str, vocab_size: Optional[int] = None) -> List[Sample]:
+    """The samples of one split ("train" or "val") of a prepared directory, checked against its
+    prepare_config.json: the file must lie inside the directory and be the one the config was written with
+    (its sha256: a preparation killed half-way leaves a new split beside an old config), and with
+    `vocab_size` every token id must be one the model knows."""
+    config_path = Path(prepared_dir) / PREPARE_CONFIG_NAME
+    config = load_prepare_config(prepared_dir)
+    try:
+        name = config["files"][split]
+    except (KeyError, TypeError):
+        raise ValueError(f"{config_path} names no {split} file (prepare the data again)") from None
+    path = inside(prepared_dir, str(name), str(config_path))
+    expected = config.get("files_sha256", {}).get(split)
+    if expected is not None and path.is_file() and file_sha256(path) != expected:
+        raise ValueError(f"{path} is not the file {config_path} was written with (a preparation interrupted half-way?): "
+                         "prepare the data again")
+    samples = load_prepared(path)
+    if vocab_size is not None and samples:
+        ids = torch.cat([sample["input_ids"] for sample in samples])
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+            raise ValueError(f"{path} holds token id {int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())}, "
+                             f"outside the model's vocabulary of {vocab_size}: prepare it with the model's tokenizer")
+    return samples
 
 
 def file_sha256(path: PathLike) -> str:

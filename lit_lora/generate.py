@@ -76,12 +76,16 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.8, top_k: Opt
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 def check_generation_settings(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
     """One-line errors for settings `generate` cannot use (the scripts check them before loading a model)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf")):  # NaN fails both
+        # logits / 1e-45 overflow to inf and the softmax to NaN; so small a temperature is greedy anyway
+        raise ValueError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and infinity, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be a positive integer, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:

@@ -80,7 +80,12 @@ def choose_device(device: str = "auto") -> torch.device:
     """"auto" is the first CUDA GPU when there is one, else the CPU; anything else is taken as given."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    chosen = torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: lit-lora generates on cpu or cuda")
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this machine has no CUDA GPU (use --device cpu)")
     return chosen

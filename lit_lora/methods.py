@@ -22,8 +22,8 @@ import torch
 from lit_lora.adapter import (AdapterConfig, adapter_state_dict, adapter_state_shapes, add_adapter,
                               load_adapter_state_dict, mark_only_adapter_as_trainable, remove_adapter)
 from lit_lora.checkpoint import (TOKENIZER_NAME, CheckpointError, MethodFile, check_keys_and_shapes, check_same_base,
-                                 load_checkpoint, load_config, read_method_file, save_checkpoint,
-                                 save_method_file)
+                                 load_checkpoint, load_config, read_method_file, removed_on_failure,
+                                 save_checkpoint, save_method_file)
 from lit_lora.lora import (LoRAConfig, add_lora, load_lora_state_dict, lora_state_dict, lora_state_shapes,
                            lora_update_norms, mark_only_lora_as_trainable, merge_lora, remove_lora, unmerge_lora)
 from lit_lora.model import Config, Llama
@@ -241,6 +241,7 @@ def merge_into_checkpoint(checkpoint_dir: PathLike, weights_path: PathLike, outp
     weights.method.merge(model)
     weights.method.remove(model)  # the merged weights stay: a plain Llama with the original parameter names
     tokenizer = checkpoint_dir / TOKENIZER_NAME
-    save_checkpoint(output_dir, model.state_dict(), model.config, tokenizer if tokenizer.is_file() else None,
-                    training=weights.training or None)
+    with removed_on_failure(output_dir):  # a failed save (a full disk) leaves no half-made directory
+        save_checkpoint(output_dir, model.state_dict(), model.config, tokenizer if tokenizer.is_file() else None,
+                        training=weights.training or None)
     return output_dir, weights

@@ -49,6 +49,10 @@ class Config:
     tie_embeddings: bool = False  # lm_head shares the embedding matrix (small models do this)
 
     def __post_init__(self) -> None:
+        for field in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_heads", "intermediate_size"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"Config.{field} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_kv_heads is None:

@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from lit_lora.checkpoint import CheckpointError, check_keys_and_shapes, load_json, load_tensors, save_json, save_tensors
+from lit_lora.checkpoint import (CheckpointError, check_keys_and_shapes, load_json, load_tensors, removed_on_failure,
+                                 save_json, save_tensors)
 from lit_lora.hf_names import hf_to_lit_name, lit_to_hf_name
 from lit_lora.lora import LLAMA_TARGETS, LoRAConfig, lora_state_shapes
 from lit_lora.model import Config
@@ -44,7 +45,15 @@ _UNSUPPORTED_PEFT_OPTIONS = [
     ("layers_to_transform", None, "LoRA on a subset of the layers"),
     ("trainable_token_indices", None, "trained embedding rows"),
     ("layer_replication", None, "replicated layers"),
+    ("alora_invocation_tokens", None, "activated LoRA (an adapter switched on by invocation tokens)"),
+    ("use_qalora", None, "quantization-aware LoRA"),
+    ("target_parameters", None, "LoRA on parameters rather than modules"),
+    ("fan_in_fan_out", None, "transposed (Conv1D) weights"),
 ]
+# init_lora_weights values whose adapters compute W x + s B A x on the original base. The others
+# (pissa, olora, loftq, corda, eva, ...) change the base weights at init: the adapter only works on that
+# modified base, which a PEFT adapter directory does not hold.
+_EXACT_INITS = (True, False, "gaussian")
 
 
 def _hf_module(lit_module: str) -> str:
@@ -93,10 +102,10 @@ def save_peft_adapter(output_dir: Union[str, Path], lora_config: LoRAConfig, sta
         "modules_to_save": None,
         "inference_mode": True,
     }
-    output_dir = Path(output_dir)
-    save_tensors({lit_to_peft_key(name): t for name, t in state.items()}, output_dir / PEFT_WEIGHTS_NAME,
-                 metadata={"format": "pt"})
-    save_json(adapter_config, output_dir / PEFT_CONFIG_NAME)
+    with removed_on_failure(output_dir) as output_dir:  # a failed write (a full disk) leaves no new directory
+        save_tensors({lit_to_peft_key(name): t for name, t in state.items()}, output_dir / PEFT_WEIGHTS_NAME,
+                     metadata={"format": "pt"})
+        save_json(adapter_config, output_dir / PEFT_CONFIG_NAME)
     return output_dir
 
 
@@ -114,12 +123,25 @@ def load_peft_adapter(peft_dir: Union[str, Path], model_config: Config) -> Tuple
         raise CheckpointError(f"{peft_dir} holds a pickled adapter_model.bin, which is not loaded for safety; "
                               "re-save it with PEFT's save_pretrained(..., safe_serialization=True)")
     adapter_config: Dict[str, Any] = load_json(config_path)
+    if not isinstance(adapter_config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object, found {type(adapter_config).__name__}")
     if adapter_config.get("peft_type") != "LORA":
         raise CheckpointError(f"{config_path}: peft_type is {adapter_config.get('peft_type')!r}, not 'LORA'")
     for field, off, meaning in _UNSUPPORTED_PEFT_OPTIONS:
         value = adapter_config.get(field)
         if value and value != off:
             raise CheckpointError(f"{config_path}: {field}={adapter_config[field]!r} ({meaning}) is not supported by lit-lora's LoRA")
+    init = adapter_config.get("init_lora_weights", True)
+    if not any(init is exact or init == exact for exact in _EXACT_INITS):
+        raise CheckpointError(f"{config_path}: init_lora_weights={init!r} adapts a modified base model, which lit-lora "
+                              "cannot reproduce; only adapters initialised with true, false or 'gaussian' import")
+    alpha, dropout = adapter_config.get("lora_alpha"), adapter_config.get("lora_dropout", 0.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise CheckpointError(f"{config_path}: lora_alpha must be a number, got {alpha!r}")
+    if dropout is None:
+        dropout = 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise CheckpointError(f"{config_path}: lora_dropout must be a number, got {dropout!r}")
     tensors, _ = load_tensors(weights_path)
 
     state, ignored, modules = {}, [], []
@@ -138,8 +160,7 @@ def load_peft_adapter(peft_dir: Union[str, Path], model_config: Config) -> Tuple
         modules.append(name.rsplit(".", 1)[0])
     targets = tuple(t for t in LLAMA_TARGETS if any(fnmatchcase(m, LLAMA_TARGETS[t]) for m in modules))
     try:
-        lora_config = LoRAConfig(r=adapter_config["r"], alpha=adapter_config["lora_alpha"],
-                                 dropout=adapter_config.get("lora_dropout", 0.0), targets=targets)
+        lora_config = LoRAConfig(r=adapter_config["r"], alpha=alpha, dropout=dropout, targets=targets)
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{config_path}: unusable LoRA settings ({error})") from None
     check_keys_and_shapes(lora_state_shapes(model_config, lora_config), state, f"{weights_path} (read as {lora_config})")

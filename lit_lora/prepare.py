@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import numpy as np
 import torch
 
-from lit_lora.checkpoint import atomic_path, save_json
+from lit_lora.checkpoint import atomic_path, removed_on_failure, save_json
 from lit_lora.data import FORMAT_NAME, FORMAT_VERSION, IGNORE_INDEX, PREPARE_CONFIG_NAME, file_sha256, save_prepared
 from lit_lora.prompts import get_prompt_style
 from lit_lora.tokenizer import Tokenizer
@@ -99,15 +99,29 @@ def _read_text(path: Path) -> str:
     return text
 
 
+def _one_multiline_object(text: str) -> bool:
+    """Whether `text` is one JSON object spread over several lines: a JSON document, not JSON Lines (whose
+    records take one line each), so that it gets the "expected a JSON list" message, not a parse error per line."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    if len(lines) < 2 or not lines[0].lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+
+
 def _parse_records(path: Path, text: str, file_format: str) -> List[Tuple[str, Any, Optional[str]]]:
     """(where, record, parse error) per record; `where` names it for messages: "record 3" or "line 3"."""
     if file_format == "auto":
-        file_format = "json" if text.lstrip().startswith("[") else "jsonl"
+        file_format = "json" if text.lstrip().startswith("[") or _one_multiline_object(text) else "jsonl"
     if file_format == "json":
         try:
             records = json.loads(text)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+        except RecursionError:
+            raise ValueError(f"{path} is nested too deeply to be instruction data") from None
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of records, found a JSON {_json_type(records)}")
         return [(f"record {number}", record, None) for number, record in enumerate(records, start=1)]
@@ -122,6 +136,8 @@ def _parse_records(path: Path, text: str, file_format: str) -> List[Tuple[str, A
             rows.append((f"line {number}", json.loads(line), None))
         except json.JSONDecodeError as error:
             rows.append((f"line {number}", None, f"not valid JSON ({error.msg} at column {error.colno})"))
+        except RecursionError:
+            rows.append((f"line {number}", None, "nested too deeply"))
     return rows
 
 
@@ -141,6 +157,10 @@ def _check_record(record: Any, fields: Fields) -> Tuple[str, str, str]:
             value = ""
         if not isinstance(value, str):
             raise ValueError(f"field {key!r} is a JSON {_json_type(value)}, expected a string")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # JSON allows "\ud800" alone; no tokenizer can encode it
+            raise ValueError(f"field {key!r} holds a lone UTF-16 surrogate, which is not a character") from None
         if required and not value.strip():
             raise ValueError(f"field {key!r} is empty")
         values.append(value)
@@ -230,7 +250,8 @@ def prepare_instruction_data(data_file: PathLike, destination_path: PathLike, to
 
     examples, n_records, problems = read_examples(data_file, fields, strict, file_format)
     if not examples:
-        raise ValueError(f"{data_file}: no usable record among {n_records} (first problem: {problems[0]})")
+        first = f" (first problem: {problems[0]})" if problems else ""
+        raise ValueError(f"{data_file}: no usable record among {n_records}{first}")
     val_positions = choose_val_positions(n_records, val_split_fraction, val_size, seed)
 
     # One batched call per side: SentencePiece spreads it over `threads` C++ threads (as many as torch may
@@ -276,9 +297,13 @@ def prepare_instruction_data(data_file: PathLike, destination_path: PathLike, to
         "token_lengths": length_percentiles(lengths),
         "skipped": problems[:MAX_LISTED_PROBLEMS],
     }
-    for split, (samples, prompt_lengths) in splits.items():
-        save_prepared(destination_path / config["files"][split], samples, prompt_lengths, mask_prompt)
-    save_json(config, destination_path / PREPARE_CONFIG_NAME)
+    with removed_on_failure(destination_path):  # a failed write (a full disk) leaves no new directory
+        for split, (samples, prompt_lengths) in splits.items():
+            save_prepared(destination_path / config["files"][split], samples, prompt_lengths, mask_prompt)
+        # Written last, naming the exact files: a run killed before this line leaves the old config, which
+        # then refuses the new split beside it (data.load_prepared_split).
+        config["files_sha256"] = {split: file_sha256(destination_path / name) for split, name in config["files"].items()}
+        save_json(config, destination_path / PREPARE_CONFIG_NAME)
     return config
 
 

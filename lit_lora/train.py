@@ -20,11 +20,15 @@ the logits in bf16 instead of copying them to float32.
 import json
 import math
 import os
+import pickle
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import lightning as L
 import torch
@@ -33,8 +37,9 @@ from lightning.fabric.loggers import CSVLogger
 from lightning.fabric.strategies import FSDPStrategy
 from tqdm import tqdm
 
-from lit_lora.checkpoint import TOKENIZER_NAME, check_keys_and_shapes, load_checkpoint, save_json
-from lit_lora.data import IGNORE_INDEX, BatchSampler, check_same_tokenizer, collate, load_prepare_config, load_prepared
+from lit_lora.checkpoint import TOKENIZER_NAME, CheckpointError, check_keys_and_shapes, load_checkpoint, save_json
+from lit_lora.data import (IGNORE_INDEX, BatchSampler, check_same_tokenizer, collate, load_prepare_config,
+                           load_prepared_split)
 from lit_lora.generate import generate
 from lit_lora.model import Block, Llama
 from lit_lora.plots import plot_losses
@@ -46,6 +51,7 @@ from lit_lora.utils import PathLike, count_parameters, parameter_report, peak_me
 
 CHECKPOINT_DIR_NAME = "checkpoints"
 FINISHED_NAME = "final_metrics.json"
+LOCK_NAME = ".lock"  # held by the run writing into out_dir
 
 
 @dataclass
@@ -91,6 +97,22 @@ class TrainArgs:
     """Recompute activations in the backward pass: less memory, ~1/3 more compute."""
     sample_instruction: str = "Recommend a movie for me to watch during the weekend and explain the reason."
     """Answered greedily at every evaluation, to watch the model learn."""
+
+    def __post_init__(self) -> None:
+        at_least = {"global_batch_size": 1, "micro_batch_size": 1, "warmup_steps": 0, "epochs": 1, "eval_interval": 1,
+                    "eval_iters": 1, "save_interval": 1, "log_interval": 1}
+        for name, lowest in at_least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise ValueError(f"train.{name} must be an integer >= {lowest}, got {value!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"train.max_steps must be a positive integer (or null: `epochs` passes), got {self.max_steps!r}")
+        for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"train.{name} must be a finite number >= 0, got {value!r}")
+        if self.max_time is not None and not self.max_time > 0:
+            raise ValueError(f"train.max_time must be positive (seconds) or null, got {self.max_time!r}")
 
     def accumulation_steps(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
@@ -193,8 +215,8 @@ def start_run(settings: RunSettings) -> Run:
     tokenizer = Tokenizer(Path(settings.checkpoint_dir) / TOKENIZER_NAME)
     check_same_tokenizer(data_dir, tokenizer.model_path)
     prepared = load_prepare_config(data_dir)
-    train_data = load_prepared(data_dir / prepared["files"]["train"])
-    val_data = load_prepared(data_dir / prepared["files"]["val"])
+    train_data = load_prepared_split(data_dir, "train", model.config.vocab_size)
+    val_data = load_prepared_split(data_dir, "val", model.config.vocab_size)
     longest = max(len(sample["input_ids"]) for sample in train_data + val_data)
     if longest > model.config.block_size:
         raise ValueError(f"{data_dir} holds samples of {longest} tokens, longer than the model's context "
@@ -240,17 +262,20 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(fabric: L.Fabric, model: torch.nn.Module, val_data: List[Dict[str, torch.Tensor]], args: TrainArgs) -> float:
-    model.eval()
+def validate(fabric: L.Fabric, model: torch.nn.Module, val_data: List[Dict[str, torch.Tensor]],
+             args: TrainArgs) -> Optional[float]:
+    """The mean loss over the first `eval_iters` validation micro-batches; None without validation data."""
     sampler = BatchSampler([len(s["input_ids"]) for s in val_data], args.micro_batch_size, shuffle=False, seed=0)
     batches = rank_batches(sampler, 0, fabric)[: args.eval_iters]
+    if not batches:
+        return None
+    model.eval()
     losses = []
     for indices in batches:
         batch = fabric.to_device(collate([val_data[i] for i in indices]))
         losses.append(loss_fn(model(batch["input_ids"]), batch["labels"]))
     model.train()
-    mean = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=fabric.device)
-    return fabric.all_reduce(mean, reduce_op="mean").item()
+    return fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -268,71 +293,155 @@ class Loop:
     args: TrainArgs
     out_dir: Path
     trainable_shapes: Dict[str, torch.Size]
-    progress: Dict[str, Any]  # step, epoch, batch_in_epoch, rng, history: saved in every resumable checkpoint
+    progress: Dict[str, Any]  # step, epoch, batch_in_epoch, rng, history, batch: saved in every resumable checkpoint
 
     def state(self) -> Dict[str, Any]:
         return {"model": self.model, "optimizer": self.optimizer, "progress": self.progress}
 
+    def checkpoints(self) -> List[Path]:
+        """The resumable checkpoints in out_dir, newest first."""
+        return sorted((self.out_dir / CHECKPOINT_DIR_NAME).glob("step-*.ckpt"), reverse=True)
 
-def prepare_out_dir(fabric: L.Fabric, out_dir: Path, resume: Optional[str], overwrite: bool,
-                    hyperparameters: Optional[Dict[str, Any]]) -> None:
-    """Refuse to overwrite a finished run (unless told to), start afresh with --overwrite, and record the
+    def diverged(self, what: str) -> FloatingPointError:
+        kept = self.checkpoints()
+        return FloatingPointError(f"{what} at step {self.progress['step'] + 1}; training stopped. Last good checkpoint: "
+                                  f"{kept[0] if kept else 'none'}. Lower the learning rate or check the data.")
+
+
+def lock_out_dir(out_dir: Path) -> Optional[IO[str]]:
+    """Hold an exclusive lock on out_dir for the whole run (released when the process ends, however it
+    ends): a second run into the same directory gets a one-line "in use" error instead of deleting the
+    first one's checkpoints. Returns the open lock file; None where file locks are not available."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return None
+    handle = open(out_dir / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise OSError(f"{out_dir} is in use by another run (process {owner}): wait for it to end, "
+                      "or choose another --out_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+@contextmanager
+def claim_out_dir(fabric: L.Fabric, out_dir: Path, resume: Optional[str], overwrite: bool,
+                  hyperparameters: Optional[Dict[str, Any]]) -> Iterator[None]:
+    """For the block: hold out_dir's lock (rank 0), having refused to touch a finished or an unfinished run
+    unless told to (--overwrite, --resume), removed temporary files a killed run left, and recorded the
     resolved arguments (reusable with --config hyperparameters.json)."""
-    if (out_dir / FINISHED_NAME).exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a finished run ({FINISHED_NAME}); pass --overwrite true or choose another --out_dir")
-    if overwrite and resume is None and fabric.global_rank == 0 and (out_dir / CHECKPOINT_DIR_NAME).exists():
-        shutil.rmtree(out_dir / CHECKPOINT_DIR_NAME)
-    if fabric.global_rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if fabric.global_rank != 0:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_out_dir(out_dir)
+    checkpoints = out_dir / CHECKPOINT_DIR_NAME
+    try:
+        if (out_dir / FINISHED_NAME).exists() and not overwrite:
+            raise FileExistsError(f"{out_dir} already holds a finished run ({FINISHED_NAME}); pass --overwrite true or "
+                                  "choose another --out_dir")
+        if resume is None and any(checkpoints.glob("step-*.ckpt")):
+            if not overwrite:
+                raise FileExistsError(f"{out_dir} holds the resumable checkpoints of an unfinished run: continue it with "
+                                      "--resume auto, or start afresh with --overwrite true")
+            shutil.rmtree(checkpoints)
+        for stale in checkpoints.glob("*.tmp"):  # left by a run killed while saving
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         if hyperparameters is not None:
             as_json = json.dumps(hyperparameters, default=lambda v: asdict(v) if is_dataclass(v) else str(v))
             save_json(json.loads(as_json), out_dir / "hyperparameters.json")
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
 
 
-def find_resume_checkpoint(out_dir: Path, resume: Optional[str]) -> Optional[Path]:
-    """The checkpoint --resume names: "auto" is the newest in out_dir (None if there is none yet)."""
+def find_resume_checkpoints(out_dir: Path, resume: Optional[str]) -> List[Path]:
+    """The checkpoints --resume names, to try in order: "auto" means the newest in out_dir, then the one
+    before it (kept in case the newest is unreadable); an explicit path means that one only."""
     if resume is None:
-        return None
+        return []
     if resume != "auto":
         path = Path(resume)
         if not path.exists():
             raise FileNotFoundError(f"--resume {path}: no such checkpoint")
-        return path
-    candidates = sorted((out_dir / CHECKPOINT_DIR_NAME).glob("step-*.ckpt"))
-    return candidates[-1] if candidates else None
+        return [path]
+    return sorted((out_dir / CHECKPOINT_DIR_NAME).glob("step-*.ckpt"), reverse=True)
 
 
-def resume_from(loop: Loop, checkpoint: Path) -> None:
-    """Load trainable weights, optimizer state, data position and RNG state from a resumable checkpoint,
-    after checking its weights' names and shapes against the model's trainable parameters."""
-    if checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-        check_keys_and_shapes(loop.trainable_shapes, saved.get("model", {}), str(checkpoint))
-    state = loop.state()
-    loop.fabric.load(checkpoint, state, strict=False, weights_only=True)
-    loop.progress = state["progress"]
-    torch.set_rng_state(loop.progress["rng"])
-    loop.fabric.print(f"resumed from {checkpoint} at step {loop.progress['step']}")
+def resume_from(loop: Loop, candidates: List[Path]) -> Path:
+    """Load trainable weights, optimizer state, data position and RNG state from the first readable
+    checkpoint of `candidates` (its weights' names and shapes checked against the model's trainable
+    parameters); an unreadable one is named, and the next is tried. Returns the one loaded."""
+    for index, checkpoint in enumerate(candidates):
+        try:
+            if checkpoint.is_file():
+                saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+                check_keys_and_shapes(loop.trainable_shapes, saved.get("model", {}), str(checkpoint))
+            state = loop.state()
+            loop.fabric.load(checkpoint, state, strict=False, weights_only=True)
+        except (RuntimeError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as error:
+            problem = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            message = f"{checkpoint} is not a readable checkpoint (truncated or corrupt?): {problem}"
+            if index + 1 == len(candidates) or isinstance(error, CheckpointError):
+                raise CheckpointError(message) from None
+            loop.fabric.print(f"{message}; falling back to {candidates[index + 1]}")
+            continue
+        loop.progress = state["progress"]
+        torch.set_rng_state(loop.progress["rng"])
+        loop.fabric.print(f"resumed from {checkpoint} at step {loop.progress['step']}")
+        saved_batch, batch = loop.progress.get("batch"), batch_settings(loop)
+        if saved_batch is not None and saved_batch != batch:
+            loop.fabric.print(f"note: this run's batch settings {batch} differ from the checkpoint's {saved_batch}: the "
+                              "data order and the learning-rate schedule continue from a different run")
+        loop.progress["batch"] = batch
+        return checkpoint
+    raise FileNotFoundError("--resume: no checkpoint to resume from")
+
+
+def batch_settings(loop: Loop) -> Dict[str, int]:
+    return {"global_batch_size": loop.args.global_batch_size, "micro_batch_size": loop.args.micro_batch_size,
+            "devices": loop.fabric.world_size}
 
 
 def save_resumable(loop: Loop) -> Path:
-    """Write `checkpoints/step-NNNNNN.ckpt` (written to a temporary name, then renamed) and delete the
-    older ones: a full-model checkpoint can be tens of GB."""
+    """Write `checkpoints/step-NNNNNN.ckpt` (to a temporary name, then renamed), and delete all but this
+    one and the one before it (a full-model checkpoint can be tens of GB). Weights that are not all
+    finite are never saved: every checkpoint is one that training can resume from."""
+    finite = all(torch.isfinite(p).all() for p in loop.model.parameters() if p.requires_grad)
+    if not finite:
+        raise loop.diverged("the trainable weights became NaN or infinite")
     directory = loop.out_dir / CHECKPOINT_DIR_NAME
     path = directory / f"step-{loop.progress['step']:06d}.ckpt"
     tmp = path.with_name(path.name + ".tmp")
-    loop.fabric.save(tmp, loop.state(), filter={"model": lambda name, _: name in loop.trainable_shapes})
-    loop.fabric.barrier()
+    try:
+        loop.fabric.save(tmp, loop.state(), filter={"model": lambda name, _: name in loop.trainable_shapes})
+        loop.fabric.barrier()
+        if loop.fabric.global_rank == 0:
+            os.replace(tmp, path)
+    except BaseException as error:
+        if loop.fabric.global_rank == 0 and tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        if isinstance(error, RuntimeError):  # torch.save's message for a full disk or a failed write
+            raise OSError(f"could not write {path}: {error} (is the disk full?)") from None
+        raise
     if loop.fabric.global_rank == 0:
-        os.replace(tmp, path)
-        for old in directory.glob("step-*.ckpt"):
-            if old != path:
-                old.unlink()
+        for old in loop.checkpoints()[2:]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     return path
 
 
 def train_step(loop: Loop, train_data: List[Dict[str, torch.Tensor]], window: List[List[int]], lr: float) -> float:
-    """One optimizer step over the micro-batches of `window`; returns the mean loss (all ranks)."""
+    """One optimizer step over the micro-batches of `window`; returns the mean loss (all ranks). A NaN or
+    infinite loss or gradient stops training before the weights are touched."""
     fabric, model, optimizer = loop.fabric, loop.model, loop.optimizer
     step_loss = torch.zeros((), device=fabric.device)
     for i, indices in enumerate(window):
@@ -343,11 +452,14 @@ def train_step(loop: Loop, train_data: List[Dict[str, torch.Tensor]], window: Li
         step_loss += loss.detach() / len(window)
     step_loss = fabric.all_reduce(step_loss, reduce_op="mean").item()
     if not math.isfinite(step_loss):
-        kept = sorted((loop.out_dir / CHECKPOINT_DIR_NAME).glob("step-*.ckpt"))
-        raise FloatingPointError(f"loss became {step_loss} at step {loop.progress['step'] + 1}; training stopped. "
-                                 f"Last good checkpoint: {kept[-1] if kept else 'none'}. Lower the learning rate or check the data.")
+        raise loop.diverged(f"the loss became {step_loss}")
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
     if loop.args.grad_clip:
-        fabric.clip_gradients(model, optimizer, max_norm=loop.args.grad_clip)
+        norm = fabric.clip_gradients(model, optimizer, max_norm=loop.args.grad_clip, error_if_nonfinite=False)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.zeros(())
+    if not bool(fabric.all_reduce(torch.isfinite(norm).float(), reduce_op="min")):
+        raise loop.diverged("the gradients became NaN or infinite")
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
@@ -356,8 +468,13 @@ def train_step(loop: Loop, train_data: List[Dict[str, torch.Tensor]], window: Li
 
 
 def evaluate(loop: Loop, val_data: List[Dict[str, torch.Tensor]], sample: Optional[Callable[[Llama], str]]) -> Dict[str, float]:
-    """Validation loss and perplexity, logged and added to the history; plus one sample answer."""
+    """Validation loss and perplexity, logged and added to the history; plus one sample answer. Empty
+    without validation data; a NaN or infinite validation loss stops training."""
     val_loss = validate(loop.fabric, loop.model, val_data, loop.args)
+    if val_loss is None:
+        return {}
+    if not math.isfinite(val_loss):
+        raise loop.diverged(f"the validation loss became {val_loss}")
     metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
     loop.fabric.log_dict(metrics, step=loop.progress["step"])
     loop.progress["history"].append({"step": loop.progress["step"], **metrics})
@@ -366,6 +483,31 @@ def evaluate(loop: Loop, val_data: List[Dict[str, torch.Tensor]], sample: Option
         message += f"\n  sample: {sample(loop.model.module)!r}"
     loop.fabric.print(message)
     return metrics
+
+
+@contextmanager
+def deferred_signals() -> Iterator[List[int]]:
+    """While the block runs, Ctrl-C (SIGINT) and SIGTERM (what schedulers and preemptible machines send)
+    only record the signal in the yielded list: the loop finishes the optimizer step it is in, saves a
+    resumable checkpoint and exits, and a second signal while it saves is recorded, not obeyed."""
+    received: List[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield received
+        return
+    previous = {number: signal.signal(number, lambda signum, frame: received.append(signum))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def stop_requested(loop: Loop, received: List[int]) -> bool:
+    """Whether any rank received a signal (all ranks stop at the same step)."""
+    if loop.fabric.world_size == 1:
+        return bool(received)
+    return bool(loop.fabric.all_reduce(torch.tensor(float(bool(received)), device=loop.fabric.device), reduce_op="max"))
 
 
 def finish(loop: Loop, metrics: Dict[str, Any], total_steps: int, step_times: List[float],
@@ -409,7 +551,6 @@ def fit(fabric: L.Fabric, model: Llama, train_data: List[Dict[str, torch.Tensor]
     to `out_dir / weights_name` at the end. `sample(model)` answers a fixed instruction at each evaluation.
     """
     out_dir = Path(out_dir)
-    prepare_out_dir(fabric, out_dir, resume, overwrite, hyperparameters)
     if not train_data:
         raise ValueError("the training split is empty: prepare more data or lower --val_size")
     accumulation = args.accumulation_steps(fabric.world_size)
@@ -417,56 +558,60 @@ def fit(fabric: L.Fabric, model: Llama, train_data: List[Dict[str, torch.Tensor]
                            seed=args.seed, group_by_length=args.group_by_length)
     total_steps = args.max_steps or args.epochs * max(1, len(rank_batches(sampler, 0, fabric)) // accumulation)
 
-    model.activation_checkpointing = args.activation_checkpointing and not isinstance(fabric.strategy, FSDPStrategy)
-    trainable_shapes = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
-    fabric.print(f"{parameter_report(model)}; {peak_memory(fabric.device)} after loading")
-    wrapped = fabric.setup_module(model)
-    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay, betas=tuple(args.betas))
-    fabric.seed_everything(args.seed)  # dropout draws the same masks on every rank and after a resume
-    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "rng": torch.get_rng_state(), "history": []}
-    loop = Loop(fabric, wrapped, fabric.setup_optimizers(optimizer), args, out_dir, trainable_shapes, progress)
-    checkpoint = find_resume_checkpoint(out_dir, resume)
-    if checkpoint is not None:
-        resume_from(loop, checkpoint)
-    else:
-        evaluate(loop, val_data, sample=None)  # the loss before training: the baseline to beat
+    with claim_out_dir(fabric, out_dir, resume, overwrite, hyperparameters):
+        model.activation_checkpointing = args.activation_checkpointing and not isinstance(fabric.strategy, FSDPStrategy)
+        trainable_shapes = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
+        fabric.print(f"{parameter_report(model)}; {peak_memory(fabric.device)} after loading")
+        wrapped = fabric.setup_module(model)
+        optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.learning_rate,
+                                      weight_decay=args.weight_decay, betas=tuple(args.betas))
+        fabric.seed_everything(args.seed)  # dropout draws the same masks on every rank and after a resume
+        progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "rng": torch.get_rng_state(), "history": []}
+        loop = Loop(fabric, wrapped, fabric.setup_optimizers(optimizer), args, out_dir, trainable_shapes, progress)
+        loop.progress["batch"] = batch_settings(loop)
+        candidates = find_resume_checkpoints(out_dir, resume)
+        if candidates:
+            resume_from(loop, candidates)
+        else:
+            evaluate(loop, val_data, sample=None)  # the loss before training: the baseline to beat
 
-    loop.model.train()
-    start_time, tokens_seen, step_times = time.perf_counter(), 0, []
-    bar = tqdm(total=total_steps, initial=loop.progress["step"], desc="training", disable=fabric.global_rank != 0,
-               dynamic_ncols=True)
-    try:
-        while loop.progress["step"] < total_steps:
-            progress = loop.progress
-            batches = rank_batches(sampler, progress["epoch"], fabric)
-            if progress["batch_in_epoch"] + accumulation > len(batches):  # a partial window ends the epoch
-                progress["epoch"], progress["batch_in_epoch"] = progress["epoch"] + 1, 0
-                continue
-            step_start = time.perf_counter()
-            window = batches[progress["batch_in_epoch"] : progress["batch_in_epoch"] + accumulation]
-            lr = lr_at(progress["step"], total_steps, args)
-            loss = train_step(loop, train_data, window, lr)
-            tokens_seen += sum(len(train_data[j]["input_ids"]) for indices in window for j in indices) * fabric.world_size
-            progress.update(step=progress["step"] + 1, batch_in_epoch=progress["batch_in_epoch"] + accumulation,
-                            rng=torch.get_rng_state())
-            progress["history"].append({"step": progress["step"], "train_loss": loss})
-            step_times.append(time.perf_counter() - step_start)
-            elapsed = time.perf_counter() - start_time
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:.0f}")
-            if progress["step"] % args.log_interval == 0:
-                fabric.log_dict({"train_loss": loss, "lr": lr, "tokens_per_sec": tokens_seen / elapsed}, step=progress["step"])
-            if progress["step"] % args.eval_interval == 0 and progress["step"] < total_steps:
-                evaluate(loop, val_data, sample)
-            if progress["step"] % args.save_interval == 0 and progress["step"] < total_steps:
-                save_resumable(loop)
-            if args.max_time is not None and elapsed > args.max_time:
-                fabric.print(f"max_time of {args.max_time:.0f} s reached at step {progress['step']}")
-                break
-    except KeyboardInterrupt:
-        bar.close()
-        fabric.print(f"interrupted: saved a resumable checkpoint at {save_resumable(loop)} (continue with --resume auto)")
-        raise SystemExit(130)
-    bar.close()
-    return finish(loop, evaluate(loop, val_data, sample), total_steps, step_times, save_weights, weights_name)
+        loop.model.train()
+        start_time, tokens_seen, step_times = time.perf_counter(), 0, []
+        bar = tqdm(total=total_steps, initial=loop.progress["step"], desc="training", disable=fabric.global_rank != 0,
+                   dynamic_ncols=True)
+        with deferred_signals() as received:
+            while loop.progress["step"] < total_steps:
+                progress = loop.progress
+                batches = rank_batches(sampler, progress["epoch"], fabric)
+                if progress["batch_in_epoch"] + accumulation > len(batches):  # a partial window ends the epoch
+                    progress["epoch"], progress["batch_in_epoch"] = progress["epoch"] + 1, 0
+                    continue
+                step_start = time.perf_counter()
+                window = batches[progress["batch_in_epoch"] : progress["batch_in_epoch"] + accumulation]
+                lr = lr_at(progress["step"], total_steps, args)
+                loss = train_step(loop, train_data, window, lr)
+                tokens_seen += sum(len(train_data[j]["input_ids"]) for indices in window for j in indices) * fabric.world_size
+                progress.update(step=progress["step"] + 1, batch_in_epoch=progress["batch_in_epoch"] + accumulation,
+                                rng=torch.get_rng_state())
+                progress["history"].append({"step": progress["step"], "train_loss": loss})
+                step_times.append(time.perf_counter() - step_start)
+                elapsed = time.perf_counter() - start_time
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:.0f}")
+                if progress["step"] % args.log_interval == 0:
+                    fabric.log_dict({"train_loss": loss, "lr": lr, "tokens_per_sec": tokens_seen / elapsed}, step=progress["step"])
+                if stop_requested(loop, received):
+                    bar.close()
+                    signal_name = signal.Signals(received[0]).name if received else "a signal on another rank"
+                    fabric.print(f"{signal_name}: saved a resumable checkpoint at {save_resumable(loop)} "
+                                 "(continue with --resume auto)")
+                    raise SystemExit(128 + (received[0] if received else signal.SIGTERM))
+                if progress["step"] % args.eval_interval == 0 and progress["step"] < total_steps:
+                    evaluate(loop, val_data, sample)
+                if progress["step"] % args.save_interval == 0 and progress["step"] < total_steps:
+                    save_resumable(loop)
+                if args.max_time is not None and elapsed > args.max_time:
+                    fabric.print(f"max_time of {args.max_time:.0f} s reached at step {progress['step']}")
+                    break
+            bar.close()
+            return finish(loop, evaluate(loop, val_data, sample), total_steps, step_times, save_weights, weights_name)

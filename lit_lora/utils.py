@@ -20,6 +20,16 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     return DTYPES[name]
 
 
+def inside(directory: PathLike, name: str, source: str) -> Path:
+    """`directory / name` when it resolves inside `directory`; a ValueError naming `source` (the file that
+    named it) otherwise: a name such as "../x" or "/etc/x" taken from an input file must not reach out."""
+    base = Path(directory).resolve()
+    path = (base / name).resolve()
+    if not path.is_relative_to(base):
+        raise ValueError(f"{source} names {name!r}, which lies outside {directory}: refused")
+    return path
+
+
 def count_parameters(model: nn.Module) -> Tuple[int, int]:
     """(trainable, total) parameter counts; a tied weight is counted once. Works on the meta device."""
     params = list(model.parameters())  # nn.Module.parameters() already yields a shared Parameter once

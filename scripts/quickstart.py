@@ -1,7 +1,7 @@
 """The whole journey offline, on a CPU, in minutes: a tiny Llama pretrained on a synthetic world, then
 finetuned with LoRA and with LLaMA-Adapter on the same budget, and scored on held-out instructions.
 
-    python scripts/quickstart.py                      # everything lands in out/quickstart
+    python scripts/quickstart.py                      # everything lands in out/quickstart (a rerun replaces it)
 
     1. a synthetic world: a corpus and Alpaca-format instructions (train, and held-out test)
     2. a SentencePiece tokenizer and a ~1M-parameter Llama pretrained on the corpus (reused by reruns)
@@ -118,7 +118,7 @@ def main(
         print(f"\n--- {variant.name}, learning rate {learning_rate:g} ---")
         results.append(finetune(variant, out_dir / variant.method, device, checkpoint_dir=checkpoint_dir,
                                 data_dir=data_dir, train=TrainArgs(learning_rate=learning_rate, **budget),
-                                precision=precision, accelerator=accelerator))
+                                precision=precision, accelerator=accelerator, overwrite=True))
 
     banner(5, "held-out exact-match accuracy (greedy answers to test instructions never trained on)")
     records = load_eval_records(paths["test"])

@@ -1,6 +1,8 @@
 """The shared training loop through the finetune scripts' code paths, on a tiny model and real Alpaca data."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -87,15 +89,19 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_run, monkeypatch)
 
     real_lr_at = train_module.lr_at
 
-    def interrupt_before_step_5(step, total_steps, train_args):  # Ctrl-C after step 4's backward passes
+    def interrupt_in_step_5(step, total_steps, train_args):  # Ctrl-C, twice, in the middle of step 5
         if step == 4:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C does not abort the save
         return real_lr_at(step, total_steps, train_args)
 
-    monkeypatch.setattr(train_module, "lr_at", interrupt_before_step_5)
-    with pytest.raises(SystemExit):
+    monkeypatch.setattr(train_module, "lr_at", interrupt_in_step_5)
+    with pytest.raises(SystemExit) as stopped:
         _finetune("lora", tiny_run, "resume-cut", **args)
-    assert [p.name for p in (tiny_run / "resume-cut" / "checkpoints").iterdir()] == ["step-000004.ckpt"]
+    assert stopped.value.code == 128 + signal.SIGINT
+    # step 5 was finished and saved (never half-applied), beside the one before it (kept in case it is unreadable)
+    assert sorted(p.name for p in (tiny_run / "resume-cut" / "checkpoints").iterdir()) == ["step-000004.ckpt",
+                                                                                         "step-000005.ckpt"]
     monkeypatch.setattr(train_module, "lr_at", real_lr_at)
     resumed = _finetune("lora", tiny_run, "resume-cut", resume="auto", **args)
 

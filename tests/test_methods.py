@@ -83,6 +83,11 @@ def test_a_registered_toy_method_runs_through_compare(toy_method, tiny_run, tmp_
     assert weights.tensors["lm_head.bias"].abs().max() > 0  # it trained
     assert (tmp_path / "compare" / "lora_update_heatmap_lora-r2-qv.png").is_file()  # LoRA measures its update
     assert not list((tmp_path / "compare").glob("head-bias_update_heatmap*"))  # the toy method does not
+    with pytest.raises(FileExistsError, match="already holds a finished run"):  # nobody's runs are replaced ...
+        compare_methods(tiny_run / "base", tiny_run / "data", tmp_path / "compare", [Variant("toy", "head-bias")],
+                        budget, accelerator="cpu")
+    compare_methods(tiny_run / "base", tiny_run / "data", tmp_path / "compare", [Variant("toy", "head-bias")],
+                    budget, accelerator="cpu", overwrite=True)  # ... unless asked to
 
     # The trained toy model, as compare scored it, equals the base with the bias added by hand.
     model = load_finetuned(RunResult("toy", "head-bias", tmp_path / "compare" / "toy"), tiny_run / "base",
