@@ -1,7 +1,8 @@
 """The prompt template, in one place: data preparation, finetuning and generation all format through here.
 
 A prompt style turns an (instruction, input) pair into the text the model reads before it answers.
-Lit-lora ships the Stanford Alpaca template; `register_prompt_style` adds others in one process.
+Lit-lora ships the Stanford Alpaca template and the Llama 2 chat format ("llama2-chat", which also lays
+out whole conversations: second half of this file); `register_prompt_style` adds others in one process.
 
 How the response joins the prompt (the one rule every part of lit-lora follows):
 
@@ -24,7 +25,9 @@ Decoding the generated ids alone drops that leading marker again and gives back 
 """
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List, Sequence, Tuple
+
+from lit_lora.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -81,3 +84,91 @@ def get_prompt_style(name: str = "alpaca") -> PromptStyle:
     if name not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt style {name!r}; known styles: {', '.join(sorted(PROMPT_STYLES))}")
     return PROMPT_STYLES[name]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conversations: the Llama 2 chat format
+# ----------------------------------------------------------------------------------------------------
+#
+# Llama-2-chat models were trained on dialogs laid out as Meta's reference code lays them out
+# (facebookresearch/llama, `chat_completion`). Each completed exchange is one [INST] block and its answer:
+#
+#     <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user 1} [/INST] {answer 1} </s><s>[INST] {user 2} [/INST] {answer 2} </s>
+#        `------------- only in the first user turn -------------'
+#
+# BOS (<s>) and EOS (</s>) are token ids added around each pair, never text. Why is every (user, answer)
+# pair tokenized on its own, with its own BOS and EOS, instead of encoding the whole dialog as one string?
+#   * The model learns that an answer ends with EOS, and that a new exchange starts with BOS: at
+#     generation time, EOS is the signal to stop, and each new user turn opens with BOS as in training.
+#   * Encoding pair by pair keeps token boundaries where the turns are: SentencePiece cannot merge the
+#     end of one answer with the next "[INST]", so the ids of a conversation so far are always a prefix
+#     of the ids of the conversation continued. That is what lets a chat keep its KV cache between
+#     turns and feed the model only each turn's new tokens (generate/chat.py).
+# What the model learns: the loss covers each answer and the EOS that closes it, never the user's turns
+# or the system message (they are masked like an instruction prompt), so it learns to answer, in
+# context, and to stop.
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+ROLES = ("system", "user", "assistant")
+
+# Single-turn use of the same format (finetuning on instruction data, generate/*.py): one [INST] block.
+LLAMA2_CHAT = register_prompt_style(PromptStyle(
+    name="llama2-chat",
+    template=f"{B_INST} {{instruction}} {E_INST}",
+    template_with_input=f"{B_INST} {{instruction}}\n\n{{input}} {E_INST}",
+))
+
+
+def check_dialog(messages: Sequence[Dict[str, str]], ends_with: str) -> None:
+    """A ValueError saying what is wrong unless `messages` is a dialog the format can lay out: an optional
+    leading system message, then user and assistant alternating, ending with `ends_with`'s role, every
+    content a non-empty string without the format's tags."""
+    roles = [message.get("role") for message in messages]
+    for number, message in enumerate(messages, start=1):
+        if message.get("role") not in ROLES:
+            raise ValueError(f"message {number}: unknown role {message.get('role')!r} (expected one of {', '.join(ROLES)})")
+        content = message.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise ValueError(f"message {number} ({message['role']}) has no content")
+        if any(tag in content for tag in SPECIAL_TAGS):
+            raise ValueError(f"message {number} ({message['role']}) contains one of the format's tags {', '.join(SPECIAL_TAGS)}")
+    turns = roles[1:] if roles[:1] == ["system"] else roles
+    expected = ["user", "assistant"] * (len(turns) // 2 + 1)
+    if not turns or turns != expected[: len(turns)]:
+        raise ValueError(f"roles must be an optional system message, then user and assistant alternating; got {roles}")
+    if turns[-1] != ends_with:
+        raise ValueError(f"the dialog must end with a{'n' if ends_with == 'assistant' else ''} {ends_with} message, "
+                         f"got {turns[-1]}")
+
+
+def encode_dialog(tokenizer: Tokenizer, messages: Sequence[Dict[str, str]]) -> Tuple[List[int], List[bool]]:
+    """The ids of a dialog in the Llama 2 chat format, and for each id whether the model learns it.
+
+    A dialog ending with an assistant message is a training sample: every answer and its EOS are learned.
+    One ending with a user message is a prompt for generation: it ends with that turn's "[/INST]", and
+    nothing is learned. The system message, if any, is folded into the first user message."""
+    check_dialog(messages, ends_with=messages[-1].get("role", "user") if messages else "user")
+    if messages[0]["role"] == "system":
+        first = messages[1]
+        messages = [{"role": "user", "content": B_SYS + messages[0]["content"] + E_SYS + first["content"]},
+                    *messages[2:]]
+    ids: List[int] = []
+    learned: List[bool] = []
+    for position in range(0, len(messages), 2):
+        user = messages[position]["content"].strip()
+        question = tokenizer.encode(f"{B_INST} {user} {E_INST}", bos=True).tolist()
+        if position + 1 == len(messages):  # the open question the model is to answer
+            ids += question
+            learned += [False] * len(question)
+            break
+        answer = messages[position + 1]["content"].strip()
+        pair = tokenizer.encode(f"{B_INST} {user} {E_INST} {answer} ", bos=True, eos=True).tolist()
+        # The answer's ids are those after the question's: "[/INST]" ends in "]" and the answer begins a new
+        # word, so SentencePiece never merges across that boundary (the length check guards the assumption).
+        if pair[: len(question)] != question:
+            raise ValueError(f"message {position + 2}: its first characters merge with the question's end")
+        ids += pair
+        learned += [False] * len(question) + [True] * (len(pair) - len(question))
+    return ids, learned
