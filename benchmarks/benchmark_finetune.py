@@ -21,7 +21,7 @@ AdamW (lr 3e-4, betas 0.9/0.95) over the LoRA matrices (r=8, alpha=16 on q_proj 
           (is_trainable), `model(input_ids=..., labels=..., use_cache=False).loss`, in bf16 mode under
           torch.autocast("cpu", dtype=torch.bfloat16) with float32 weights (the standard recipe).
   theirs +malloc  theirs again, with the malloc setting our training loop makes on CPU
-          (`lit_lora.speed.keep_freed_memory_for_reuse`: freed large blocks stay in the heap instead of
+          (`lit_lora.speed_training.keep_freed_memory_for_reuse`: freed large blocks stay in the heap instead of
           going back to the kernel, so a step's big tensors do not fault in fresh zeroed pages). It helps
           theirs as much as ours; this row shows how much of "vs theirs" is the setting and how much the code.
 Both start from identical weights (base and LoRA A/B are written once, in each library's format) and
@@ -63,7 +63,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from lit_lora.cli import run
-from lit_lora.speed import keep_freed_memory_for_reuse
+from lit_lora.speed_training import keep_freed_memory_for_reuse
 
 MICRO_BATCH, SEQ_LEN, PROMPT_LEN = 4, 256, 16
 TOKENS = MICRO_BATCH * SEQ_LEN  # per step

@@ -19,7 +19,7 @@ def main(
     data_dir: Path = Path("data/alpaca"),
     out_dir: Path = Path("out/adapter/alpaca"),
     adapter: AdapterConfig = AdapterConfig(prompt_length=10, start_layer=2),
-    train: TrainArgs = ADAPTER.recipe,
+    train: TrainArgs = TrainArgs(**ADAPTER.recipe),
     precision: Optional[Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]] = None,
     devices: int = 1,
     num_nodes: int = 1,
@@ -41,8 +41,9 @@ def main(
         num_nodes: number of nodes.
         strategy: auto, ddp or fsdp (Lightning Fabric strategies).
         accelerator: auto, cpu or cuda.
-        resume: "auto" (the newest checkpoint in out_dir) or the path of a resumable checkpoint.
-        overwrite: replace a finished run in out_dir.
+        resume: "auto" (the newest readable checkpoint in out_dir) or the path of a resumable checkpoint.
+        overwrite: start afresh in an out_dir that holds a finished run or an unfinished run's checkpoints
+            (both are deleted); without it such an out_dir is refused.
     """
     return finetune(ADAPTER, dict(locals()))
 

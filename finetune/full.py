@@ -19,7 +19,7 @@ def main(
     checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"),
     data_dir: Path = Path("data/alpaca"),
     out_dir: Path = Path("out/full/alpaca"),
-    train: TrainArgs = FULL.recipe,
+    train: TrainArgs = TrainArgs(**FULL.recipe),
     precision: Optional[Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]] = None,
     devices: int = 1,
     num_nodes: int = 1,
@@ -40,8 +40,9 @@ def main(
         num_nodes: number of nodes.
         strategy: auto, ddp or fsdp (Lightning Fabric strategies; fsdp shards weights, gradients and optimizer state).
         accelerator: auto, cpu or cuda.
-        resume: "auto" (the newest checkpoint in out_dir) or the path of a resumable checkpoint.
-        overwrite: replace a finished run in out_dir.
+        resume: "auto" (the newest readable checkpoint in out_dir) or the path of a resumable checkpoint.
+        overwrite: start afresh in an out_dir that holds a finished run or an unfinished run's checkpoints
+            (both are deleted); without it such an out_dir is refused.
     """
     return finetune(FULL, dict(locals()))
 

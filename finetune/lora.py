@@ -20,7 +20,7 @@ def main(
     data_dir: Path = Path("data/alpaca"),
     out_dir: Path = Path("out/lora/alpaca"),
     lora: LoRAConfig = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=("q", "v")),
-    train: TrainArgs = LORA.recipe,
+    train: TrainArgs = TrainArgs(**LORA.recipe),
     precision: Optional[Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]] = None,
     devices: int = 1,
     num_nodes: int = 1,
@@ -44,8 +44,9 @@ def main(
         strategy: auto, ddp or fsdp (Lightning Fabric strategies).
         accelerator: auto, cpu or cuda.
         quantize: QLoRA: keep the frozen base in 4 bits, nf4 or nf4-dq (double-quantized scales); see howto/finetune_qlora.md.
-        resume: "auto" (the newest checkpoint in out_dir) or the path of a resumable checkpoint.
-        overwrite: replace a finished run in out_dir.
+        resume: "auto" (the newest readable checkpoint in out_dir) or the path of a resumable checkpoint.
+        overwrite: start afresh in an out_dir that holds a finished run or an unfinished run's checkpoints
+            (both are deleted); without it such an out_dir is refused.
     """
     return finetune(LORA, dict(locals()))
 

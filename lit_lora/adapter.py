@@ -62,7 +62,6 @@ Usage (explicit and reversible, like lit_lora.lora):
     remove_adapter(model)                         # back to the plain model
 """
 
-import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -99,11 +98,11 @@ class AdaptionPrompt(nn.Module):
     Reusing the prompt's keys and values while decoding: P and the projections do not change while the
     model generates, so re-projecting P for every token (2 · L · C · nkv·hs multiply-adds per layer, more
     than all four attention projections of the one new token when L = 10) is wasted work. They are
-    therefore computed once per KV-cache lifetime: the first forward pass after `model.set_kv_cache(...)`
-    keeps them beside that cache, and `model.clear_kv_cache()` (which `generate` calls when it returns)
-    drops them with it. Without a KV cache (training, scoring) they are computed in every call, so
-    gradients flow. Changing the weights while a KV cache is set (a LoRA merge between two decoding
-    steps) is not seen: set the cache again after such a change.
+    therefore computed once per KV cache and kept in it (`KVCache.adapter_kv`): the first forward pass
+    after `model.set_kv_cache(...)` stores them, and they go with the cache (`model.clear_kv_cache()`,
+    which `generate` calls when it returns). Without a KV cache (training, scoring) they are computed in
+    every call, so gradients flow. A change of the weights while a KV cache is set (a LoRA merge between
+    two decoding steps) is not seen: set the cache again after such a change.
     """
 
     def __init__(self, prompt_length: int, n_embd: int, device: Optional[torch.device] = None,
@@ -112,8 +111,6 @@ class AdaptionPrompt(nn.Module):
         self.prompt = nn.Parameter(torch.empty(prompt_length, n_embd, device=device, dtype=dtype))  # (L, C)
         nn.init.normal_(self.prompt, mean=0.0, std=1.0)  # like the official code and PEFT; see the module doc
         self.gate = nn.Parameter(torch.zeros(1, device=device, dtype=dtype))  # zero-init: starts as the base model
-        # (the KV cache they were computed for, kp, vp); a weak reference, so a cleared cache is not kept alive
-        self._kept: Optional[Tuple[weakref.ref, torch.Tensor, torch.Tensor]] = None
 
     def extra_repr(self) -> str:
         return f"prompt_length={self.prompt.size(0)}, n_embd={self.prompt.size(1)}"
@@ -121,15 +118,16 @@ class AdaptionPrompt(nn.Module):
     def prompt_keys_values(self, attn: CausalSelfAttention) -> Tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the prompt tokens for every query head: two (1, nh, L, hs) tensors."""
         cache = attn.kv_cache
-        if cache is not None and self._kept is not None and self._kept[0]() is cache:
-            return self._kept[1], self._kept[2]  # computed earlier in this KV cache's lifetime
+        if cache is not None and cache.adapter_kv is not None:
+            return cache.adapter_kv  # computed earlier in this KV cache's lifetime
         L = self.prompt.size(0)
         kp = attn.k_proj(self.prompt).view(1, L, attn.n_kv_heads, attn.head_size).transpose(1, 2)  # (1, nkv, L, hs)
         vp = attn.v_proj(self.prompt).view(1, L, attn.n_kv_heads, attn.head_size).transpose(1, 2)  # (1, nkv, L, hs)
         if attn.n_kv_heads != attn.n_head:  # GQA: each key/value head serves nh // nkv query heads
             kp = kp.repeat_interleave(attn.n_head // attn.n_kv_heads, dim=1)  # (1, nh, L, hs)
             vp = vp.repeat_interleave(attn.n_head // attn.n_kv_heads, dim=1)  # (1, nh, L, hs)
-        self._kept = None if cache is None else (weakref.ref(cache), kp, vp)
+        if cache is not None:
+            cache.adapter_kv = (kp, vp)
         return kp, vp
 
     def forward(self, q: torch.Tensor, attn: CausalSelfAttention) -> torch.Tensor:

@@ -258,7 +258,17 @@ def load_checkpoint(checkpoint_dir: PathLike, dtype: Optional[torch.dtype] = Non
             model.lm_head.load_weight(model.tok_embeddings.weight)
         else:
             model.lm_head.weight = model.tok_embeddings.weight
+    left_empty = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left_empty:  # e.g. a `prepare` that added modules the file has no weights for
+        raise CheckpointError(f"{path} left {_short(left_empty)} without a value (on the meta device)")
     return model
+
+
+def refuse_to_overwrite(path: PathLike, overwrite: bool) -> None:
+    """A one-line FileExistsError when `path` exists and the user did not say --overwrite: no command
+    replaces an earlier result without being told to."""
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists: pass --overwrite true to replace it, or choose another output")
 
 
 @contextmanager

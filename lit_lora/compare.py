@@ -33,7 +33,8 @@ from lit_lora.model import Llama
 from lit_lora.plots import plot_loss_curves, plot_update_heatmap
 from lit_lora.prompts import PromptStyle, get_prompt_style
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.train import FINISHED_NAME
+from lit_lora.run_dir import FINISHED_NAME
+from lit_lora.train import TrainArgs
 from lit_lora.utils import PathLike
 
 
@@ -381,7 +382,7 @@ def compare_methods(checkpoint_dir: PathLike, data_dir: PathLike, out_dir: PathL
 
     results: List[RunResult] = []
     for variant in variants:
-        recipe = get_method(variant.method).recipe  # the method's own learning rate and weight decay
+        recipe = TrainArgs(**get_method(variant.method).recipe)  # the method's own learning rate and weight decay
         train = replace(recipe, **budget, learning_rate=learning_rates.get(variant.method, recipe.learning_rate))
         print(f"\n=== {variant.name}: {train.max_steps} steps of {train.global_batch_size}, learning rate "
               f"{train.learning_rate:g} ===", flush=True)

@@ -52,6 +52,7 @@ from lit_lora.checkpoint import (
     load_config,
     load_json,
     model_state_shapes,
+    refuse_to_overwrite,
     removed_on_failure,
     save_json,
 )
@@ -214,8 +215,9 @@ def _check_plan(config: Config, layout: Layout, source: str, config_path: Path) 
 
 
 def _write_lit_checkpoint(output_dir: Path, config: Config, layout: Layout,
-                          tensors: Iterable[Tuple[str, torch.Tensor]], tokenizer: Optional[Path]) -> Path:
+                          tensors: Iterable[Tuple[str, torch.Tensor]], tokenizer: Optional[Path], overwrite: bool) -> Path:
     """Weights first (the step that can still fail on a bad file), then the config that describes them."""
+    refuse_to_overwrite(output_dir / WEIGHTS_NAME, overwrite)
     with removed_on_failure(output_dir):
         save_tensors_streaming(output_dir / WEIGHTS_NAME, layout, tensors, metadata={"format": "pt"})
         save_json(config.to_dict(), output_dir / CONFIG_NAME)
@@ -268,7 +270,7 @@ def load_hf_config(checkpoint_dir: PathLike) -> Config:
 
 
 def convert_hf_checkpoint(checkpoint_dir: PathLike, output_dir: Optional[PathLike] = None,
-                          dtype: Optional[torch.dtype] = None) -> Path:
+                          dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
     """Hugging Face Llama checkpoint -> lit-lora checkpoint directory (by default, written beside it).
 
     A pure renaming (same rotary layout); `dtype` casts floating-point weights, None keeps them as stored.
@@ -305,7 +307,7 @@ def convert_hf_checkpoint(checkpoint_dir: PathLike, output_dir: Optional[PathLik
 
     tokenizer = checkpoint_dir / TOKENIZER_NAME
     return _write_lit_checkpoint(Path(output_dir or checkpoint_dir), config, layout, tensors(),
-                                 tokenizer if tokenizer.is_file() else None)
+                                 tokenizer if tokenizer.is_file() else None, overwrite)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -411,7 +413,7 @@ def load_meta_config(checkpoint_dir: PathLike, vocab_size: int, block_size: int 
 
 
 def convert_meta_checkpoint(checkpoint_dir: PathLike, output_dir: Optional[PathLike] = None,
-                            dtype: Optional[torch.dtype] = None, block_size: int = 4096) -> Path:
+                            dtype: Optional[torch.dtype] = None, block_size: int = 4096, overwrite: bool = False) -> Path:
     """Meta's original Llama 2 checkpoint (`consolidated.NN.pth` + `params.json`) -> lit-lora directory.
 
     Joins the tensor-parallel shards along the dimension each weight was split on and permutes the
@@ -467,7 +469,7 @@ def convert_meta_checkpoint(checkpoint_dir: PathLike, output_dir: Optional[PathL
                     yield name, joined(shards, name)
 
     tokenizer = next((d / TOKENIZER_NAME for d in (checkpoint_dir, checkpoint_dir.parent) if (d / TOKENIZER_NAME).is_file()), None)
-    return _write_lit_checkpoint(Path(output_dir or checkpoint_dir), config, layout, tensors(), tokenizer)
+    return _write_lit_checkpoint(Path(output_dir or checkpoint_dir), config, layout, tensors(), tokenizer, overwrite)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -475,7 +477,7 @@ def convert_meta_checkpoint(checkpoint_dir: PathLike, output_dir: Optional[PathL
 # ---------------------------------------------------------------------------------------------------
 
 
-def convert_lit_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike) -> Path:
+def convert_lit_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, overwrite: bool = False) -> Path:
     """lit-lora checkpoint -> Hugging Face directory (`config.json`, `model.safetensors`, tokenizer)
     that `transformers.LlamaForCausalLM.from_pretrained` loads. Tensors are copied bit for bit."""
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
@@ -497,6 +499,7 @@ def convert_lit_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike) -> Pa
     if len(dtypes) == 1:  # what from_pretrained(dtype="auto") loads the weights as
         hf_config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
     tokenizer = checkpoint_dir / TOKENIZER_NAME
+    refuse_to_overwrite(output_dir / HF_WEIGHTS_NAME, overwrite)
     with removed_on_failure(output_dir):
         save_tensors_streaming(output_dir / HF_WEIGHTS_NAME, hf_layout, tensors(), metadata={"format": "pt"})
         save_json(hf_config, output_dir / HF_CONFIG_NAME)

@@ -43,16 +43,20 @@ Sample = Dict[str, torch.Tensor]
 
 
 def save_prepared(path: PathLike, samples: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
-                  mask_prompt: bool) -> None:
-    """Write one split: `samples[i]` is the full id list of sample i (BOS ... EOS)."""
+                  mask_prompt: bool, learned: Optional[Sequence[Sequence[bool]]] = None) -> None:
+    """Write one split: `samples[i]` is the full id list of sample i (BOS ... EOS). `learned`, for
+    conversations, says token by token which labels count (every answer and its EOS); without it the
+    first `prompt_lengths[i]` labels are masked when `mask_prompt`."""
     offsets = [0]
     for ids in samples:
         offsets.append(offsets[-1] + len(ids))
     flat = torch.tensor([token for ids in samples for token in ids], dtype=torch.int32)
     header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "mask_prompt": mask_prompt, "ignore_index": IGNORE_INDEX}
-    save_tensors({"input_ids": flat, "offsets": torch.tensor(offsets, dtype=torch.int64),
-                  "prompt_lengths": torch.tensor(list(prompt_lengths), dtype=torch.int32)},
-                 path, metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
+    tensors = {"input_ids": flat, "offsets": torch.tensor(offsets, dtype=torch.int64),
+               "prompt_lengths": torch.tensor(list(prompt_lengths), dtype=torch.int32)}
+    if learned is not None:
+        tensors["learned"] = torch.tensor([flag for flags in learned for flag in flags], dtype=torch.uint8)
+    save_tensors(tensors, path, metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
 
 
 def load_prepared(path: PathLike) -> List[Sample]:
@@ -78,12 +82,17 @@ def load_prepared(path: PathLike) -> List[Sample]:
             or offsets[-1] != len(ids) or (offsets.diff() < 1).any() or (prompt_lengths > offsets.diff()).any()):
         raise ValueError(f"{path} is corrupt: its offsets/prompt_lengths do not fit its input_ids (prepare it again)")
 
+    learned = tensors.get("learned")
+    if learned is not None and learned.shape != ids.shape:
+        raise ValueError(f"{path} is corrupt: its learned-token mask does not fit its input_ids (prepare it again)")
     ids = ids.long()  # int32 on disk, int64 for nn.Embedding and cross_entropy
     samples = []
     for start, end, prompt_length in zip(offsets.tolist(), offsets[1:].tolist(), prompt_lengths.tolist()):
         input_ids = ids[start:end]  # a view: no copy
         labels = input_ids.clone()
-        if mask_prompt:
+        if learned is not None:  # a conversation: every answer and its EOS
+            labels[learned[start:end] == 0] = ignore_index
+        elif mask_prompt:
             labels[:prompt_length] = ignore_index
         samples.append({"input_ids": input_ids, "labels": labels})
     return samples

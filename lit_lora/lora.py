@@ -67,6 +67,7 @@ patterns over module names (`fnmatch`, `*` also crosses dots), e.g. targets=("cl
 convnet's classifier Linear layers. See howto/lora_any_model.md.
 """
 
+import itertools
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -136,7 +137,7 @@ def is_quantized(layer: nn.Module) -> bool:
 
 def compute_device_dtype(layer: nn.Module) -> Tuple[torch.device, torch.dtype]:
     """Where a linear layer lives and the dtype it computes in: A and B are created with these."""
-    tensor = next(iter(layer.state_dict().values()))  # a weight, or a quantized layer's first buffer
+    tensor = next(itertools.chain(layer.parameters(), layer.buffers()))  # a weight, or a quantized layer's buffer
     if is_quantized(layer):
         return tensor.device, layer.compute_dtype or torch.float32
     return tensor.device, tensor.dtype

@@ -21,13 +21,12 @@ import torch
 
 from lit_lora.adapter import (AdapterConfig, adapter_state_dict, adapter_state_shapes, add_adapter,
                               load_adapter_state_dict, mark_only_adapter_as_trainable, remove_adapter)
-from lit_lora.checkpoint import (TOKENIZER_NAME, CheckpointError, MethodFile, check_keys_and_shapes, check_same_base,
-                                 load_checkpoint, load_config, read_method_file, removed_on_failure,
+from lit_lora.checkpoint import (TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, MethodFile, check_keys_and_shapes, check_same_base,
+                                 load_checkpoint, load_config, read_method_file, refuse_to_overwrite, removed_on_failure,
                                  save_checkpoint, save_method_file)
 from lit_lora.lora import (LoRAConfig, add_lora, load_lora_state_dict, lora_state_dict, lora_state_shapes,
                            lora_update_norms, mark_only_lora_as_trainable, merge_lora, remove_lora, unmerge_lora)
 from lit_lora.model import Config, Llama
-from lit_lora.train import RunSettings, TrainArgs, answer_sampler, fit, start_run
 from lit_lora.utils import PathLike
 
 StateShapes = Dict[str, torch.Size]
@@ -40,7 +39,7 @@ class Method:
 
     name: str  # also its settings' key in the finetune script's arguments (--lora.r 8, --adapter.prompt_length 10)
     summary: str
-    recipe: TrainArgs  # its finetune script's default optimisation settings
+    recipe: Dict[str, Any]  # its finetune script's default optimisation settings (TrainArgs fields)
     weights_name: str  # what a finished run leaves in out_dir
     config_type: Optional[type] = None  # the settings dataclass (with to_dict()); None: no settings
     add: Optional[Callable[[Llama, Any], Any]] = None  # inject into a built model, reversibly
@@ -98,7 +97,7 @@ def get_method(method: Union[str, Method]) -> Method:
 
 LORA = register_method(Method(
     name="lora", summary="LoRA (Hu et al. 2021): low-rank updates B A of chosen linear layers",
-    recipe=TrainArgs(learning_rate=3e-4, weight_decay=0.0, global_batch_size=128, micro_batch_size=4, warmup_steps=100),
+    recipe=dict(learning_rate=3e-4, weight_decay=0.0, global_batch_size=128, micro_batch_size=4, warmup_steps=100),
     weights_name="lit_lora.safetensors", config_type=LoRAConfig, add=add_lora, remove=remove_lora,
     mark_trainable=mark_only_lora_as_trainable, state_dict=lora_state_dict, load_state_dict=load_lora_state_dict,
     state_shapes=lambda config, model_config: lora_state_shapes(model_config, config),
@@ -106,14 +105,14 @@ LORA = register_method(Method(
 ))
 ADAPTER = register_method(Method(
     name="adapter", summary="LLaMA-Adapter (Zhang et al. 2023): zero-gated attention to learned prompts",
-    recipe=TrainArgs(learning_rate=9e-3, weight_decay=0.02, global_batch_size=64, micro_batch_size=4, warmup_steps=100),
+    recipe=dict(learning_rate=9e-3, weight_decay=0.02, global_batch_size=64, micro_batch_size=4, warmup_steps=100),
     weights_name="lit_adapter.safetensors", config_type=AdapterConfig, add=add_adapter, remove=remove_adapter,
     mark_trainable=mark_only_adapter_as_trainable, state_dict=adapter_state_dict,
     load_state_dict=load_adapter_state_dict, state_shapes=adapter_state_shapes,
 ))
 FULL = register_method(Method(
     name="full", summary="full finetuning: every weight trains",
-    recipe=TrainArgs(learning_rate=3e-5, weight_decay=0.02, global_batch_size=64, micro_batch_size=1, warmup_steps=100),
+    recipe=dict(learning_rate=3e-5, weight_decay=0.02, global_batch_size=64, micro_batch_size=1, warmup_steps=100),
     weights_name="final",
 ))
 
@@ -201,6 +200,8 @@ def finetune(method: Union[str, Method], arguments: Dict[str, Any]) -> Dict[str,
     under its name (e.g. "lora": LoRAConfig(...)); default settings where it is absent. They are also
     written to out_dir/hyperparameters.json, which the script takes back with --config.
     """
+    from lit_lora.train import RunSettings, answer_sampler, fit, start_run  # Lightning: only when training
+
     method = get_method(method)
     settings = RunSettings(**{key: value for key, value in arguments.items() if key != method.name})
     config = arguments.get(method.name) or method.default_config()
@@ -225,7 +226,8 @@ def finetune(method: Union[str, Method], arguments: Dict[str, Any]) -> Dict[str,
                overwrite=settings.overwrite, hyperparameters=arguments)
 
 
-def merge_into_checkpoint(checkpoint_dir: PathLike, weights_path: PathLike, output_dir: PathLike) -> Tuple[Path, MethodWeights]:
+def merge_into_checkpoint(checkpoint_dir: PathLike, weights_path: PathLike, output_dir: PathLike,
+                          overwrite: bool = False) -> Tuple[Path, MethodWeights]:
     """Fold a merging method's weights file into its base: a standalone lit-lora checkpoint in `output_dir`
     (weights, config, the base's tokenizer, and training.json with the prompt style the adapter learned).
     Returns (output_dir, the weights file as read)."""
@@ -233,6 +235,7 @@ def merge_into_checkpoint(checkpoint_dir: PathLike, weights_path: PathLike, outp
     if output_dir.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"--output_dir {output_dir} is the base checkpoint: choose a new directory")
     load_config(checkpoint_dir)  # a missing base fails before anything is read
+    refuse_to_overwrite(output_dir / WEIGHTS_NAME, overwrite)
     weights = read_weights(weights_path)
     if weights.method.merge is None:
         raise ValueError(f"{weights_path} holds {weights.method.name} weights, which do not merge into the base")

@@ -170,6 +170,7 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_heads, max_seq_length, head_size)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.adapter_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # LLaMA-Adapter's prompt keys/values
 
     def update(self, input_pos: torch.Tensor, end: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nkv, T, hs) at `input_pos`; return the filled prefix (B, nkv, end, hs)."""

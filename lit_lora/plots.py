@@ -3,12 +3,12 @@
 Every figure is written to a temporary name and renamed into place, like every other file.
 """
 
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 import torch
 
+from lit_lora.checkpoint import atomic_path
 from lit_lora.utils import PathLike
 
 
@@ -22,11 +22,9 @@ def _pyplot():
 
 
 def _save_figure(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:  # a temporary name, then renamed: never a half-written picture
+        fig.savefig(tmp, dpi=120, format="png")
     _pyplot().close(fig)
-    os.replace(tmp, path)
 
 
 def plot_loss_curves(results: Sequence[Any], path: PathLike,

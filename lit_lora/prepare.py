@@ -167,15 +167,21 @@ def _check_record(record: Any, fields: Fields) -> Tuple[str, str, str]:
     return values[0], values[1], values[2]
 
 
+def read_records(path: PathLike, file_format: str = "auto") -> List[Tuple[str, Any, Optional[str]]]:
+    """The records of a JSON list or JSON Lines file as (where, record, parse error) rows: "record 3" or
+    "line 3" names each for messages. A file that cannot be read at all raises a one-line error."""
+    if file_format not in FILE_FORMATS:
+        raise ValueError(f"unknown file format {file_format!r}; choose one of {', '.join(FILE_FORMATS)}")
+    return _parse_records(Path(path), _read_text(Path(path)), file_format)
+
+
 def read_examples(path: PathLike, fields: Fields = ALPACA_FIELDS, strict: bool = False,
                   file_format: str = "auto") -> Tuple[List[Example], int, List[str]]:
     """The well-formed examples of a JSON list or JSON Lines file, the number of records read, and one
     message per skipped record ("line 7: missing field 'output' ..."). With `strict`, the first bad
     record raises a ValueError instead. A file that cannot be read at all always raises."""
     path = Path(path)
-    if file_format not in FILE_FORMATS:
-        raise ValueError(f"unknown file format {file_format!r}; choose one of {', '.join(FILE_FORMATS)}")
-    rows = _parse_records(path, _read_text(path), file_format)
+    rows = read_records(path, file_format)
     examples, problems = [], []
     for position, (where, record, parse_error) in enumerate(rows):
         try:
@@ -281,13 +287,7 @@ def prepare_instruction_data(data_file: PathLike, destination_path: PathLike, to
               "dropped_too_long": outcomes["too_long"], "dropped_prompt_too_long": outcomes["prompt_too_long"],
               "train": len(splits["train"][0]), "val": len(splits["val"][0])}
     config = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION,
-        "files": {"train": "train.safetensors", "val": "val.safetensors"},
-        "source": {"path": str(data_file.resolve()), "sha256": file_sha256(data_file),
-                   "size": data_file.stat().st_size, "fields": asdict(fields)},
-        "tokenizer": {"path": str(Path(tokenizer.model_path).resolve()), "sha256": file_sha256(tokenizer.model_path),
-                      "size": Path(tokenizer.model_path).stat().st_size, "vocab_size": tokenizer.vocab_size,
-                      "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
+        **describe_inputs(data_file, tokenizer, asdict(fields)),
         "prompt_style": style.name,
         "sample_layout": "[BOS] + encode(prompt) + encode(response) + [EOS]",
         "mask_prompt": mask_prompt, "ignore_index": IGNORE_INDEX,
@@ -297,14 +297,36 @@ def prepare_instruction_data(data_file: PathLike, destination_path: PathLike, to
         "token_lengths": length_percentiles(lengths),
         "skipped": problems[:MAX_LISTED_PROBLEMS],
     }
+    write_prepared_set(destination_path, {split: (samples, prompt_lengths, None)
+                                          for split, (samples, prompt_lengths) in splits.items()}, config)
+    return config
+
+
+def describe_inputs(data_file: Path, tokenizer: Tokenizer, fields: Dict[str, str]) -> Dict[str, Any]:
+    """The part of prepare_config.json that says where the data came from and which tokenizer made the ids."""
+    return {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION,
+        "files": {"train": "train.safetensors", "val": "val.safetensors"},
+        "source": {"path": str(data_file.resolve()), "sha256": file_sha256(data_file),
+                   "size": data_file.stat().st_size, "fields": fields},
+        "tokenizer": {"path": str(Path(tokenizer.model_path).resolve()), "sha256": file_sha256(tokenizer.model_path),
+                      "size": Path(tokenizer.model_path).stat().st_size, "vocab_size": tokenizer.vocab_size,
+                      "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
+    }
+
+
+def write_prepared_set(destination_path: Path, splits: Dict[str, Tuple[List[List[int]], List[int], Optional[List[List[bool]]]]],
+                       config: Dict[str, Any]) -> None:
+    """Write each split (samples, prompt lengths, learned-token masks or None) and then prepare_config.json,
+    which names the exact files it was written with."""
     with removed_on_failure(destination_path):  # a failed write (a full disk) leaves no new directory
-        for split, (samples, prompt_lengths) in splits.items():
-            save_prepared(destination_path / config["files"][split], samples, prompt_lengths, mask_prompt)
+        for split, (samples, prompt_lengths, learned) in splits.items():
+            save_prepared(destination_path / config["files"][split], samples, prompt_lengths, config["mask_prompt"],
+                          learned)
         # Written last, naming the exact files: a run killed before this line leaves the old config, which
         # then refuses the new split beside it (data.load_prepared_split).
         config["files_sha256"] = {split: file_sha256(destination_path / name) for split, name in config["files"].items()}
         save_json(config, destination_path / PREPARE_CONFIG_NAME)
-    return config
 
 
 def format_summary(config: Dict[str, Any], destination_path: PathLike) -> str:
@@ -315,13 +337,17 @@ def format_summary(config: Dict[str, Any], destination_path: PathLike) -> str:
     lines += [f"  skipped {problem}" for problem in config["skipped"][:10]]
     if counts["dropped_malformed"] > 10:
         lines.append(f"  ... {counts['dropped_malformed'] - 10} more skipped records (see {PREPARE_CONFIG_NAME})")
+    conversations = "turns_dropped" in counts
     lines += [
-        f"kept {counts['kept']} (train {counts['train']}, val {counts['val']}), "
-        f"of which {counts['truncated']} with a truncated response",
+        f"kept {counts['kept']} (train {counts['train']}, val {counts['val']}), of which {counts['truncated']} "
+        + (f"cut to their first turns ({counts['turns_dropped']} later turns dropped)" if conversations
+           else "with a truncated response"),
         f"dropped {dropped}: {counts['dropped_malformed']} malformed, {counts['dropped_too_long']} longer than "
-        f"max_seq_length={config['max_seq_length']}, {counts['dropped_prompt_too_long']} with a prompt too long "
-        "to leave room for a response",
-        "tokens per record (BOS + prompt + response + EOS, before truncation): "
+        f"max_seq_length={config['max_seq_length']}"
+        + ("" if conversations else f", {counts['dropped_prompt_too_long']} with a prompt too long to leave room "
+                                    "for a response"),
+        ("tokens per conversation (all turns, before truncation): " if conversations
+         else "tokens per record (BOS + prompt + response + EOS, before truncation): ")
         + ", ".join(f"{name} {value}" for name, value in lengths.items()),
         f"wrote {Path(destination_path) / config['files']['train']}, {config['files']['val']} and {PREPARE_CONFIG_NAME}",
     ]

@@ -12,23 +12,20 @@ lit_lora/methods.py), mark what trains, and hand over to `fit`, which runs this 
         every save_interval: resumable checkpoint (trainable weights, optimizer, step, data position, RNG)
 
 Lightning Fabric handles devices, precision and the distributed strategies (DDP, FSDP). Two pieces of
-lit_lora/speed.py make it faster without changing what it computes: the cross entropy is taken a few
+lit_lora/speed_training.py make it faster without changing what it computes: the cross entropy is taken a few
 rows at a time (`chunked_cross_entropy`), and a subclass of Fabric's own half-precision plugin keeps
 the logits in bf16 instead of copying them to float32.
 """
 
-import json
 import math
 import os
 import pickle
 import shutil
 import signal
-import threading
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import lightning as L
 import torch
@@ -45,13 +42,12 @@ from lit_lora.model import Block, Llama
 from lit_lora.plots import plot_losses
 from lit_lora.prompts import PromptStyle, get_prompt_style
 from lit_lora.quantize import load_checkpoint_quantized
-from lit_lora.speed import HalfPrecisionKeepingOutputs, chunked_cross_entropy, keep_freed_memory_for_reuse
+from lit_lora.run_dir import (CHECKPOINT_DIR_NAME, FINISHED_NAME, claim_out_dir, deferred_signals, find_resume_checkpoints,
+                              set_aside)
+from lit_lora.speed_training import HalfPrecisionKeepingOutputs, chunked_cross_entropy, keep_freed_memory_for_reuse
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.utils import PathLike, count_parameters, parameter_report, peak_memory
 
-CHECKPOINT_DIR_NAME = "checkpoints"
-FINISHED_NAME = "final_metrics.json"
-LOCK_NAME = ".lock"  # held by the run writing into out_dir
 
 
 @dataclass
@@ -254,7 +250,7 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
         F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
-    computed by `chunked_cross_entropy` (lit_lora/speed.py), which never copies the logits to float32.
+    computed by `chunked_cross_entropy` (lit_lora/speed_training.py), which never copies the logits to float32.
     """
     # Shift the labels, not the logits: slicing (B, T, V) logits would copy them, forward and backward.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T); the last position predicts nothing
@@ -302,79 +298,10 @@ class Loop:
         """The resumable checkpoints in out_dir, newest first."""
         return sorted((self.out_dir / CHECKPOINT_DIR_NAME).glob("step-*.ckpt"), reverse=True)
 
-    def diverged(self, what: str) -> FloatingPointError:
+    def diverged(self, what: str, step: int) -> FloatingPointError:
         kept = self.checkpoints()
-        return FloatingPointError(f"{what} at step {self.progress['step'] + 1}; training stopped. Last good checkpoint: "
+        return FloatingPointError(f"{what} at step {step}; training stopped. Last good checkpoint: "
                                   f"{kept[0] if kept else 'none'}. Lower the learning rate or check the data.")
-
-
-def lock_out_dir(out_dir: Path) -> Optional[IO[str]]:
-    """Hold an exclusive lock on out_dir for the whole run (released when the process ends, however it
-    ends): a second run into the same directory gets a one-line "in use" error instead of deleting the
-    first one's checkpoints. Returns the open lock file; None where file locks are not available."""
-    try:
-        import fcntl
-    except ImportError:  # not a POSIX system
-        return None
-    handle = open(out_dir / LOCK_NAME, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
-        handle.close()
-        raise OSError(f"{out_dir} is in use by another run (process {owner}): wait for it to end, "
-                      "or choose another --out_dir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
-
-
-@contextmanager
-def claim_out_dir(fabric: L.Fabric, out_dir: Path, resume: Optional[str], overwrite: bool,
-                  hyperparameters: Optional[Dict[str, Any]]) -> Iterator[None]:
-    """For the block: hold out_dir's lock (rank 0), having refused to touch a finished or an unfinished run
-    unless told to (--overwrite, --resume), removed temporary files a killed run left, and recorded the
-    resolved arguments (reusable with --config hyperparameters.json)."""
-    if fabric.global_rank != 0:
-        yield
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_out_dir(out_dir)
-    checkpoints = out_dir / CHECKPOINT_DIR_NAME
-    try:
-        if (out_dir / FINISHED_NAME).exists() and not overwrite:
-            raise FileExistsError(f"{out_dir} already holds a finished run ({FINISHED_NAME}); pass --overwrite true or "
-                                  "choose another --out_dir")
-        if resume is None and any(checkpoints.glob("step-*.ckpt")):
-            if not overwrite:
-                raise FileExistsError(f"{out_dir} holds the resumable checkpoints of an unfinished run: continue it with "
-                                      "--resume auto, or start afresh with --overwrite true")
-            shutil.rmtree(checkpoints)
-        for stale in checkpoints.glob("*.tmp"):  # left by a run killed while saving
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        if hyperparameters is not None:
-            as_json = json.dumps(hyperparameters, default=lambda v: asdict(v) if is_dataclass(v) else str(v))
-            save_json(json.loads(as_json), out_dir / "hyperparameters.json")
-        yield
-    finally:
-        if lock is not None:
-            lock.close()
-
-
-def find_resume_checkpoints(out_dir: Path, resume: Optional[str]) -> List[Path]:
-    """The checkpoints --resume names, to try in order: "auto" means the newest in out_dir, then the one
-    before it (kept in case the newest is unreadable); an explicit path means that one only."""
-    if resume is None:
-        return []
-    if resume != "auto":
-        path = Path(resume)
-        if not path.exists():
-            raise FileNotFoundError(f"--resume {path}: no such checkpoint")
-        return [path]
-    return sorted((out_dir / CHECKPOINT_DIR_NAME).glob("step-*.ckpt"), reverse=True)
 
 
 def resume_from(loop: Loop, candidates: List[Path]) -> Path:
@@ -393,7 +320,10 @@ def resume_from(loop: Loop, candidates: List[Path]) -> Path:
             message = f"{checkpoint} is not a readable checkpoint (truncated or corrupt?): {problem}"
             if index + 1 == len(candidates) or isinstance(error, CheckpointError):
                 raise CheckpointError(message) from None
-            loop.fabric.print(f"{message}; falling back to {candidates[index + 1]}")
+            if loop.fabric.global_rank == 0:
+                set_aside(checkpoint)
+            loop.fabric.print(f"{message}; set it aside as {checkpoint.name}.corrupt and falling back to "
+                              f"{candidates[index + 1]}")
             continue
         loop.progress = state["progress"]
         torch.set_rng_state(loop.progress["rng"])
@@ -416,9 +346,9 @@ def save_resumable(loop: Loop) -> Path:
     """Write `checkpoints/step-NNNNNN.ckpt` (to a temporary name, then renamed), and delete all but this
     one and the one before it (a full-model checkpoint can be tens of GB). Weights that are not all
     finite are never saved: every checkpoint is one that training can resume from."""
-    finite = all(torch.isfinite(p).all() for p in loop.model.parameters() if p.requires_grad)
-    if not finite:
-        raise loop.diverged("the trainable weights became NaN or infinite")
+    finite = torch.tensor(float(all(bool(torch.isfinite(p).all()) for p in loop.model.parameters() if p.requires_grad)))
+    if not loop.fabric.all_reduce(finite.to(loop.fabric.device), reduce_op="min"):  # each FSDP rank sees its shard
+        raise loop.diverged("the trainable weights became NaN or infinite", loop.progress["step"])
     directory = loop.out_dir / CHECKPOINT_DIR_NAME
     path = directory / f"step-{loop.progress['step']:06d}.ckpt"
     tmp = path.with_name(path.name + ".tmp")
@@ -451,15 +381,18 @@ def train_step(loop: Loop, train_data: List[Dict[str, torch.Tensor]], window: Li
             fabric.backward(loss / len(window))
         step_loss += loss.detach() / len(window)
     step_loss = fabric.all_reduce(step_loss, reduce_op="mean").item()
+    step = loop.progress["step"] + 1
     if not math.isfinite(step_loss):
-        raise loop.diverged(f"the loss became {step_loss}")
+        raise loop.diverged(f"the loss became {step_loss}", step)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if loop.args.grad_clip:
         norm = fabric.clip_gradients(model, optimizer, max_norm=loop.args.grad_clip, error_if_nonfinite=False)
     else:
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.zeros(())
-    if not bool(fabric.all_reduce(torch.isfinite(norm).float(), reduce_op="min")):
-        raise loop.diverged("the gradients became NaN or infinite")
+    # fp16 training (16-mixed) scales the loss; an overflow there is routine: the scaler skips the step itself
+    loss_scaled = getattr(fabric.strategy.precision, "scaler", None) is not None
+    if not loss_scaled and not bool(fabric.all_reduce(torch.isfinite(norm).float(), reduce_op="min")):
+        raise loop.diverged("the gradients became NaN or infinite", step)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
@@ -474,7 +407,7 @@ def evaluate(loop: Loop, val_data: List[Dict[str, torch.Tensor]], sample: Option
     if val_loss is None:
         return {}
     if not math.isfinite(val_loss):
-        raise loop.diverged(f"the validation loss became {val_loss}")
+        raise loop.diverged(f"the validation loss became {val_loss}", loop.progress["step"])
     metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
     loop.fabric.log_dict(metrics, step=loop.progress["step"])
     loop.progress["history"].append({"step": loop.progress["step"], **metrics})
@@ -483,24 +416,6 @@ def evaluate(loop: Loop, val_data: List[Dict[str, torch.Tensor]], sample: Option
         message += f"\n  sample: {sample(loop.model.module)!r}"
     loop.fabric.print(message)
     return metrics
-
-
-@contextmanager
-def deferred_signals() -> Iterator[List[int]]:
-    """While the block runs, Ctrl-C (SIGINT) and SIGTERM (what schedulers and preemptible machines send)
-    only record the signal in the yielded list: the loop finishes the optimizer step it is in, saves a
-    resumable checkpoint and exits, and a second signal while it saves is recorded, not obeyed."""
-    received: List[int] = []
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield received
-        return
-    previous = {number: signal.signal(number, lambda signum, frame: received.append(signum))
-                for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def stop_requested(loop: Loop, received: List[int]) -> bool:
@@ -558,7 +473,7 @@ def fit(fabric: L.Fabric, model: Llama, train_data: List[Dict[str, torch.Tensor]
                            seed=args.seed, group_by_length=args.group_by_length)
     total_steps = args.max_steps or args.epochs * max(1, len(rank_batches(sampler, 0, fabric)) // accumulation)
 
-    with claim_out_dir(fabric, out_dir, resume, overwrite, hyperparameters):
+    with claim_out_dir(fabric, out_dir, resume, overwrite, weights_name, hyperparameters):
         model.activation_checkpointing = args.activation_checkpointing and not isinstance(fabric.strategy, FSDPStrategy)
         trainable_shapes = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
         fabric.print(f"{parameter_report(model)}; {peak_memory(fabric.device)} after loading")
@@ -590,7 +505,8 @@ def fit(fabric: L.Fabric, model: Llama, train_data: List[Dict[str, torch.Tensor]
                 window = batches[progress["batch_in_epoch"] : progress["batch_in_epoch"] + accumulation]
                 lr = lr_at(progress["step"], total_steps, args)
                 loss = train_step(loop, train_data, window, lr)
-                tokens_seen += sum(len(train_data[j]["input_ids"]) for indices in window for j in indices) * fabric.world_size
+                tokens_seen += sum(max(len(train_data[j]["input_ids"]) for j in indices) * len(indices)
+                                   for indices in window) * fabric.world_size  # padded, as the model sees them
                 progress.update(step=progress["step"] + 1, batch_in_epoch=progress["batch_in_epoch"] + accumulation,
                                 rng=torch.get_rng_state())
                 progress["history"].append({"step": progress["step"], "train_loss": loss})

@@ -1,7 +1,7 @@
 """Small helpers shared by the library and the scripts: path and dtype names, parameter counts, memory."""
 
 import resource
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -21,13 +21,14 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
 
 
 def inside(directory: PathLike, name: str, source: str) -> Path:
-    """`directory / name` when it resolves inside `directory`; a ValueError naming `source` (the file that
-    named it) otherwise: a name such as "../x" or "/etc/x" taken from an input file must not reach out."""
-    base = Path(directory).resolve()
-    path = (base / name).resolve()
-    if not path.is_relative_to(base):
+    """`directory / name` when `name` is a plain relative name (no absolute path, no ".." part); a ValueError
+    naming `source` (the file that named it) otherwise: a name such as "../x" or "/etc/x" taken from an
+    input file must not reach out of its directory. Symbolic links inside the directory (a Hugging Face
+    cache's snapshots, a DVC or git-annex checkout) are followed as usual."""
+    relative = PurePath(name)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
         raise ValueError(f"{source} names {name!r}, which lies outside {directory}: refused")
-    return path
+    return Path(directory) / relative
 
 
 def count_parameters(model: nn.Module) -> Tuple[int, int]:

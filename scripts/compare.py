@@ -1,4 +1,4 @@
-"""Compare LoRA, LLaMA-Adapter and (optionally) full finetuning on any checkpoint and prepared dataset,
+"""Step 4 (to compare methods): LoRA, LLaMA-Adapter and (optionally) full finetuning on any checkpoint and prepared dataset,
 each run exactly as its finetune script runs it, with the same data order and the same budget.
 
     python scripts/compare.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --data_dir data/alpaca \

@@ -14,7 +14,8 @@ from lit_lora.convert import convert_hf_checkpoint
 from lit_lora.utils import parse_dtype
 
 
-def main(checkpoint_dir: Path, output_dir: Optional[Path] = None, dtype: Optional[str] = None) -> Path:
+def main(checkpoint_dir: Path, output_dir: Optional[Path] = None, dtype: Optional[str] = None,
+         overwrite: bool = False) -> Path:
     """Convert a Hugging Face Llama checkpoint to lit-lora.
 
     Args:
@@ -22,8 +23,9 @@ def main(checkpoint_dir: Path, output_dir: Optional[Path] = None, dtype: Optiona
             (sharded checkpoints with their *.index.json), as scripts/download.py leaves it.
         output_dir: where to write the lit-lora checkpoint; defaults to checkpoint_dir itself.
         dtype: float32, float16 or bfloat16 to cast the weights; by default they keep the stored dtype.
+        overwrite: replace an earlier result at the output (refused otherwise).
     """
-    output = convert_hf_checkpoint(checkpoint_dir, output_dir, parse_dtype(dtype))
+    output = convert_hf_checkpoint(checkpoint_dir, output_dir, parse_dtype(dtype), overwrite)
     print(f"Wrote the lit-lora checkpoint to {output}")
     return output
 

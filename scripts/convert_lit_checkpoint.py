@@ -1,4 +1,4 @@
-"""Export a lit-lora checkpoint (for example one with LoRA weights merged in) to the Hugging Face format.
+"""Step 6 (optional): export a lit-lora checkpoint (for example one with LoRA weights merged in) to the Hugging Face format.
 
     python scripts/convert_lit_checkpoint.py --checkpoint_dir checkpoints/merged --output_dir checkpoints/merged-hf
 
@@ -13,14 +13,15 @@ from lit_lora.cli import run
 from lit_lora.convert import convert_lit_checkpoint
 
 
-def main(checkpoint_dir: Path, output_dir: Path) -> Path:
+def main(checkpoint_dir: Path, output_dir: Path, overwrite: bool = False) -> Path:
     """Convert a lit-lora checkpoint to a Hugging Face one.
 
     Args:
         checkpoint_dir: lit-lora checkpoint directory (lit_model.safetensors, model_config.json).
         output_dir: directory for the Hugging Face files; must differ from checkpoint_dir.
+        overwrite: replace an earlier result at the output (refused otherwise).
     """
-    output = convert_lit_checkpoint(checkpoint_dir, output_dir)
+    output = convert_lit_checkpoint(checkpoint_dir, output_dir, overwrite)
     print(f"Wrote the Hugging Face checkpoint to {output}")
     return output
 

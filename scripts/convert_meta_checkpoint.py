@@ -17,7 +17,7 @@ from lit_lora.utils import parse_dtype
 
 
 def main(checkpoint_dir: Path, output_dir: Optional[Path] = None, dtype: Optional[str] = None,
-         block_size: int = 4096) -> Path:
+         block_size: int = 4096, overwrite: bool = False) -> Path:
     """Convert Meta's original Llama 2 checkpoint to lit-lora.
 
     Args:
@@ -25,8 +25,9 @@ def main(checkpoint_dir: Path, output_dir: Optional[Path] = None, dtype: Optiona
         output_dir: where to write the lit-lora checkpoint; defaults to checkpoint_dir itself.
         dtype: float32, float16 or bfloat16 to cast the weights; by default they keep the stored dtype.
         block_size: the context length to record (4096 for Llama 2; params.json does not say).
+        overwrite: replace an earlier result at the output (refused otherwise).
     """
-    output = convert_meta_checkpoint(checkpoint_dir, output_dir, parse_dtype(dtype), block_size)
+    output = convert_meta_checkpoint(checkpoint_dir, output_dir, parse_dtype(dtype), block_size, overwrite)
     print(f"Wrote the lit-lora checkpoint to {output}")
     return output
 

@@ -12,10 +12,11 @@ from typing import Optional
 
 from lit_lora.cli import run
 from lit_lora.methods import read_weights
-from lit_lora.peft_interop import save_peft_adapter
+from lit_lora.checkpoint import refuse_to_overwrite
+from lit_lora.peft_interop import PEFT_WEIGHTS_NAME, save_peft_adapter
 
 
-def main(lora_path: Path, output_dir: Path, base_model_name_or_path: Optional[str] = None) -> Path:
+def main(lora_path: Path, output_dir: Path, base_model_name_or_path: Optional[str] = None, overwrite: bool = False) -> Path:
     """Write adapter_config.json and adapter_model.safetensors for PEFT.
 
     Args:
@@ -23,8 +24,10 @@ def main(lora_path: Path, output_dir: Path, base_model_name_or_path: Optional[st
         output_dir: the PEFT adapter directory to write.
         base_model_name_or_path: recorded in adapter_config.json so PEFT tools know the base model
             (e.g. meta-llama/Llama-2-7b-hf); optional.
+        overwrite: replace an earlier result at the output (refused otherwise).
     """
     weights = read_weights(lora_path, "lora")
+    refuse_to_overwrite(Path(output_dir) / PEFT_WEIGHTS_NAME, overwrite)
     save_peft_adapter(output_dir, weights.config, weights.tensors, base_model_name_or_path)
     print(f"exported {weights.config} ({len(weights.tensors)} tensors, base {weights.model_config.name or 'unnamed'}) to {output_dir}")
     return Path(output_dir)

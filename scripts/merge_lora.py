@@ -14,7 +14,7 @@ from lit_lora.cli import run
 from lit_lora.methods import merge_into_checkpoint
 
 
-def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> Path:
+def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, overwrite: bool = False) -> Path:
     """Merge a LoRA adapter into its base model and save the result.
 
     Args:
@@ -22,8 +22,9 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> Path:
         lora_path: the adapter file written by finetune/lora.py.
         output_dir: where the merged checkpoint goes (weights, config, and the base's tokenizer);
             must not be checkpoint_dir.
+        overwrite: replace an earlier result at the output (refused otherwise).
     """
-    output_dir, weights = merge_into_checkpoint(checkpoint_dir, lora_path, output_dir)
+    output_dir, weights = merge_into_checkpoint(checkpoint_dir, lora_path, output_dir, overwrite)
     copied = (Path(checkpoint_dir) / TOKENIZER_NAME).is_file()
     print(f"merged {weights.config} into the base; saved {output_dir}"
           + ("" if copied else f" (no {TOKENIZER_NAME} in {checkpoint_dir} to copy)"))

@@ -1,4 +1,4 @@
-"""The whole journey offline, on a CPU, in minutes: a tiny Llama pretrained on a synthetic world, then
+"""Step 0, the main job: the whole journey offline, on a CPU, in minutes: a tiny Llama pretrained on a synthetic world, then
 finetuned with LoRA and with LLaMA-Adapter on the same budget, and scored on held-out instructions.
 
     python scripts/quickstart.py                      # everything lands in out/quickstart (a rerun replaces it)
@@ -147,7 +147,7 @@ def main(
 
     banner(7, "LoRA merged into the base, and a held-out instruction answered")
     lora_path = results[1].weights_path
-    merged_dir, _ = merge_into_checkpoint(checkpoint_dir, lora_path, out_dir / "merged")
+    merged_dir, _ = merge_into_checkpoint(checkpoint_dir, lora_path, out_dir / "merged", overwrite=True)
     print(f"merged {lora_path} into {merged_dir}")
     question = world.test[-1]
     print(f"\nthe base with the LoRA file (as generate/lora.py runs it) answers {question.instruction!r} "

@@ -229,7 +229,7 @@ def test_loss_fn_matches_cross_entropy(dtype, shape):
 
 def test_bf16_true_training_keeps_the_logits_in_bf16(tmp_path):
     """Fabric would cast the model's outputs to float32 (a full copy of the logits); setup_fabric's plugin does not."""
-    from lit_lora.speed import HalfPrecisionKeepingOutputs
+    from lit_lora.speed_training import HalfPrecisionKeepingOutputs
     from lit_lora.train import loss_fn, setup_fabric
 
     fabric = setup_fabric(tmp_path, "bf16-true", devices=1, num_nodes=1, strategy="auto", accelerator="cpu",

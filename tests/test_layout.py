@@ -43,3 +43,10 @@ def test_the_numbered_journey_agrees_between_readme_and_scripts():
     for script, number in steps.items():
         first_line = (ROOT / script).read_text().splitlines()[0]
         assert first_line.startswith(f'"""Step {number}'), f"{script} opens with {first_line!r}, not step {number}"
+
+
+def test_every_entry_script_is_a_numbered_step():
+    """scripts/, finetune/ and generate/ hold the journey only: measurements live in benchmarks/."""
+    for folder in ("scripts", "finetune", "generate"):
+        for script in sorted((ROOT / folder).glob("*.py")):
+            assert script.read_text().startswith('"""Step '), f"{script.relative_to(ROOT)} names no step of the journey"

@@ -11,7 +11,6 @@ from lit_lora.checkpoint import CheckpointError, check_keys_and_shapes, load_che
 from lit_lora.compare import RunResult, Variant, compare_methods, load_finetuned, parse_variant
 from lit_lora.methods import METHODS, Method, apply_weights, read_weights, register_method, save_weights, take_off
 from lit_lora.model import Llama
-from lit_lora.train import TrainArgs
 
 # ---- the toy method's own code: a trainable bias on the logits ------------------------------------------
 
@@ -52,7 +51,7 @@ def load_bias(model: Llama, state, source: str) -> None:
 
 
 TOY = Method(name="head-bias", summary="a trainable bias on the logits (a toy method for the tests)",
-             recipe=TrainArgs(learning_rate=5e-2, global_batch_size=8, micro_batch_size=4, warmup_steps=1),
+             recipe=dict(learning_rate=5e-2, global_batch_size=8, micro_batch_size=4, warmup_steps=1),
              weights_name="head_bias.safetensors", config_type=None, add=add_bias, remove=remove_bias,
              mark_trainable=mark_bias_trainable, state_dict=bias_state_dict, load_state_dict=load_bias,
              state_shapes=lambda config, model_config: {"lm_head.bias": torch.Size((model_config.vocab_size,))})
@@ -116,5 +115,5 @@ def test_a_weights_file_of_an_unknown_method_is_a_clear_error(toy_method, tiny_r
 
 def test_a_method_that_adds_modules_must_say_how_to_save_and_remove_them():
     with pytest.raises(ValueError, match="needs remove, state_dict, load_state_dict and state_shapes"):
-        register_method(Method(name="broken", summary="", recipe=TrainArgs(), weights_name="x", add=add_bias))
+        register_method(Method(name="broken", summary="", recipe={}, weights_name="x", add=add_bias))
     assert "broken" not in METHODS

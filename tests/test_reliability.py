@@ -18,7 +18,8 @@ from lit_lora.cli import run
 from lit_lora.lora import LoRAConfig
 from lit_lora.methods import finetune, read_weights
 from lit_lora.model import Config, Llama
-from lit_lora.train import TrainArgs, lock_out_dir
+from lit_lora.run_dir import lock_out_dir
+from lit_lora.train import TrainArgs
 
 
 def train_args(**overrides):
@@ -292,7 +293,7 @@ def test_resume_auto_falls_back_to_the_checkpoint_before_a_corrupt_one(tiny_run,
     assert f"falling back to {previous}" in output and f"resumed from {previous}" in output
 
 
-def _interrupted(tiny_run, out, at_step=3, signum=signal.SIGTERM):
+def _interrupted(tiny_run, out, at_step=3, signum=signal.SIGTERM, **arguments):
     """A run that receives `signum` during step `at_step` (as a scheduler's SIGTERM would arrive)."""
     import lit_lora.train as train_module
 
@@ -305,7 +306,7 @@ def _interrupted(tiny_run, out, at_step=3, signum=signal.SIGTERM):
 
     train_module.lr_at = lr_with_signal
     try:
-        lora_run(tiny_run, out, train=train_args(max_steps=6, save_interval=1))
+        lora_run(tiny_run, out, train=train_args(max_steps=6, save_interval=1), **arguments)
     finally:
         train_module.lr_at = real_lr_at
 
@@ -441,3 +442,50 @@ def test_a_legacy_format_bin_checkpoint_converts(tmp_path, hf_llama_factory):
     idx = torch.randint(0, 256, (1, 6))
     with torch.no_grad():
         torch.testing.assert_close(converted(idx), hf(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_overwrite_removes_the_old_finished_run_before_training(tiny_run, tmp_path):
+    out = tmp_path / "replaced"
+    assert lora_run(tiny_run, out)["finished"]
+    with pytest.raises(SystemExit):  # the new run is stopped before it finishes ...
+        _interrupted(tiny_run, out, at_step=2, overwrite=True)
+    # ... and nothing of the old run is left to look finished
+    assert not (out / "final_metrics.json").exists() and not (out / "lit_lora.safetensors").exists()
+
+
+def test_a_third_signal_stops_a_step_that_never_finishes():
+    from lit_lora.run_dir import deferred_signals
+
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_signals() as received:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received == [signal.SIGINT, signal.SIGTERM]  # recorded, not obeyed
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_outputs_of_other_commands_are_not_replaced_without_overwrite(tiny_run, tmp_path, monkeypatch, capsys):
+    from lit_lora.lora import add_lora
+    from lit_lora.methods import save_weights
+
+    model = load_checkpoint(tiny_run / "base")
+    add_lora(model, LoRAConfig(r=2, alpha=4))
+    lora_path = save_weights(tmp_path / "lora.safetensors", model, "lora", LoRAConfig(r=2, alpha=4))
+    merge = script_main("scripts/merge_lora.py")
+    merge(checkpoint_dir=tiny_run / "base", lora_path=lora_path, output_dir=tmp_path / "merged")
+    line = one_line_error(merge, ["--checkpoint_dir", tiny_run / "base", "--lora_path", lora_path,
+                                  "--output_dir", tmp_path / "merged"], monkeypatch, capsys)
+    assert "lit_model.safetensors already exists: pass --overwrite true" in line
+    merge(checkpoint_dir=tiny_run / "base", lora_path=lora_path, output_dir=tmp_path / "merged", overwrite=True)
+
+
+def test_names_inside_inputs_may_be_symbolic_links_within_the_directory(tmp_path):
+    from lit_lora.utils import inside
+
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "abc").write_bytes(b"x")
+    (tmp_path / "snapshot").mkdir()
+    (tmp_path / "snapshot" / "model.safetensors").symlink_to(tmp_path / "blobs" / "abc")  # a Hugging Face cache
+    assert inside(tmp_path / "snapshot", "model.safetensors", "index").read_bytes() == b"x"
+    assert inside(tmp_path / "snapshot", "shards/model-1.safetensors", "index") == tmp_path / "snapshot" / "shards" / "model-1.safetensors"

@@ -1,0 +1,125 @@
+"""Conversation data for chat finetuning: read OpenAI- or ShareGPT-style records, lay each dialog out in the
+Llama 2 chat format (lit_lora/prompts.py), learn every answer and its EOS, and write the usual prepared
+train/val files.
+
+Two record shapes are read, from a JSON list or JSON Lines, and give identical samples:
+
+    OpenAI     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    ShareGPT   {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}
+
+A usable conversation is an optional system message, then user and assistant turns alternating, ending
+with an answer; every content non-empty and free of the format's tags ([INST], <<SYS>>, ...). Anything
+else is skipped and counted (or, with `strict`, stops with a one-line error naming the record).
+
+Truncation policy: a conversation longer than `max_seq_length` tokens keeps the longest prefix of whole
+(user, answer) exchanges that fits, never half an exchange, since a cut answer would teach the model to
+stop mid-sentence with EOS; one whose first exchange alone does not fit is dropped. Both are counted.
+"""
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from lit_lora.data import IGNORE_INDEX
+from lit_lora.prepare import (MAX_LISTED_PROBLEMS, choose_val_positions, describe_inputs, length_percentiles,
+                              read_records, write_prepared_set)
+from lit_lora.prompts import LLAMA2_CHAT, check_dialog, encode_dialog
+from lit_lora.tokenizer import Tokenizer
+from lit_lora.utils import PathLike
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+Messages = List[Dict[str, str]]
+
+
+def to_messages(record: Any) -> Messages:
+    """The dialog of one record as [{"role", "content"}, ...], checked; a ValueError says what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, found {type(record).__name__}")
+    if isinstance(record.get("messages"), list):
+        turns = record["messages"]
+        messages = [{"role": t.get("role"), "content": t.get("content")} if isinstance(t, dict) else {"role": None}
+                    for t in turns]
+    elif isinstance(record.get("conversations"), list):
+        turns = record["conversations"]
+        messages = [{"role": SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
+                    if isinstance(t, dict) else {"role": None} for t in turns]
+    else:
+        raise ValueError("expected a 'messages' list (OpenAI) or a 'conversations' list (ShareGPT)")
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            try:
+                content.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("a message holds a lone UTF-16 surrogate, which is not a character") from None
+    check_dialog(messages, ends_with="assistant")
+    return messages
+
+
+def fit_dialog(tokenizer: Tokenizer, messages: Messages, max_seq_length: int) -> Tuple[Optional[List[int]], Optional[List[bool]], int]:
+    """(ids, learned, exchanges dropped) of the longest prefix of whole exchanges within `max_seq_length`;
+    (None, None, all of them) when not even the first exchange fits."""
+    system = 1 if messages[0]["role"] == "system" else 0
+    exchanges = (len(messages) - system) // 2
+    for kept in range(exchanges, 0, -1):
+        ids, learned = encode_dialog(tokenizer, messages[: system + 2 * kept])
+        if len(ids) <= max_seq_length:
+            return ids, learned, exchanges - kept
+    return None, None, exchanges
+
+
+def prepare_conversation_data(data_file: PathLike, destination_path: PathLike, tokenizer_path: PathLike, *,
+                              file_format: str = "auto", max_seq_length: int = 512,
+                              val_split_fraction: float = 0.03865, val_size: Optional[int] = None, seed: int = 42,
+                              strict: bool = False) -> Dict[str, Any]:
+    """Read, check, split, lay out and write one conversation dataset; returns what prepare_config.json holds."""
+    data_file, destination_path = Path(data_file), Path(destination_path)
+    if max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
+    tokenizer = Tokenizer(tokenizer_path)
+    rows = read_records(data_file, file_format)
+    val_positions = choose_val_positions(len(rows), val_split_fraction, val_size, seed)
+
+    splits: Dict[str, Tuple[list, list, list]] = {"train": ([], [], []), "val": ([], [], [])}
+    counts = {"records_read": len(rows), "kept": 0, "truncated": 0, "turns_dropped": 0, "dropped_malformed": 0,
+              "dropped_too_long": 0, "dropped_prompt_too_long": 0}
+    problems, lengths = [], []
+    for position, (where, record, parse_error) in enumerate(rows):
+        try:
+            if parse_error is not None:
+                raise ValueError(parse_error)
+            messages = to_messages(record)
+        except ValueError as problem:
+            if strict:
+                raise ValueError(f"{data_file}: {where}: {problem} (fix it, or leave out --strict to skip bad records)") from None
+            problems.append(f"{where}: {problem}")
+            counts["dropped_malformed"] += 1
+            continue
+        lengths.append(len(encode_dialog(tokenizer, messages)[0]))
+        ids, learned, dropped = fit_dialog(tokenizer, messages, max_seq_length)
+        if ids is None:
+            counts["dropped_too_long"] += 1
+            continue
+        counts["kept"] += 1
+        counts["truncated"] += dropped > 0
+        counts["turns_dropped"] += 2 * dropped
+        samples, prompt_lengths, masks = splits["val" if position in val_positions else "train"]
+        samples.append(ids)
+        prompt_lengths.append(learned.index(True))  # the labels before the first answer are all masked
+        masks.append(learned)
+    if not splits["train"][0]:
+        first = f" (first problem: {problems[0]})" if problems else ""
+        raise ValueError(f"{data_file}: no usable conversation among {len(rows)} records for training "
+                         f"with max_seq_length={max_seq_length}{first}")
+    counts.update(train=len(splits["train"][0]), val=len(splits["val"][0]))
+    config = {
+        **describe_inputs(data_file, tokenizer, {"openai": "messages", "sharegpt": "conversations"}),
+        "prompt_style": LLAMA2_CHAT.name,
+        "sample_layout": "per exchange: [BOS] + encode('[INST] {user} [/INST] {answer} ') + [EOS]",
+        "mask_prompt": True, "ignore_index": IGNORE_INDEX, "learned": "every answer and its EOS",
+        "max_seq_length": max_seq_length, "truncation": "keep the longest prefix of whole exchanges",
+        "seed": seed, "val_split_fraction": val_split_fraction, "val_size": val_size,
+        "counts": counts, "token_lengths": length_percentiles(lengths) if lengths else {},
+        "skipped": problems[:MAX_LISTED_PROBLEMS],
+    }
+    write_prepared_set(destination_path, splits, config)
+    return config
