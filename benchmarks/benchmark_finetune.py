@@ -14,7 +14,7 @@ IGNORE_INDEX, like a prompt): forward, next-token cross entropy, backward, gradi
 AdamW (lr 3e-4, betas 0.9/0.95) over the LoRA matrices (r=8, alpha=16 on q_proj and v_proj), zero_grad.
   ours    exactly the step of `lit_lora.train.fit`: the model from `load_checkpoint` (in bf16 for
           bf16-true, like `start_run`) + `apply_weights`, Fabric from `setup_fabric`,
-          `setup_module` / `setup_optimizers`, `loss_fn`, `fabric.backward`, `fabric.clip_gradients`
+          `setup_module` / `setup_optimizers`, and fit's own `train_step` (loss, backward, divergence guard, clipping, AdamW)
           (fit's bookkeeping around it, progress bar and metric logging, is not timed). With
           --fabric_overhead a plain-PyTorch copy of the same step (no Fabric) runs beside it.
   theirs  the usual transformers + PEFT step: `LlamaForCausalLM.from_pretrained` + `PeftModel.from_pretrained`
@@ -162,7 +162,7 @@ def build_ours(workdir: Path, precision: str, fabric: bool):
     from lit_lora.checkpoint import load_checkpoint
     from lit_lora.lora import mark_only_lora_as_trainable
     from lit_lora.methods import apply_weights
-    from lit_lora.train import PRECISION_DTYPES, loss_fn, setup_fabric
+    from lit_lora.train import PRECISION_DTYPES, Loop, TrainArgs, loss_fn, setup_fabric, train_step
 
     model = load_checkpoint(workdir / "lit", dtype=PRECISION_DTYPES.get(precision, torch.float32))
     apply_weights(model, workdir / "lit_lora.safetensors")  # add_lora with the file's r, alpha, dropout
@@ -177,17 +177,15 @@ def build_ours(workdir: Path, precision: str, fabric: bool):
         optimizer = runner.setup_optimizers(torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0, betas=BETAS))
         model.train()
 
-        def step() -> float:  # the body of fit's loop with accumulation = 1
-            with runner.no_backward_sync(model, enabled=False):
-                loss = loss_fn(model(batch["input_ids"]), batch["labels"])
-                runner.backward(loss)
-            step_loss = runner.all_reduce(loss.detach(), reduce_op="mean").item()
-            runner.clip_gradients(model, optimizer, max_norm=GRAD_CLIP)
-            for group in optimizer.param_groups:
-                group["lr"] = LR
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return step_loss
+        # fit's own step (`train_step`: forward, loss, backward, the divergence guard, clipping, AdamW) on the
+        # micro-batch's rows as a one-batch window (accumulation = 1)
+        rows = [{"input_ids": ids, "labels": labels} for ids, labels in zip(batch["input_ids"], batch["labels"])]
+        args = TrainArgs(learning_rate=LR, betas=BETAS, grad_clip=GRAD_CLIP, micro_batch_size=len(rows),
+                         global_batch_size=len(rows))
+        loop = Loop(runner, model, optimizer, args, workdir, {}, {"step": 0, "history": []})
+
+        def step() -> float:
+            return train_step(loop, rows, [list(range(len(rows)))], LR)
 
         return step
 

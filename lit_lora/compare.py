@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from lit_lora.checkpoint import TOKENIZER_NAME, atomic_path, load_checkpoint, load_json, save_json
+from lit_lora.checkpoint import TOKENIZER_NAME, TRAINING_NAME, atomic_path, load_checkpoint, load_json, save_json
 from lit_lora.data import load_prepare_config
 from lit_lora.generate import generate
 from lit_lora.lora import LoRAConfig
@@ -173,6 +173,16 @@ def load_finetuned(result: RunResult, checkpoint_dir: PathLike, device: torch.de
     if result.method != "base":
         apply_weights(model, result.weights_path, result.method)
     return model.eval()
+
+
+def trained_prompt_style(result: RunResult) -> Optional[str]:
+    """The prompt style a run's weights record (its adapter file, or a full checkpoint's training.json)."""
+    if result.weights_path is None or not result.weights_path.exists():
+        return None
+    if get_method(result.method).saves_file:
+        return read_weights(result.weights_path, result.method).prompt_style
+    training = result.weights_path / TRAINING_NAME
+    return load_json(training).get("prompt_style") if training.is_file() else None
 
 
 def release_memory() -> None:
@@ -394,11 +404,12 @@ def compare_methods(checkpoint_dir: PathLike, data_dir: PathLike, out_dir: PathL
 
     if records is not None:
         tokenizer = Tokenizer(Path(checkpoint_dir) / TOKENIZER_NAME)
-        style = get_prompt_style(load_prepare_config(data_dir)["prompt_style"])
+        data_style = load_prepare_config(data_dir)["prompt_style"]
         results.insert(0, RunResult("base model (no finetuning)", "base"))
         for result in results:
             dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
             model = load_finetuned(result, checkpoint_dir, device, dtype=dtype)
+            style = get_prompt_style(trained_prompt_style(result) or data_style)  # an --include run may differ
             result.accuracy = exact_match(model, tokenizer, style, records, max_new_tokens=max_new_tokens)
             print(f"{result.name}: {100 * result.accuracy.accuracy:.1f} % exact match "
                   f"({result.accuracy.correct}/{result.accuracy.total})", flush=True)
