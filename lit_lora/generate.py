@@ -101,7 +101,8 @@ def check_generation_settings(max_new_tokens: int, temperature: float, top_k: Op
 def generate(model: Llama, prompt_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.8,
              top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
              on_token: Optional[Callable[[torch.Tensor], None]] = None,
-             generator: Optional[torch.Generator] = None, cache_length: Optional[int] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, cache_length: Optional[int] = None,
+             cached: Optional[int] = None) -> torch.Tensor:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens; returns the prompt followed by the new ids.
 
     prompt_ids: (T,) for one prompt, or (B, T) for a batch of prompts of equal length (the model has no
@@ -114,10 +115,14 @@ def generate(model: Llama, prompt_ids: torch.Tensor, max_new_tokens: int, *, tem
     generator: a seeded torch.Generator for reproducible sampling (else the global RNG).
     cache_length: positions to allocate in the KV cache; default just enough for this call (prompt +
         max_new_tokens, within block_size). A compiled model wants the same length on every call.
+    cached: continue a conversation (generate/chat.py): the KV cache the caller set with
+        `model.set_kv_cache` already holds the first `cached` tokens of `prompt_ids`, so only the rest is
+        prefilled, and the cache stays when the call returns (it then holds every token but the last).
 
     Generation stops at the end of the model's context (block_size) if that comes first. The model
-    should be in eval mode (dropout off). A KV cache (sized for this call, or `cache_length`) is
-    allocated for the call and removed when it returns (a cache the model had before is replaced).
+    should be in eval mode (dropout off). Unless `cached` is given, a KV cache (sized for this call, or
+    `cache_length`) is allocated for the call and removed when it returns (a cache the model had before
+    is replaced).
     """
     check_generation_settings(max_new_tokens, temperature, top_k, top_p)
     batched = prompt_ids.dim() == 2
@@ -133,11 +138,15 @@ def generate(model: Llama, prompt_ids: torch.Tensor, max_new_tokens: int, *, tem
     tokens = torch.empty(B, total, dtype=torch.long, device=device)  # filled left to right, never reallocated
     tokens[:, :T] = prompt
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    model.set_kv_cache(batch_size=B, max_seq_length=max(total, cache_length or 0), device=device)
+    start = cached or 0
+    if cached is None:
+        model.set_kv_cache(batch_size=B, max_seq_length=max(total, cache_length or 0), device=device)
+    elif not 0 <= cached < T:
+        raise ValueError(f"cached={cached}: the KV cache must hold a part of the prompt ({T} tokens) short of its end")
     try:
-        # Prefill: the whole prompt in one forward pass fills the cache; only the last position's
-        # logits matter, they score the first new token.
-        logits = model(tokens[:, :T], torch.arange(T, device=device))[:, -1]  # (B, V)
+        # Prefill: the prompt (what the cache does not hold yet) in one forward pass fills the cache;
+        # only the last position's logits matter, they score the first new token.
+        logits = model(tokens[:, start:T], torch.arange(start, T, device=device))[:, -1]  # (B, V)
         length = T
         input_pos = torch.tensor([T], device=device)  # where the next token goes; advanced in place
         while length < total:
@@ -155,7 +164,8 @@ def generate(model: Llama, prompt_ids: torch.Tensor, max_new_tokens: int, *, tem
             logits = model(next_ids[:, None], input_pos)[:, -1]  # (B, 1, V) -> (B, V)
             input_pos += 1
     finally:
-        model.clear_kv_cache()
+        if cached is None:
+            model.clear_kv_cache()
     return tokens[:, :length] if batched else tokens[0, :length]
 
 

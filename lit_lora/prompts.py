@@ -143,13 +143,16 @@ def check_dialog(messages: Sequence[Dict[str, str]], ends_with: str) -> None:
                          f"got {turns[-1]}")
 
 
-def encode_dialog(tokenizer: Tokenizer, messages: Sequence[Dict[str, str]]) -> Tuple[List[int], List[bool]]:
+def encode_dialog(tokenizer: Tokenizer, messages: Sequence[Dict[str, str]],
+                  check: bool = True) -> Tuple[List[int], List[bool]]:
     """The ids of a dialog in the Llama 2 chat format, and for each id whether the model learns it.
 
     A dialog ending with an assistant message is a training sample: every answer and its EOS are learned.
     One ending with a user message is a prompt for generation: it ends with that turn's "[/INST]", and
-    nothing is learned. The system message, if any, is folded into the first user message."""
-    check_dialog(messages, ends_with=messages[-1].get("role", "user") if messages else "user")
+    nothing is learned. The system message, if any, is folded into the first user message. `check=False`
+    skips `check_dialog` (a chat whose own model gave an empty answer)."""
+    if check:
+        check_dialog(messages, ends_with=messages[-1].get("role", "user") if messages else "user")
     if messages[0]["role"] == "system":
         first = messages[1]
         messages = [{"role": "user", "content": B_SYS + messages[0]["content"] + E_SYS + first["content"]},
