@@ -1,6 +1,7 @@
 """How big LoRA is next to its base model, computed on the meta device (nothing is allocated).
 
     python benchmarks/lora_sizes.py --model_name 7B --r 8 --targets '[q, v]'
+    python benchmarks/lora_sizes.py --model_name 7B --r 8 --targets '[q, v]' --use_dora true
 """
 
 from typing import Dict, Tuple
@@ -12,7 +13,8 @@ from lit_lora.lora import LoRAConfig, add_lora, lora_state_dict, mark_only_lora_
 from lit_lora.model import Config, Llama
 
 
-def main(model_name: str = "7B", r: int = 8, alpha: float = 16.0, targets: Tuple[str, ...] = ("q", "v")) -> Dict[str, int]:
+def main(model_name: str = "7B", r: int = 8, alpha: float = 16.0, targets: Tuple[str, ...] = ("q", "v"),
+         use_dora: bool = False) -> Dict[str, int]:
     """Print trainable parameters and checkpoint sizes (tensor bytes; a file adds a small header).
 
     Args:
@@ -20,11 +22,12 @@ def main(model_name: str = "7B", r: int = 8, alpha: float = 16.0, targets: Tuple
         r: LoRA rank.
         alpha: LoRA alpha (does not change any size; recorded for completeness).
         targets: LoRA targets: q, k, v, o, gate, up, down, head, mlp, all.
+        use_dora: DoRA (a magnitude per output feature of every adapted layer besides A and B).
     """
     with torch.device("meta"):
         model = Llama(Config.from_name(model_name))
     base_parameters = sum(p.numel() for p in model.parameters())
-    lora_config = LoRAConfig(r=r, alpha=alpha, targets=targets)
+    lora_config = LoRAConfig(r=r, alpha=alpha, targets=targets, use_dora=use_dora)
     add_lora(model, lora_config)
     trainable, total = mark_only_lora_as_trainable(model)
     adapter_numel = sum(t.numel() for t in lora_state_dict(model).values())

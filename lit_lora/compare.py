@@ -124,16 +124,23 @@ class Variant:
 
 
 def parse_variant(spec: str) -> Variant:
-    """A registered method's name (its default settings), or "lora-r<rank>-<qv|all>": LoRA of that rank
-    (alpha = 2 x rank, dropout 0.05) on q_proj and v_proj, or on every linear layer of the blocks."""
+    """A registered method's name (its default settings); "dora" (LoRA's defaults with DoRA); or
+    "lora-r<rank>-<qv|all>" with optional suffixes "-rs" (rsLoRA), "-dora" and "-plus" (LoRA+, lr_ratio 16):
+    LoRA of that rank (alpha = 2 x rank, dropout 0.05) on q_proj and v_proj, or on every linear layer of
+    the blocks, e.g. "lora-r64-all-rs"."""
     if spec in METHODS:
         return Variant(spec, spec)
-    match = re.fullmatch(r"lora-r(\d+)-(qv|all)", spec)
+    if spec == "dora":
+        return Variant(spec, "lora", {"lora": LoRAConfig(use_dora=True)})
+    match = re.fullmatch(r"lora-r(\d+)-(qv|all)((?:-rs|-dora|-plus)*)", spec)
     if not match:
-        raise ValueError(f"unknown method {spec!r}: use {', '.join(METHODS)} or lora-r<rank>-<qv|all> (e.g. lora-r64-all)")
-    rank = int(match.group(1))
+        raise ValueError(f"unknown method {spec!r}: use {', '.join(METHODS)}, dora, or lora-r<rank>-<qv|all> with "
+                         "optional -rs, -dora, -plus (e.g. lora-r64-all-rs)")
+    rank, options = int(match.group(1)), match.group(3).split("-")[1:]
     targets = ("q", "v") if match.group(2) == "qv" else BLOCK_LINEAR
-    return Variant(spec, "lora", {"lora": LoRAConfig(r=rank, alpha=2 * rank, dropout=0.05, targets=targets)})
+    return Variant(spec, "lora", {"lora": LoRAConfig(r=rank, alpha=2 * rank, dropout=0.05, targets=targets,
+                                                     use_rslora="rs" in options, use_dora="dora" in options,
+                                                     lr_ratio=16.0 if "plus" in options else None)})
 
 
 def finetune(variant: Variant, out_dir: PathLike, device: torch.device, **arguments: Any) -> RunResult:

@@ -46,6 +46,20 @@ The optimizer memory shrinks with them: AdamW keeps two fp32 moments per trainab
 B; the adapter checkpoint is ~17 MB (fp32) instead of a 13.5 GB copy of the model. The frozen base
 can stay in bf16 and is shared by any number of adapters.
 
+The LoRA family (each a setting of `LoRAConfig`, each equal to PEFT's):
+  * rsLoRA (Kalajdzievski 2023), `use_rslora`: scale alpha / sqrt(r). With alpha / r, the update's size
+    per step shrinks like 1/sqrt(r) as r grows (r random-ish directions add up like sqrt(r), and the
+    scale divides by r), so high ranks learn slower and end no better than low ones; alpha / sqrt(r)
+    keeps it the same at every rank, so a higher rank can pay off.
+  * DoRA (Liu et al. 2024), `use_dora`: a trainable length per output row beside LoRA's update of the
+    direction; lit_lora/dora.py explains it.
+  * Per-layer rank and alpha, `rank_pattern` / `alpha_pattern`: {glob pattern over module names: value},
+    the first matching pattern wins (PEFT's rank_pattern / alpha_pattern).
+  * LoRA+ (Hayou et al. 2024), `lr_ratio`: B (and DoRA's magnitudes) learn lr_ratio times faster than A.
+    A starts random and B at zero, so they play different roles; the paper shows one learning rate for
+    both is inefficient for wide models and suggests a ratio of ~16. It is a setting of the optimizer
+    (`lora_lr_scale`), not of the layer.
+
 Why merging removes all inference overhead. W' = W + (alpha / r) B A has the shape of W, so once
 the update is folded in the model is a plain Llama again: same FLOPs, same latency, no extra layer
 (paper section 4.1, "No Additional Inference Latency"). `unmerge` subtracts the same product to go
@@ -70,14 +84,15 @@ convnet's classifier Linear layers. See howto/lora_any_model.md.
 import itertools
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any, Dict, Iterator, List, Mapping, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from lit_lora.checkpoint import check_keys_and_shapes
+from lit_lora.dora import dora_merged_weight, dora_output, row_norms
 from lit_lora.model import Config, Llama
 from lit_lora.utils import count_parameters, tied_parameters
 
@@ -105,6 +120,11 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     targets: Tuple[str, ...] = ("q", "v")
+    use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    use_dora: bool = False  # learn each output row's length apart from its direction (lit_lora/dora.py)
+    rank_pattern: Dict[str, int] = field(default_factory=dict)  # {module name glob: rank} for some layers
+    alpha_pattern: Dict[str, float] = field(default_factory=dict)  # {module name glob: alpha}
+    lr_ratio: Optional[float] = None  # LoRA+: B's learning rate over A's (the paper suggests 16); None: off
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):  # targets="all" means ("all",), not ("a", "l", "l")
@@ -115,6 +135,13 @@ class LoRAConfig:
             raise ValueError(f"LoRA alpha must be positive, got {self.alpha!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        self.rank_pattern, self.alpha_pattern = dict(self.rank_pattern or {}), dict(self.alpha_pattern or {})
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.rank_pattern.values()):
+            raise ValueError(f"LoRA rank_pattern ranks must be positive integers, got {self.rank_pattern}")
+        if not all(isinstance(a, (int, float)) and a > 0 for a in self.alpha_pattern.values()):
+            raise ValueError(f"LoRA alpha_pattern alphas must be positive, got {self.alpha_pattern}")
+        if self.lr_ratio is not None and not self.lr_ratio > 0:
+            raise ValueError(f"LoRA+ lr_ratio must be positive, got {self.lr_ratio!r}")
         expanded: List[str] = []
         for target in self.targets:
             for name in TARGET_SHORTHANDS.get(target, (target,)):
@@ -126,6 +153,25 @@ class LoRAConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return {**asdict(self), "targets": list(self.targets)}
+
+    def rank_and_alpha(self, module_name: str) -> Tuple[int, float]:
+        """(r, alpha) of one adapted module: the first matching pattern's, else the defaults."""
+        r = next((v for p, v in self.rank_pattern.items() if fnmatchcase(module_name, p)), self.r)
+        alpha = next((v for p, v in self.alpha_pattern.items() if fnmatchcase(module_name, p)), self.alpha)
+        return r, alpha
+
+    def scaling(self, module_name: str) -> float:
+        """The factor of B A in that module: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        r, alpha = self.rank_and_alpha(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def lora_lr_scale(config: LoRAConfig, parameter_name: str) -> float:
+    """LoRA+: the factor of the learning rate for a trainable parameter (B and DoRA's 1-D magnitudes get
+    `lr_ratio`, A gets 1), as PEFT's `create_loraplus_optimizer` groups them."""
+    if config.lr_ratio is None or not parameter_name.endswith(("lora_B", "lora_magnitude")):
+        return 1.0
+    return config.lr_ratio
 
 
 def is_quantized(layer: nn.Module) -> bool:
@@ -143,32 +189,42 @@ def compute_device_dtype(layer: nn.Module) -> Tuple[torch.device, torch.dtype]:
     return tensor.device, tensor.dtype
 
 
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a linear layer as a dense tensor (a quantized one is dequantized)."""
+    return layer.dequantize() if is_quantized(layer) else layer.weight
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer (kept as the child `base`) plus a trainable low-rank update:
 
-        h = base(x) + (alpha / r) * (dropout(x) @ A^T) @ B^T      A: (r, in), B: (out, r)
+        h = base(x) + s * (dropout(x) @ A^T) @ B^T      A: (r, in), B: (out, r), s = alpha / r (or / sqrt(r))
 
-    State-dict keys: `<name>.base.weight` (the original weight), `<name>.lora_A`, `<name>.lora_B`.
-    `merge()` folds the update into base.weight, `unmerge()` takes it out again; while `disabled` is
-    set the layer computes base(x) alone (the pretrained model, e.g. as a reference).
+    With DoRA a trainable magnitude m (out,) rescales every output row: h = (m / ||W + s B A||) (W + s B A) x.
+    State-dict keys: `<name>.base.weight` (the original weight), `<name>.lora_A`, `<name>.lora_B`, and with
+    DoRA `<name>.lora_magnitude`. `merge()` folds the update into base.weight, `unmerge()` takes it out
+    again; while `disabled` is set the layer computes base(x) alone (the pretrained model).
 
     `base` is an `nn.Linear` or a quantized layer (QLoRA's 4-bit layer, int8; see `is_quantized`); A and B
     live on the base's device in the dtype it computes in (never the integer storage type).
     """
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 use_dora: bool = False) -> None:
         super().__init__()
         self.base = base
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.r, self.alpha, self.scaling = r, alpha, alpha / math.sqrt(r) if use_rslora else alpha / r
         device, dtype = compute_device_dtype(base)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=dtype))
         # The init nn.Linear gives its own weight: uniform in +-1/sqrt(in), so A x has the scale of x.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        # DoRA's magnitude starts at ||W||, so that with B = 0 the layer is the pretrained one exactly.
+        self.lora_magnitude = nn.Parameter(row_norms(dense_weight(base).detach().to(dtype))) if use_dora else None
         # Dropout regularises the update only: the frozen path always sees the full input.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._disabled = False
+        self.register_buffer("merged_norm", None, persistent=False)  # DoRA: ||V|| at merge time, for unmerge
 
     @property
     def disabled(self) -> bool:
@@ -184,18 +240,27 @@ class LoRALinear(nn.Module):
         h = self.base(x)  # (..., out)
         if self.merged or self._disabled:  # merged: the update is already inside base.weight
             return h
+        if self.lora_magnitude is not None:
+            return dora_output(x, h, dense_weight(self.base), self.lora_A, self.lora_B, self.scaling,
+                               self.lora_magnitude, self.dropout)
         # (W + s B A) x computed as W x + s B (A x): T * r * (in + out) multiply-adds through an
         # r-wide bottleneck, instead of materialising the (out, in) matrix B A on every step.
         update = (self.dropout(x) @ self.lora_A.T) @ self.lora_B.T  # (..., in) -> (..., r) -> (..., out)
         return h + self.scaling * update
 
     def delta_weight(self) -> torch.Tensor:
-        """The update as a full matrix, (alpha / r) B A: (out, in), computed in float32."""
+        """The low-rank update as a full matrix, s B A: (out, in), computed in float32."""
         return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight the adapted layer computes with, in float32: W + s B A (DoRA: m * V / ||V||)."""
+        if self.lora_magnitude is None:
+            return weight.float() + self.delta_weight()
+        return dora_merged_weight(weight, self.delta_weight(), self.lora_magnitude)[0]
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + (alpha / r) B A. The sum is taken in float32 and rounded once to W's dtype."""
+        """W <- W + s B A (DoRA: W <- m * V / ||V||). Computed in float32 and rounded once to W's dtype."""
         if self.merged:
             raise RuntimeError("LoRA layer is already merged: merging twice would add the update twice")
         if self._disabled:
@@ -204,21 +269,28 @@ class LoRALinear(nn.Module):
             raise RuntimeError("the base weight is quantized and cannot absorb B A in place: "
                                "use lit_lora.quantize.merge_lora_quantized(model)")
         weight = self.base.weight
-        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+        if self.lora_magnitude is not None:
+            self.merged_norm = dora_merged_weight(weight, self.delta_weight(), self.lora_magnitude)[1]
+        weight.copy_(self.merged_weight(weight).to(weight.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W <- W - (alpha / r) B A, the exact inverse of `merge` up to rounding (none in float32
-        beyond ~1e-7 relative; a bf16 weight is rounded once more)."""
+        """W <- W - s B A (DoRA: V = W' ||V|| / m, then W = V - s B A), the inverse of `merge` up to
+        rounding (none in float32 beyond ~1e-7 relative; a bf16 weight is rounded once more)."""
         if not self.merged:
             raise RuntimeError("LoRA layer is not merged")
         weight = self.base.weight
-        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        direction = weight.float()
+        if self.lora_magnitude is not None:
+            direction = direction * (self.merged_norm / self.lora_magnitude.float())[:, None]
+            self.merged_norm = None
+        weight.copy_((direction - self.delta_weight()).to(weight.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
+        dora = ", dora" if self.lora_magnitude is not None else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{dora}, merged={self.merged}"
 
 
 def lora_layers(model: nn.Module) -> Dict[str, LoRALinear]:
@@ -265,7 +337,8 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> Dict[str, nn.Module]:
     replaced = {}
     for name in chosen:
         replaced[name] = linears[name]
-        layer = LoRALinear(linears[name], config.r, config.alpha, config.dropout)
+        r, alpha = config.rank_and_alpha(name)
+        layer = LoRALinear(linears[name], r, alpha, config.dropout, config.use_rslora, config.use_dora)
         model.set_submodule(name, layer.train(linears[name].training))  # an eval model gets no LoRA dropout
     return replaced
 
@@ -323,24 +396,23 @@ def lora_disabled(model: nn.Module) -> Iterator[None]:
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> Tuple[int, int]:
-    """Freeze everything but the LoRA A and B matrices; returns (trainable, total) parameter counts."""
+    """Freeze everything but the LoRA A and B matrices (and DoRA's magnitudes); returns (trainable, total)
+    parameter counts."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers: call add_lora(model, config) first")
     model.requires_grad_(False)
     for layer in layers.values():
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
+        layer.requires_grad_(True)
+        layer.base.requires_grad_(False)
     return count_parameters(model)
 
 
 def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Only the adapter: {'<module>.lora_A': (r, in), '<module>.lora_B': (out, r)} for every LoRA layer."""
-    state = {}
-    for name, layer in lora_layers(model).items():
-        state[f"{name}.lora_A"] = layer.lora_A.detach()
-        state[f"{name}.lora_B"] = layer.lora_B.detach()
-    return state
+    """Only the adapter: {'<module>.lora_A': (r, in), '<module>.lora_B': (out, r)} for every LoRA layer,
+    and '<module>.lora_magnitude': (out,) with DoRA."""
+    return {f"{name}.{key}": tensor.detach() for name, layer in lora_layers(model).items()
+            for key, tensor in layer.named_parameters(recurse=False)}
 
 
 def load_lora_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "LoRA state") -> None:
@@ -354,8 +426,8 @@ def load_lora_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], so
     check_keys_and_shapes({name: t.shape for name, t in lora_state_dict(model).items()}, state, source)
     with torch.no_grad():
         for name, layer in layers.items():
-            layer.lora_A.copy_(state[f"{name}.lora_A"])
-            layer.lora_B.copy_(state[f"{name}.lora_B"])
+            for key, tensor in layer.named_parameters(recurse=False):
+                tensor.copy_(state[f"{name}.{key}"])
 
 
 def lora_state_shapes(model_config: Config, lora_config: LoRAConfig) -> Dict[str, torch.Size]:
@@ -365,23 +437,3 @@ def lora_state_shapes(model_config: Config, lora_config: LoRAConfig) -> Dict[str
         model = Llama(model_config)
     add_lora(model, lora_config)
     return {name: t.shape for name, t in lora_state_dict(model).items()}
-
-
-def lora_update_norms(lora_config: LoRAConfig, model_config: Config, state: Mapping[str, torch.Tensor]
-                      ) -> Tuple[List[str], List[str], torch.Tensor]:
-    """Frobenius norm of each adapted weight's update, (alpha / r) ||B A||, from an adapter's tensors.
-
-    Returns (projection names, layer names, norms of shape (n_projections, n_layers)); a projection a
-    layer does not adapt is NaN. ||B A|| is computed without forming the (out, in) matrix:
-    ||B A||_F^2 = trace(A^T B^T B A) = sum((B^T B) * (A A^T)), two r x r products."""
-    projections = [t for t in LLAMA_TARGETS if t in lora_config.targets and t != "head"]
-    norms = torch.full((len(projections), model_config.n_layer), float("nan"))
-    for row, target in enumerate(projections):
-        for layer in range(model_config.n_layer):
-            prefix = LLAMA_TARGETS[target].replace("*", str(layer))
-            if f"{prefix}.lora_A" not in state:
-                continue
-            a, b = state[f"{prefix}.lora_A"].double(), state[f"{prefix}.lora_B"].double()  # (r, in), (out, r)
-            squared = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0.0)
-            norms[row, layer] = lora_config.alpha / lora_config.r * squared.sqrt().item()
-    return [f"{p}_proj" for p in projections], [str(i) for i in range(model_config.n_layer)], norms

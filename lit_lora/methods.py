@@ -24,9 +24,10 @@ from lit_lora.adapter import (AdapterConfig, adapter_state_dict, adapter_state_s
 from lit_lora.checkpoint import (TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, MethodFile, check_keys_and_shapes, check_same_base,
                                  load_checkpoint, load_config, read_method_file, refuse_to_overwrite, removed_on_failure,
                                  save_checkpoint, save_method_file)
-from lit_lora.lora import (LoRAConfig, add_lora, load_lora_state_dict, lora_state_dict, lora_state_shapes,
-                           lora_update_norms, mark_only_lora_as_trainable, merge_lora, remove_lora, unmerge_lora)
+from lit_lora.lora import (LoRAConfig, add_lora, load_lora_state_dict, lora_lr_scale, lora_state_dict,
+                           lora_state_shapes, mark_only_lora_as_trainable, merge_lora, remove_lora, unmerge_lora)
 from lit_lora.model import Config, Llama
+from lit_lora.plots import lora_update_norms
 from lit_lora.utils import PathLike
 
 StateShapes = Dict[str, torch.Size]
@@ -51,6 +52,7 @@ class Method:
     merge: Optional[Callable[[Llama], Any]] = None  # fold the update into the base weights
     unmerge: Optional[Callable[[Llama], Any]] = None  # take it out again
     quantizable_base: bool = False  # trains on a 4-bit base (QLoRA, --quantize)
+    lr_scale: Optional[Callable[[Any, str], float]] = None  # (settings, parameter name) -> learning-rate factor
     update_norms: Optional[Callable[[Any, Config, Mapping[str, torch.Tensor]], Tuple[List[str], List[str], torch.Tensor]]] = None
 
     @property
@@ -102,6 +104,7 @@ LORA = register_method(Method(
     mark_trainable=mark_only_lora_as_trainable, state_dict=lora_state_dict, load_state_dict=load_lora_state_dict,
     state_shapes=lambda config, model_config: lora_state_shapes(model_config, config),
     merge=merge_lora, unmerge=unmerge_lora, quantizable_base=True, update_norms=lora_update_norms,
+    lr_scale=lora_lr_scale,
 ))
 ADAPTER = register_method(Method(
     name="adapter", summary="LLaMA-Adapter (Zhang et al. 2023): zero-gated attention to learned prompts",
@@ -223,7 +226,8 @@ def finetune(method: Union[str, Method], arguments: Dict[str, Any]) -> Dict[str,
     sample = answer_sampler(run.tokenizer, run.prompt_style.format(settings.train.sample_instruction))
     return fit(run.fabric, run.model, run.train_data, run.val_data, settings.train, settings.out_dir,
                save_weights=save, weights_name=method.weights_name, sample=sample, resume=settings.resume,
-               overwrite=settings.overwrite, hyperparameters=arguments)
+               overwrite=settings.overwrite, hyperparameters=arguments,
+               lr_scale=(lambda name: method.lr_scale(config, name)) if method.lr_scale else (lambda name: 1.0))
 
 
 def merge_into_checkpoint(checkpoint_dir: PathLike, weights_path: PathLike, output_dir: PathLike,

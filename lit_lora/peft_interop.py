@@ -7,16 +7,18 @@ A PEFT LoRA adapter for a Llama is a directory:
                                 base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight  (out, r)
                                 ... and base_model.model.lm_head.lora_A.weight for the head
 
-PEFT computes exactly what LoRALinear computes, h = W x + (lora_alpha / r) B A x with dropout on the
-LoRA input, so converting is a renaming: "base_model.model." + the Hugging Face module name (from
-lit_lora.hf_names) + ".lora_A.weight". No tensor is transposed or permuted: A and B are stored as
+PEFT computes exactly what LoRALinear computes, h = W x + s B A x with dropout on the LoRA input
+(s = lora_alpha / r, or / sqrt(r) with use_rslora; DoRA's magnitude is `lora_magnitude_vector`; per-layer
+ranks and alphas are rank_pattern / alpha_pattern), so converting is a renaming: "base_model.model." +
+the Hugging Face module name (from lit_lora.hf_names) + ".lora_A.weight". No tensor is transposed or permuted: A and B are stored as
 (r, in) and (out, r) on both sides, and lit-lora's rotary layout is Hugging Face's (rotate-half, see
 `model.rope_cos_sin`), so the q_proj/k_proj rows, and hence the rows of their B, mean the same thing.
 """
 
+import re
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -35,10 +37,6 @@ _HEAD_COPY = _PREFIX + "lm_head.base_layer.weight"
 # PEFT options that change what a LoRA layer computes; an adapter using any of them cannot be
 # represented by LoRALinear. (field, its "off" value where that is not empty/false/null, what it is)
 _UNSUPPORTED_PEFT_OPTIONS = [
-    ("use_dora", None, "DoRA (weight-decomposed LoRA)"),
-    ("use_rslora", None, "rank-stabilised scaling alpha / sqrt(r)"),
-    ("rank_pattern", None, "per-layer ranks"),
-    ("alpha_pattern", None, "per-layer alphas"),
     ("bias", "none", "trained biases"),
     ("lora_bias", None, "a bias on lora_B"),
     ("modules_to_save", None, "fully trained extra modules"),
@@ -61,18 +59,29 @@ def _hf_module(lit_module: str) -> str:
     return lit_to_hf_name(lit_module + ".weight")[: -len(".weight")]
 
 
+_PEFT_TENSORS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
+
+
 def lit_to_peft_key(name: str) -> str:
-    """'layers.0.attn.q_proj.lora_A' -> 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'."""
-    module, matrix = name.rsplit(".", 1)
-    return f"{_PREFIX}{_hf_module(module)}.{matrix}.weight"
+    """'layers.0.attn.q_proj.lora_A' -> 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'
+    (DoRA's 'lora_magnitude' -> '...q_proj.lora_magnitude_vector')."""
+    module, tensor = name.rsplit(".", 1)
+    return f"{_PREFIX}{_hf_module(module)}.{_PEFT_TENSORS[tensor]}"
 
 
 def peft_to_lit_key(key: str) -> str:
-    """The inverse of `lit_to_peft_key`; KeyError for anything that is not a LoRA A/B of a Llama layer."""
-    if not key.startswith(_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-        raise KeyError(key)
-    module, matrix, _ = key[len(_PREFIX):].rsplit(".", 2)
-    return f"{hf_to_lit_name(module + '.weight')[: -len('.weight')]}.{matrix}"
+    """The inverse of `lit_to_peft_key`; KeyError for anything that is not a LoRA tensor of a Llama layer."""
+    for ours, theirs in _PEFT_TENSORS.items():
+        if key.startswith(_PREFIX) and key.endswith("." + theirs):
+            module = key[len(_PREFIX): -len(theirs) - 1]
+            return f"{hf_to_lit_name(module + '.weight')[: -len('.weight')]}.{ours}"
+    raise KeyError(key)
+
+
+def _peft_pattern_key(patterns: Sequence[str], module: str) -> Optional[str]:
+    """PEFT's rule for rank_pattern / alpha_pattern: the first key that, as a regular expression, matches
+    the end of the module's name at a dot boundary."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)
 
 
 def save_peft_adapter(output_dir: Union[str, Path], lora_config: LoRAConfig, state: Mapping[str, torch.Tensor],
@@ -86,6 +95,11 @@ def save_peft_adapter(output_dir: Union[str, Path], lora_config: LoRAConfig, sta
     # PEFT matches target_modules against the end of module names: 'q' -> 'q_proj', 'head' -> 'lm_head',
     # the last component of the Hugging Face name of the target's module in layer 0.
     target_modules = [_hf_module(LLAMA_TARGETS[t].replace("*", "0")).rsplit(".", 1)[-1] for t in lora_config.targets]
+    modules = sorted({name.rsplit(".", 1)[0] for name in state})
+    rank_pattern = {_hf_module(m): lora_config.rank_and_alpha(m)[0] for m in modules
+                    if lora_config.rank_and_alpha(m)[0] != lora_config.r}
+    alpha_pattern = {_hf_module(m): lora_config.rank_and_alpha(m)[1] for m in modules
+                     if lora_config.rank_and_alpha(m)[1] != lora_config.alpha}
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -96,8 +110,10 @@ def save_peft_adapter(output_dir: Union[str, Path], lora_config: LoRAConfig, sta
         "target_modules": target_modules,
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": lora_config.use_rslora,
+        "use_dora": lora_config.use_dora,
+        "rank_pattern": rank_pattern,  # explicit module names: PEFT matches them as they are
+        "alpha_pattern": alpha_pattern,
         "init_lora_weights": True,
         "modules_to_save": None,
         "inference_mode": True,
@@ -159,8 +175,19 @@ def load_peft_adapter(peft_dir: Union[str, Path], model_config: Config) -> Tuple
         state[name] = tensor
         modules.append(name.rsplit(".", 1)[0])
     targets = tuple(t for t in LLAMA_TARGETS if any(fnmatchcase(m, LLAMA_TARGETS[t]) for m in modules))
+    rank_pattern, alpha_pattern = {}, {}  # PEFT's patterns resolved to the adapted modules' names
+    for module in dict.fromkeys(modules):
+        rank_key = _peft_pattern_key(adapter_config.get("rank_pattern") or {}, _hf_module(module))
+        alpha_key = _peft_pattern_key(adapter_config.get("alpha_pattern") or {}, _hf_module(module))
+        if rank_key is not None:
+            rank_pattern[module] = adapter_config["rank_pattern"][rank_key]
+        if alpha_key is not None:
+            alpha_pattern[module] = adapter_config["alpha_pattern"][alpha_key]
     try:
-        lora_config = LoRAConfig(r=adapter_config["r"], alpha=alpha, dropout=dropout, targets=targets)
+        lora_config = LoRAConfig(r=adapter_config["r"], alpha=alpha, dropout=dropout, targets=targets,
+                                 use_rslora=bool(adapter_config.get("use_rslora")),
+                                 use_dora=bool(adapter_config.get("use_dora")),
+                                 rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{config_path}: unusable LoRA settings ({error})") from None
     check_keys_and_shapes(lora_state_shapes(model_config, lora_config), state, f"{weights_path} (read as {lora_config})")

@@ -192,7 +192,8 @@ def load_checkpoint_quantized(checkpoint_dir: PathLike, mode: str = "nf4-dq", dt
 
 @torch.no_grad()
 def merge_lora_quantized(model: nn.Module, requantize: bool = False) -> Dict[str, nn.Module]:
-    """Fold every LoRA update into its quantized base: W' = dequantize(W) + (alpha / r) B A, in float32.
+    """Fold every LoRA update into its quantized base: W' = dequantize(W) + s B A (DoRA: m V / ||V||), in
+    float32.
 
     Each LoRALinear over a quantized layer is replaced by a plain nn.Linear holding W' in the base's
     compute dtype (the function the adapted model computed, up to that rounding), or, with
@@ -204,8 +205,7 @@ def merge_lora_quantized(model: nn.Module, requantize: bool = False) -> Dict[str
         if not is_quantized_linear(layer.base):
             continue
         weight = dequantized_weight(layer.base)
-        dtype = weight.dtype
-        weight = (weight.float() + layer.delta_weight()).to(dtype)  # (out, in)
+        weight = layer.merged_weight(weight).to(weight.dtype)  # W + s B A (DoRA: m V / ||V||), (out, in)
         if requantize:
             replacement = quantized_linear(weight, getattr(layer.base, "mode", "nf4-dq"))  # bitsandbytes': nf4-dq
         else:

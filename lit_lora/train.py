@@ -236,6 +236,15 @@ def answer_sampler(tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 48) 
     return sample
 
 
+def parameter_groups(model: torch.nn.Module, lr_scale: Callable[[str], float]) -> List[Dict[str, Any]]:
+    """The trainable parameters as optimizer groups, one per learning-rate factor ("lr_scale")."""
+    groups: Dict[float, List[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault(lr_scale(name), []).append(param)
+    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+
+
 def rank_batches(sampler: BatchSampler, epoch: int, fabric: L.Fabric) -> List[List[int]]:
     """This process's micro-batches of `epoch`: every world_size-th batch of the one global order."""
     batches = sampler.batches(epoch)
@@ -394,7 +403,7 @@ def train_step(loop: Loop, train_data: List[Dict[str, torch.Tensor]], window: Li
     if not loss_scaled and not bool(fabric.all_reduce(torch.isfinite(norm).float(), reduce_op="min")):
         raise loop.diverged("the gradients became NaN or infinite", step)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss
@@ -459,11 +468,13 @@ def fit(fabric: L.Fabric, model: Llama, train_data: List[Dict[str, torch.Tensor]
         val_data: List[Dict[str, torch.Tensor]], args: TrainArgs, out_dir: PathLike, *,
         save_weights: Callable[[Path, torch.nn.Module], None], weights_name: str,
         sample: Optional[Callable[[Llama], str]] = None, resume: Optional[str] = None,
-        overwrite: bool = False, hyperparameters: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        overwrite: bool = False, hyperparameters: Optional[Dict[str, Any]] = None,
+        lr_scale: Callable[[str], float] = lambda name: 1.0) -> Dict[str, Any]:
     """Train the parameters of `model` that require grad; returns the final metrics.
 
     `save_weights(path, model)` writes what this method keeps (adapter weights only, or the full model)
     to `out_dir / weights_name` at the end. `sample(model)` answers a fixed instruction at each evaluation.
+    `lr_scale(parameter name)` multiplies the learning rate of that parameter (LoRA+; 1 for all by default).
     """
     out_dir = Path(out_dir)
     if not train_data:
@@ -478,7 +489,7 @@ def fit(fabric: L.Fabric, model: Llama, train_data: List[Dict[str, torch.Tensor]
         trainable_shapes = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
         fabric.print(f"{parameter_report(model)}; {peak_memory(fabric.device)} after loading")
         wrapped = fabric.setup_module(model)
-        optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.learning_rate,
+        optimizer = torch.optim.AdamW(parameter_groups(wrapped, lr_scale), lr=args.learning_rate,
                                       weight_decay=args.weight_decay, betas=tuple(args.betas))
         fabric.seed_everything(args.seed)  # dropout draws the same masks on every rank and after a resume
         progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "rng": torch.get_rng_state(), "history": []}

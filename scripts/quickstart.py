@@ -1,14 +1,14 @@
 """Step 0, the main job: the whole journey offline, on a CPU, in minutes: a tiny Llama pretrained on a synthetic world, then
-finetuned with LoRA and with LLaMA-Adapter on the same budget, and scored on held-out instructions.
+finetuned with LoRA, DoRA and LLaMA-Adapter on the same budget, and scored on held-out instructions.
 
     python scripts/quickstart.py                      # everything lands in out/quickstart (a rerun replaces it)
 
     1. a synthetic world: a corpus and Alpaca-format instructions (train, and held-out test)
     2. a SentencePiece tokenizer and a ~1M-parameter Llama pretrained on the corpus (reused by reruns)
     3. the instructions prepared exactly like Alpaca (lit_lora.prepare)
-    4. LoRA and LLaMA-Adapter finetuned exactly as finetune/lora.py and finetune/adapter.py do
-    5. held-out exact-match accuracy of the base model, the LoRA model and the Adapter model
-    6. the side-by-side table (comparison.md) and plots (loss_curves.png, lora_update_heatmap.png)
+    4. LoRA, DoRA and LLaMA-Adapter finetuned exactly as finetune/lora.py and finetune/adapter.py do
+    5. held-out exact-match accuracy of the base model and of each finetuned one
+    6. the side-by-side table (comparison.md) and plots (loss_curves.png, lora_ and dora_update_heatmap.png)
     7. LoRA merged into the base (as scripts/merge_lora.py does), and an instruction answered (as generate/lora.py does)
 
 howto/compare_lora_adapter.md explains the numbers; lit_lora/synthetic.py how the world is made.
@@ -39,14 +39,17 @@ from lit_lora.tokenizer import Tokenizer
 from lit_lora.train import TrainArgs, default_precision
 
 STEPS = 7
-# Step 4's two contestants. LoRA on every linear layer of the blocks; the Adapter in every layer (the
-# paper adapts the top 30 of 32 layers of 7B; with 4 layers, all of them). Learning rates: the best of
-# {1e-2, 2e-2, 5e-2} for the Adapter and {2e-3, 5e-3} for LoRA on this world.
+# Step 4's contestants, each with its own directory and learning rate. LoRA and DoRA on every linear layer
+# of the blocks; the Adapter in every layer (the paper adapts the top 30 of 32 layers of 7B; with 4 layers,
+# all of them). Learning rates: the best of {1e-2, 2e-2, 5e-2} for the Adapter and {2e-3, 5e-3} for LoRA on
+# this world; DoRA takes LoRA's.
 LORA = Variant("LoRA (r=8, all linear layers)", "lora",
                {"lora": LoRAConfig(r=8, alpha=16, dropout=0.0, targets=("q", "k", "v", "o", "mlp"))})
+DORA = Variant("DoRA (r=8, all linear layers)", "lora",
+               {"lora": LoRAConfig(r=8, alpha=16, dropout=0.0, targets=("q", "k", "v", "o", "mlp"), use_dora=True)})
 ADAPTER = Variant("LLaMA-Adapter (10 prompt tokens, all layers)", "adapter",
                   {"adapter": AdapterConfig(prompt_length=10, start_layer=0)})
-LEARNING_RATES = {"lora": 2e-3, "adapter": 5e-2}
+CONTESTANTS = (("lora", LORA, 2e-3), ("dora", DORA, 2e-3), ("adapter", ADAPTER, 5e-2))
 
 
 def banner(step: int, title: str) -> None:
@@ -108,15 +111,14 @@ def main(
                                         max_seq_length=TINY_BASE.block_size, val_size=len(world.train) // 10, seed=seed)
     print(format_summary(prepared, data_dir))
 
-    banner(4, "LoRA and LLaMA-Adapter finetuned on the same data order and budget")
+    banner(4, "LoRA, DoRA and LLaMA-Adapter finetuned on the same data order and budget")
     budget = dict(global_batch_size=16, micro_batch_size=16, warmup_steps=20 // scale, max_steps=400 // scale,
                   eval_interval=50 // scale, eval_iters=4, save_interval=100_000, log_interval=10, seed=seed,
                   sample_instruction=world.test[0].instruction)
     results = [RunResult("base model (no finetuning)", "base")]
-    for variant in (LORA, ADAPTER):
-        learning_rate = LEARNING_RATES[variant.method]
+    for directory, variant, learning_rate in CONTESTANTS:
         print(f"\n--- {variant.name}, learning rate {learning_rate:g} ---")
-        results.append(finetune(variant, out_dir / variant.method, device, checkpoint_dir=checkpoint_dir,
+        results.append(finetune(variant, out_dir / directory, device, checkpoint_dir=checkpoint_dir,
                                 data_dir=data_dir, train=TrainArgs(learning_rate=learning_rate, **budget),
                                 precision=precision, accelerator=accelerator, overwrite=True))
 
@@ -134,16 +136,20 @@ def main(
     notes = [f"{len(records)} held-out test instructions ({', '.join(world.config.tasks)}), keys never seen in "
              "finetuning; greedy decoding; exact match after stripping whitespace",
              f"same budget: {budget['max_steps']} steps of {budget['global_batch_size']} samples in the same order "
-             f"(seed {seed}); learning rate {LEARNING_RATES['lora']:g} (LoRA), {LEARNING_RATES['adapter']:g} (Adapter)",
+             f"(seed {seed}); learning rate " + ", ".join(f"{rate:g} ({variant.name.split(' ')[0]})"
+                                                           for _, variant, rate in CONTESTANTS),
              f"the right answer in the wrong format (e.g. \"15.\" for \"15\"; counted as wrong): {misformatted}",
              "peak memory: " + ("GPU memory allocated" if device.type == "cuda"
                                 else "resident set size of the whole process (Python and libraries included)"),
              f"base model: a {TINY_BASE.n_layer}-layer Llama, n_embd {TINY_BASE.n_embd}, {TINY_BASE.vocab_size}-piece "
              f"tokenizer, pretrained for {pretrain_args.max_steps} steps on the synthetic corpus"]
-    print(write_report(results, out_dir, "LoRA vs LLaMA-Adapter on the synthetic world", notes))
+    print(write_report(results, out_dir, "LoRA vs DoRA vs LLaMA-Adapter on the synthetic world", notes))
     plot_loss_curves(results[1:], out_dir / "loss_curves.png")
     plot_update(results[1], out_dir / "lora_update_heatmap.png", title="Size of the LoRA update per layer and projection")
-    print(f"wrote {out_dir / 'comparison.md'}, {out_dir / 'loss_curves.png'} and {out_dir / 'lora_update_heatmap.png'}")
+    plot_update(results[2], out_dir / "dora_update_heatmap.png",
+                title="Size of DoRA's update of the direction per layer and projection")
+    print(f"wrote {out_dir / 'comparison.md'}, {out_dir / 'loss_curves.png'}, {out_dir / 'lora_update_heatmap.png'} "
+          f"and {out_dir / 'dora_update_heatmap.png'}")
 
     banner(7, "LoRA merged into the base, and a held-out instruction answered")
     lora_path = results[1].weights_path

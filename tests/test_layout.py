@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def reading_order_rows():
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Reading order"):]
-    rows = re.findall(r"^\| \d+ \| `([^`]+)`(, `(\w+)\(\)`)? \| (\d+) \| (\d+|-) \|", section, re.M)
+    rows = re.findall(r"^\| \d+b? \| `([^`]+)`(, `(\w+)\(\)`)? \| (\d+) \| (\d+|-) \|", section, re.M)
     assert len(rows) >= 6, "the README's reading order table lists the teaching path"
     return [(path, function or None, int(lines), None if budget == "-" else int(budget))
             for path, _, function, lines, budget in rows]

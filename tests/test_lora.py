@@ -164,8 +164,9 @@ def test_export_and_import_peft(tmp_path, n_kv_heads, targets):
 def test_import_peft_rejects_what_lora_linear_cannot_represent(tmp_path):
     config = Config.from_name("tiny", vocab_size=256)
     peft_dir = tmp_path / "peft"
-    save_json({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True}, peft_dir / "adapter_config.json")
-    with pytest.raises(CheckpointError, match="use_dora=True"):
+    # DoRA, rsLoRA and per-layer ranks import (tests/test_lora_family.py); a bias on B does not
+    save_json({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_bias": True}, peft_dir / "adapter_config.json")
+    with pytest.raises(CheckpointError, match="lora_bias=True"):
         load_peft_adapter(peft_dir, config)
     save_json({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "bias": "none", "modules_to_save": [],
                "rank_pattern": {}}, peft_dir / "adapter_config.json")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lit_lora.compare import RunResult, Variant, comparison_rows, exact_match, markdown_table, parse_variant
-from lit_lora.lora import LoRAConfig, add_lora, lora_layers, lora_update_norms
+from lit_lora.lora import LoRAConfig, add_lora, lora_layers
+from lit_lora.plots import lora_update_norms
 from lit_lora.methods import read_weights, save_weights
 from lit_lora.model import Config, Llama
 from lit_lora.prompts import get_prompt_style
@@ -156,10 +157,12 @@ def test_quickstart_fast_runs_end_to_end_and_reruns_identically(tmp_path, capsys
         assert f"Step {step}/7" in first_log
     first = json.loads((out / "comparison.json").read_text())
     assert [row["method"] for row in first["rows"]] == [
-        "base model (no finetuning)", "LoRA (r=8, all linear layers)", "LLaMA-Adapter (10 prompt tokens, all layers)"]
+        "base model (no finetuning)", "LoRA (r=8, all linear layers)", "DoRA (r=8, all linear layers)",
+        "LLaMA-Adapter (10 prompt tokens, all layers)"]
+    assert int(first["rows"][2]["trainable params"].replace(",", "")) > int(first["rows"][1]["trainable params"].replace(",", ""))
     table = (out / "comparison.md").read_text()
     assert all(f"| {row['method']} | {row['trainable params']} |" in table for row in first["rows"])
-    for picture in ("loss_curves.png", "lora_update_heatmap.png"):
+    for picture in ("loss_curves.png", "lora_update_heatmap.png", "dora_update_heatmap.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / picture).stat().st_size > 10_000
     assert (out / "lora" / "lit_lora.safetensors").is_file() and (out / "adapter" / "lit_adapter.safetensors").is_file()
     assert (out / "merged" / "lit_model.safetensors").is_file()
@@ -173,7 +176,7 @@ def test_quickstart_fast_runs_end_to_end_and_reruns_identically(tmp_path, capsys
     def repeatable(rows):
         return [{key: value for key, value in row.items() if key not in measured} for row in rows]
 
-    assert len(second["rows"]) == 3 and repeatable(second["rows"]) == repeatable(first["rows"])
+    assert len(second["rows"]) == 4 and repeatable(second["rows"]) == repeatable(first["rows"])
     predictions = [[run["accuracy"]["predictions"] for run in result["runs"]] for result in (first, second)]
     assert predictions[0] == predictions[1]
 
@@ -188,6 +191,6 @@ def test_quickstart_fast_runs_end_to_end_and_reruns_identically(tmp_path, capsys
     rows = json.loads((tmp_path / "compare" / "comparison.json").read_text())["rows"]
     assert [row["method"] for row in rows] == ["base model (no finetuning)", "lora-r4-qv", "full", str(out / "adapter")]
     assert rows[2]["% of total"] == "100.00 %" and rows[1]["trainable params"] == f"{4 * 2 * 4 * (128 + 128):,}"
-    assert rows[3]["final val loss"] == first["rows"][2]["final val loss"]  # the included run, as it was
+    assert rows[3]["final val loss"] == first["rows"][3]["final val loss"]  # the included run, as it was
     assert all(row["accuracy"].endswith("/120)") for row in rows)
     assert (tmp_path / "compare" / "lora_update_heatmap_lora-r4-qv.png").is_file()
