@@ -95,6 +95,7 @@ class RunResult:
     peak_memory: Optional[Dict[str, Any]] = None
     history: List[Dict[str, float]] = field(default_factory=list)
     accuracy: Optional["ExactMatch"] = None
+    task_scores: Dict[str, Optional[float]] = field(default_factory=dict)  # lm-eval task -> accuracy
 
     @property
     def weights_path(self) -> Optional[Path]:
@@ -305,8 +306,10 @@ def comparison_rows(results: Sequence[RunResult]) -> List[Dict[str, str]]:
             "peak memory": f"{result.peak_memory['gb']:.2f} GB {result.peak_memory['kind']}" if result.peak_memory else "-",
             "s / step": f"{m['seconds_per_step']:.3f}" if trained else "-",
             "final val loss": f"{m['val_loss']:.4f}" if "val_loss" in m else "-",
+            "val perplexity": f"{m['val_ppl']:.2f}" if "val_ppl" in m else "-",
             "accuracy": (f"{100 * accuracy.accuracy:.1f} % ({accuracy.correct}/{accuracy.total})"
                          if accuracy is not None else "-"),
+            **{task: "-" if score is None else f"{100 * score:.1f} %" for task, score in result.task_scores.items()},
         })
     return rows
 
@@ -377,12 +380,14 @@ def plot_update(result: RunResult, path: PathLike, title: str = "") -> Optional[
 def compare_methods(checkpoint_dir: PathLike, data_dir: PathLike, out_dir: PathLike, variants: Sequence[Variant],
                     budget: Dict[str, Any], include: Sequence[PathLike] = (), learning_rates: Optional[Dict[str, float]] = None,
                     eval_file: Optional[PathLike] = None, max_new_tokens: int = 64, precision: Optional[str] = None,
-                    accelerator: str = "auto", overwrite: bool = False) -> str:
+                    accelerator: str = "auto", overwrite: bool = False, tasks: Sequence[str] = (),
+                    task_limit: Optional[int] = None, include_path: Optional[PathLike] = None) -> str:
     """Finetune every variant on the same `budget` (TrainArgs fields: max_steps, global_batch_size, seed,
     ...), each with its method's own learning rate unless `learning_rates` names one; add the runs of
     `include`; score every model (the base too) on `eval_file` by exact match; write comparison.md,
     comparison.json, loss_curves.png and the update heatmaps to `out_dir`. A run directory holding an earlier
-    run is refused unless `overwrite`. Returns the report."""
+    run is refused unless `overwrite`. With `tasks`, every model is also scored on those lm-eval tasks
+    (lit_lora/evaluate.py; `task_limit` examples each), one column per task. Returns the report."""
     learning_rates = dict(learning_rates or {})
     names = [variant.name for variant in variants] + [str(path) for path in include]
     if len(set(names)) != len(names):
@@ -409,17 +414,24 @@ def compare_methods(checkpoint_dir: PathLike, data_dir: PathLike, out_dir: PathL
         release_memory()
     results += finished
 
-    if records is not None:
+    if records is not None or tasks:
         tokenizer = Tokenizer(Path(checkpoint_dir) / TOKENIZER_NAME)
         data_style = load_prepare_config(data_dir)["prompt_style"]
         results.insert(0, RunResult("base model (no finetuning)", "base"))
         for result in results:
             dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
             model = load_finetuned(result, checkpoint_dir, device, dtype=dtype)
-            style = get_prompt_style(trained_prompt_style(result) or data_style)  # an --include run may differ
-            result.accuracy = exact_match(model, tokenizer, style, records, max_new_tokens=max_new_tokens)
-            print(f"{result.name}: {100 * result.accuracy.accuracy:.1f} % exact match "
-                  f"({result.accuracy.correct}/{result.accuracy.total})", flush=True)
+            if records is not None:
+                style = get_prompt_style(trained_prompt_style(result) or data_style)  # an --include run may differ
+                result.accuracy = exact_match(model, tokenizer, style, records, max_new_tokens=max_new_tokens)
+                print(f"{result.name}: {100 * result.accuracy.accuracy:.1f} % exact match "
+                      f"({result.accuracy.correct}/{result.accuracy.total})", flush=True)
+            if tasks:
+                from lit_lora.evaluate import main_metric, run_tasks  # the optional harness, only when asked
+
+                scores = run_tasks(model, tokenizer, tasks, limit=task_limit, include_path=include_path)
+                result.task_scores = {task: main_metric(scores, task) for task in tasks}
+                print(f"{result.name}: {result.task_scores}", flush=True)
             del model
             release_memory()
 

@@ -269,18 +269,22 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def validate(fabric: L.Fabric, model: torch.nn.Module, val_data: List[Dict[str, torch.Tensor]],
              args: TrainArgs) -> Optional[float]:
-    """The mean loss over the first `eval_iters` validation micro-batches; None without validation data."""
+    """The loss over the first `eval_iters` validation micro-batches, token-weighted: the mean over every
+    counted position of them, so exp(it) is the perplexity of those tokens. None without validation data."""
     sampler = BatchSampler([len(s["input_ids"]) for s in val_data], args.micro_batch_size, shuffle=False, seed=0)
     batches = rank_batches(sampler, 0, fabric)[: args.eval_iters]
     if not batches:
         return None
     model.eval()
-    losses = []
+    total = torch.zeros(2, device=fabric.device)  # (sum of losses, counted positions)
     for indices in batches:
         batch = fabric.to_device(collate([val_data[i] for i in indices]))
-        losses.append(loss_fn(model(batch["input_ids"]), batch["labels"]))
+        counted = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        loss = loss_fn(model(batch["input_ids"]), batch["labels"])  # NaN when nothing is counted: weight 0
+        total += torch.stack([torch.where(counted > 0, loss * counted, 0.0), counted.float()])
     model.train()
-    return fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
+    total = fabric.all_reduce(total, reduce_op="sum")
+    return (total[0] / total[1]).item()
 
 
 # ----------------------------------------------------------------------------------------------------

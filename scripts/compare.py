@@ -40,6 +40,9 @@ def main(
     precision: Optional[str] = None,
     accelerator: str = "auto",
     overwrite: bool = False,
+    tasks: List[str] = [],
+    task_limit: Optional[int] = None,
+    include_path: Optional[Path] = None,
 ) -> str:
     """Finetune every method on the same budget and write the comparison table and plots.
 
@@ -70,13 +73,16 @@ def main(
         precision: bf16-true, bf16-mixed, 16-mixed or 32-true; default bf16-true on GPUs that support it, else 32-true.
         accelerator: auto, cpu or cuda.
         overwrite: replace the runs of an earlier comparison in out_dir (refused otherwise).
+        tasks: lm-eval tasks to score every model on, one column each (needs pip install -e ".[eval]").
+        task_limit: at most this many examples per task.
+        include_path: a folder of your own lm-eval task YAMLs.
     """
     variants = [parse_variant(spec) for spec in list(methods) + (list(LORA_SWEEP) if lora_sweep else [])]
     budget = dict(max_steps=max_steps, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
                   warmup_steps=warmup_steps, eval_interval=eval_interval, eval_iters=eval_iters, seed=seed,
                   save_interval=max_steps + 1)
     report = compare_methods(checkpoint_dir, data_dir, out_dir, variants, budget, include, learning_rates, eval_file,
-                             max_new_tokens, precision, accelerator, overwrite)
+                             max_new_tokens, precision, accelerator, overwrite, tasks, task_limit, include_path)
     print(report)
     print(f"wrote {Path(out_dir) / 'comparison.md'} and the plots in {out_dir}")
     return report

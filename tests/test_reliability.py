@@ -489,3 +489,11 @@ def test_names_inside_inputs_may_be_symbolic_links_within_the_directory(tmp_path
     (tmp_path / "snapshot" / "model.safetensors").symlink_to(tmp_path / "blobs" / "abc")  # a Hugging Face cache
     assert inside(tmp_path / "snapshot", "model.safetensors", "index").read_bytes() == b"x"
     assert inside(tmp_path / "snapshot", "shards/model-1.safetensors", "index") == tmp_path / "snapshot" / "shards" / "model-1.safetensors"
+
+
+def test_evaluation_without_the_harness_says_how_to_install_it(tiny_run, monkeypatch):
+    from lit_lora.evaluate import run_tasks
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    with pytest.raises(ValueError, match=r'lm-eval is not installed: pip install -e "\.\[eval\]"'):
+        run_tasks(load_checkpoint(tiny_run / "base"), None, ["hellaswag"])
