@@ -18,6 +18,7 @@ steps within a time box; a row that fails or misses its target says so in the ta
 printed and written as JSON (`--out`) after every row, so a run stopped half-way keeps what it measured.
 """
 
+import gc
 import json
 import logging
 import time
@@ -118,12 +119,14 @@ def training_flops_per_token(model: Llama, seq_len: int) -> float:
 
 def finetune_row(name: str, config: Config, method: str, settings: Any, device: torch.device, sync, peak: float,
                  batch: int, seq_len: int, steps: int, quantize: Optional[str] = None, checkpointing: bool = False,
-                 compile: bool = False, compile_backend: str = "inductor") -> Row:
+                 compile: bool = False, compile_backend: str = "inductor", row_seconds: float = 60.0) -> Row:
     """A few optimizer steps exactly as `fit` takes them (the registry's method, `train_step`)."""
     from lit_lora.methods import get_method
     from lit_lora.train import Loop, TrainArgs, parameter_groups, setup_fabric, train_step
 
     row = Row(name)
+    gc.collect()  # the previous row's model, optimizer and compiled graphs must not count here
+    torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -148,6 +151,9 @@ def finetune_row(name: str, config: Config, method: str, settings: Any, device: 
     train_step(loop, rows, [list(range(batch))], 1e-4)  # warm-up (and compiling)
     sync()
     row.values["first step s"] = round(time.perf_counter() - started, 1)
+    if time.perf_counter() - started > row_seconds:  # the time box: no timed steps after so slow a first one
+        row.verdict = f"first step over the row's {row_seconds:.0f} s: no timed steps"
+        return row
     started = time.perf_counter()
     for _ in range(steps):
         train_step(loop, rows, [list(range(batch))], 1e-4)
@@ -233,7 +239,7 @@ def main(tiny: bool = False, out: Path = Path("out/gpu_check.json"), row_seconds
     Args:
         tiny: every row on the tiny config (vocabulary 32k, 2 layers), micro-batch 2 x 64: seconds on a CPU.
         out: the JSON file written after every row.
-        row_seconds: a row whose warm-up took longer skips its timed steps (reported as such).
+        row_seconds: a finetuning row whose first step took longer skips its timed steps (reported as such).
         total_seconds: rows not started by then are skipped (reported as such).
     """
     from lit_lora.lora import LoRAConfig
@@ -281,7 +287,7 @@ def main(tiny: bool = False, out: Path = Path("out/gpu_check.json"), row_seconds
             config = spec.pop("config", seven_b)
             try:
                 record(finetune_row(name, config, device=device, sync=sync, peak=peak, batch=batch, seq_len=seq_len,
-                                    steps=steps, compile_backend=backend, **spec))
+                                    steps=steps, compile_backend=backend, row_seconds=row_seconds, **spec))
             except torch.cuda.OutOfMemoryError:
                 record(Row(name, {}, "out of memory"))
             except Exception as error:  # a row that fails says so; the others still run

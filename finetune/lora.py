@@ -36,7 +36,8 @@ def main(
         checkpoint_dir: the base model (lit_model.safetensors, model_config.json, tokenizer.model).
         data_dir: prepared data (scripts/prepare_alpaca.py, prepare_dolly.py or prepare_json.py).
         out_dir: logs, resumable checkpoints, the loss plot and the final adapter.
-        lora: rank r, alpha (the update is scaled by alpha / r), dropout, and the targeted projections.
+        lora: rank r, alpha (the update is scaled by alpha / r, or alpha / sqrt(r) with use_rslora), dropout,
+            the targeted projections, DoRA (use_dora), per-layer rank_pattern / alpha_pattern, LoRA+ (lr_ratio).
         train: optimisation hyperparameters.
         precision: bf16-true, bf16-mixed, 16-mixed or 32-true; default bf16-true on GPUs that support it, else 32-true.
         devices: devices per node.

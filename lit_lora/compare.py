@@ -126,9 +126,9 @@ class Variant:
 
 def parse_variant(spec: str) -> Variant:
     """A registered method's name (its default settings); "dora" (LoRA's defaults with DoRA); or
-    "lora-r<rank>-<qv|all>" with optional suffixes "-rs" (rsLoRA), "-dora" and "-plus" (LoRA+, lr_ratio 16):
-    LoRA of that rank (alpha = 2 x rank, dropout 0.05) on q_proj and v_proj, or on every linear layer of
-    the blocks, e.g. "lora-r64-all-rs"."""
+    "lora-r<rank>-<qv|all>" with optional suffixes "-rs" (rsLoRA, alpha 16 at every rank), "-dora" and
+    "-plus" (LoRA+, lr_ratio 16): LoRA of that rank (alpha = 2 x rank, dropout 0.05) on q_proj and v_proj,
+    or on every linear layer of the blocks, e.g. "lora-r64-all-rs"."""
     if spec in METHODS:
         return Variant(spec, spec)
     if spec == "dora":
@@ -139,7 +139,8 @@ def parse_variant(spec: str) -> Variant:
                          "optional -rs, -dora, -plus (e.g. lora-r64-all-rs)")
     rank, options = int(match.group(1)), match.group(3).split("-")[1:]
     targets = ("q", "v") if match.group(2) == "qv" else BLOCK_LINEAR
-    return Variant(spec, "lora", {"lora": LoRAConfig(r=rank, alpha=2 * rank, dropout=0.05, targets=targets,
+    alpha = 16.0 if "rs" in options else 2 * rank  # rsLoRA keeps alpha fixed: the scale is 16 / sqrt(r)
+    return Variant(spec, "lora", {"lora": LoRAConfig(r=rank, alpha=alpha, dropout=0.05, targets=targets,
                                                      use_rslora="rs" in options, use_dora="dora" in options,
                                                      lr_ratio=16.0 if "plus" in options else None)})
 

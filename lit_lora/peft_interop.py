@@ -81,7 +81,10 @@ def peft_to_lit_key(key: str) -> str:
 def _peft_pattern_key(patterns: Sequence[str], module: str) -> Optional[str]:
     """PEFT's rule for rank_pattern / alpha_pattern: the first key that, as a regular expression, matches
     the end of the module's name at a dot boundary."""
-    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)
+    try:
+        return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)
+    except re.error as error:
+        raise CheckpointError(f"a rank_pattern / alpha_pattern key is not a valid regular expression ({error})") from None
 
 
 def save_peft_adapter(output_dir: Union[str, Path], lora_config: LoRAConfig, state: Mapping[str, torch.Tensor],

@@ -77,7 +77,7 @@ def plot_update_heatmap(projections: Sequence[str], layers: Sequence[str], norms
                         title: str = "Size of the LoRA update per layer and projection",
                         label: str = "(alpha / r) ||B A||_F") -> Path:
     """Heatmap of an update's size per layer (columns) and projection (rows), e.g. LoRA's (alpha / r)
-    ||B A||_F from `lora.lora_update_norms`: where finetuning changed the model. NaN cells stay empty."""
+    ||B A||_F from `lora_update_norms` below: where finetuning changed the model. NaN cells stay empty."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(layers) + 2.5), 0.55 * len(projections) + 1.8))
     image = ax.imshow(norms.numpy(), cmap="viridis", aspect="auto")

@@ -106,7 +106,8 @@ def get_prompt_style(name: str = "alpaca") -> PromptStyle:
 #     turns and feed the model only each turn's new tokens (generate/chat.py).
 # What the model learns: the loss covers each answer and the EOS that closes it, never the user's turns
 # or the system message (they are masked like an instruction prompt), so it learns to answer, in
-# context, and to stop.
+# context, and to stop. Meta's pair text ends with a space ("{answer} "), so the learned ids end with a
+# lone "▁" piece before EOS; single-turn llama2-chat instruction data (prepare_*.py) has no such piece.
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"

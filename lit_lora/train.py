@@ -284,7 +284,7 @@ def validate(fabric: L.Fabric, model: torch.nn.Module, val_data: List[Dict[str, 
         total += torch.stack([torch.where(counted > 0, loss * counted, 0.0), counted.float()])
     model.train()
     total = fabric.all_reduce(total, reduce_op="sum")
-    return (total[0] / total[1]).item()
+    return (total[0] / total[1]).item() if total[1] > 0 else None  # nothing counted: nothing to report
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,13 +10,14 @@ is an optional extra: pip install -e ".[eval]". Its standard tasks download thei
 Face Hub; local tasks (a YAML and a data file, see howto/evaluate.md) run offline with --include_path.
 """
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from lit_lora.checkpoint import TOKENIZER_NAME, atomic_path, save_json
 from lit_lora.cli import run
-from lit_lora.evaluate import perplexity_of_prepared, perplexity_of_text, results_table, run_tasks
+from lit_lora.evaluate import INSTALL_HINT, perplexity_of_prepared, perplexity_of_text, results_table, run_tasks
 from lit_lora.inference import load_for_generation
 from lit_lora.methods import apply_weights
 from lit_lora.tokenizer import Tokenizer
@@ -59,6 +60,8 @@ def main(
         raise ValueError("nothing to evaluate: give --tasks and/or --perplexity")
     if lora_path is not None and adapter_path is not None:
         raise ValueError("give --lora_path or --adapter_path, not both")
+    if tasks and importlib.util.find_spec("lm_eval") is None:  # before loading a model for nothing
+        raise ValueError(INSTALL_HINT)
     tokenizer = Tokenizer(Path(checkpoint_dir) / TOKENIZER_NAME)
     model = load_for_generation(checkpoint_dir, device, dtype)
     for path in (lora_path, adapter_path):

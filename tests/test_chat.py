@@ -234,3 +234,20 @@ def test_chat_refuses_format_tags_and_warns_before_the_context_is_full(tiny_run,
     err = capsys.readouterr().err
     assert len(answers) == 2 and "contains one of the format's tags" in err
     assert "the conversation starts afresh" in err and "context is nearly full" in err
+
+
+def test_generate_refuses_a_cache_that_does_not_fit_and_chat_refuses_a_full_context(tiny_run):
+    from lit_lora.chat import Chat
+
+    model = load_checkpoint(tiny_run / "base").eval()
+    prompt = torch.randint(0, 32000, (10,))
+    with pytest.raises(ValueError, match="continues the KV cache the caller set"):
+        generate(model, prompt, 5, temperature=0.0, cached=4)  # no cache set
+    model.set_kv_cache(batch_size=1, max_seq_length=12)
+    with pytest.raises(ValueError, match="hold 1 rows and 15 positions"):
+        generate(model, prompt, 5, temperature=0.0, cached=4)  # the cache is too short
+    model.clear_kv_cache()
+    chat = Chat(model, Tokenizer(tiny_run / "base" / "tokenizer.model"), max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"would take \d+ of the model's 256 context positions: start afresh"):
+        chat.respond("word " * 300)
+    assert chat.respond("Hello").generated <= 4  # the conversation goes on after a refused turn

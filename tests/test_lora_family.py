@@ -199,3 +199,61 @@ def test_dora_on_a_4bit_base_finetunes(tiny_run, tmp_path):
     full_precision, four_bit = loss_drop(tmp_path / "dora"), loss_drop(tmp_path / "qdora", quantize="nf4-dq")
     assert full_precision > 0.5
     assert four_bit > 0.8 * full_precision, (full_precision, four_bit)
+
+
+def test_dora_details_magnitudes_stay_float32_unmerge_and_quantized_merge_round_trip():
+    from lit_lora.lora import LoRALinear
+    from lit_lora.quantize import merge_lora_quantized, quantize_model
+
+    ours, _, _ = twins(2, ("q", "v"), "dora")
+    ours.to(torch.bfloat16)  # as Fabric's bf16-true does: DoRA's magnitudes stay float32, where updates register
+    layer = next(iter(lora_layers(ours).values()))
+    assert layer.lora_A.dtype == torch.bfloat16 and layer.lora_magnitude.dtype == torch.float32
+    with torch.no_grad():
+        before = layer.lora_magnitude.clone()
+        layer.lora_magnitude.add_(3e-4)
+    assert (layer.lora_magnitude - before).abs().min() > 2e-4
+
+    ours, _, _ = twins(2, ("q", "v"), "dora")
+    layer_weight = lora_layers(ours)["layers.0.attn.q_proj"].base.weight.detach().clone()
+    merge_lora(ours)
+    for layer in lora_layers(ours).values():
+        layer.unmerge()
+    torch.testing.assert_close(lora_layers(ours)["layers.0.attn.q_proj"].base.weight, layer_weight, atol=1e-6, rtol=0)
+
+    ours, _, _ = twins(2, ("q", "v"), "dora")
+    quantize_model(ours, "nf4-dq")  # the bases under LoRA become 4-bit
+    idx = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        unmerged = ours.eval()(idx)
+        merge_lora_quantized(ours)  # m * V / ||V|| from the dequantized base, in 16/32 bits
+        torch.testing.assert_close(ours(idx), unmerged, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="only bias-free layers"):
+        LoRALinear(torch.nn.Linear(4, 4, bias=True), 2, 4.0, use_dora=True)
+
+
+def test_rank_patterns_must_match_an_adapted_module():
+    model = Llama(Config.from_name("tiny", vocab_size=64))
+    with pytest.raises(ValueError, match=r"patterns \['q_proj'\] match no adapted module"):
+        add_lora(model, LoRAConfig(targets=("q", "v"), rank_pattern={"q_proj": 16}))  # PEFT's spelling
+    add_lora(model, LoRAConfig(targets=("q", "v"), rank_pattern={"layers.*.attn.q_proj": 16}))
+    assert lora_layers(model)["layers.0.attn.q_proj"].r == 16 and lora_layers(model)["layers.0.attn.v_proj"].r == 8
+
+
+def test_lora_plus_learning_rates_reach_the_optimizer_through_train_step(tmp_path):
+    from lit_lora.train import Loop, TrainArgs, parameter_groups, setup_fabric, train_step
+
+    model = Llama(Config.from_name("tiny", vocab_size=64))
+    config = LoRAConfig(r=2, alpha=4, targets=("q", "v"), use_dora=True, lr_ratio=16.0)
+    add_lora(model, config)
+    mark_only_lora_as_trainable(model)
+    fabric = setup_fabric(tmp_path, "32-true", accelerator="cpu")
+    wrapped = fabric.setup_module(model)
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(parameter_groups(wrapped, lambda n: lora_lr_scale(config, n))))
+    loop = Loop(fabric, wrapped, optimizer, TrainArgs(micro_batch_size=2, global_batch_size=2), tmp_path, {},
+                {"step": 0, "history": []})
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (2, 8))]
+    train_step(loop, rows, [[0, 1]], 1e-3)
+    lrs = {len(group["params"]): group["lr"] for group in optimizer.param_groups}
+    assert sorted(lrs.values()) == [1e-3, 16e-3]  # A at lr; B and the magnitudes at 16 x lr
+    assert lrs[2 * 2] == 1e-3  # the 4 A matrices (2 layers x q, v)

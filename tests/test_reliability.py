@@ -497,3 +497,12 @@ def test_evaluation_without_the_harness_says_how_to_install_it(tiny_run, monkeyp
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     with pytest.raises(ValueError, match=r'lm-eval is not installed: pip install -e "\.\[eval\]"'):
         run_tasks(load_checkpoint(tiny_run / "base"), None, ["hellaswag"])
+
+
+def test_validation_with_nothing_to_count_reports_nothing_not_a_divergence(tmp_path):
+    from lit_lora.train import setup_fabric, validate
+
+    model = Llama(Config.from_name("tiny", vocab_size=64))
+    ids = torch.randint(0, 64, (6,))
+    samples = [{"input_ids": ids, "labels": torch.full_like(ids, -100)}]  # every label masked
+    assert validate(setup_fabric(tmp_path, "32-true", accelerator="cpu"), model, samples, train_args()) is None
