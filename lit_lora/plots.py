@@ -75,11 +75,11 @@ def plot_losses(history: List[Dict[str, float]], path: PathLike) -> None:
 
 def plot_update_heatmap(projections: Sequence[str], layers: Sequence[str], norms: torch.Tensor, path: PathLike,
                         title: str = "Size of the LoRA update per layer and projection",
-                        label: str = "(alpha / r) ||B A||_F") -> Path:
+                        label: str = "s ||B A||_F (s = alpha / r, or alpha / sqrt(r))") -> Path:
     """Heatmap of an update's size per layer (columns) and projection (rows), e.g. LoRA's (alpha / r)
     ||B A||_F from `lora_update_norms` below: where finetuning changed the model. NaN cells stay empty."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(layers) + 2.5), 0.55 * len(projections) + 1.8))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(layers) + 2.5), 0.55 * len(projections) + 1.8))
     image = ax.imshow(norms.numpy(), cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(layers)), labels=layers)
     ax.set_yticks(range(len(projections)), labels=list(projections))

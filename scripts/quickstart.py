@@ -147,7 +147,7 @@ def main(
     plot_loss_curves(results[1:], out_dir / "loss_curves.png")
     plot_update(results[1], out_dir / "lora_update_heatmap.png", title="Size of the LoRA update per layer and projection")
     plot_update(results[2], out_dir / "dora_update_heatmap.png",
-                title="Size of DoRA's update of the direction per layer and projection")
+                title="DoRA: size of the update of the direction per layer")
     print(f"wrote {out_dir / 'comparison.md'}, {out_dir / 'loss_curves.png'}, {out_dir / 'lora_update_heatmap.png'} "
           f"and {out_dir / 'dora_update_heatmap.png'}")
 
