@@ -20,8 +20,7 @@ import torch
 from lit_lora.chat import Chat
 from lit_lora.cli import run
 from lit_lora.generate import check_generation_settings
-from lit_lora.inference import TextStreamer, encode_prompts, load_for_generation
-from lit_lora.methods import apply_weights
+from lit_lora.inference import TextStreamer, apply_adapter_file, encode_prompts, load_for_generation
 from lit_lora.prompts import LLAMA2_CHAT
 from lit_lora.quantize import QuantizeMode
 
@@ -58,20 +57,13 @@ def main(
         dtype: "auto", "float32", "bfloat16" or "float16".
         quantize: keep the linear layers in 4 bits (nf4, nf4-dq) or 8 bits (int8).
     """
-    if lora_path is not None and adapter_path is not None:
-        raise ValueError("give --lora_path or --adapter_path, not both")
     check_generation_settings(max_new_tokens, temperature, top_k, top_p)
     tokenizer, _ = encode_prompts(checkpoint_dir, [], max_new_tokens)
     model = load_for_generation(checkpoint_dir, device, dtype, quantize)
-    for path in (lora_path, adapter_path):
-        if path is None:
-            continue
-        weights = apply_weights(model, path, "lora" if path == lora_path else "adapter")
-        if weights.method.merge is not None and quantize is None:
-            weights.method.merge(model)
-        if weights.prompt_style not in (None, LLAMA2_CHAT.name):
-            print(f"note: {path} was trained with the {weights.prompt_style!r} prompt style; this chat speaks "
-                  f"{LLAMA2_CHAT.name!r}", file=sys.stderr)
+    weights = apply_adapter_file(model, lora_path, adapter_path)
+    if weights is not None and weights.prompt_style not in (None, LLAMA2_CHAT.name):
+        print(f"note: {lora_path or adapter_path} was trained with the {weights.prompt_style!r} prompt style; this "
+              f"chat speaks {LLAMA2_CHAT.name!r}", file=sys.stderr)
     torch.manual_seed(seed)
     chat = Chat(model, tokenizer, system, max_new_tokens, temperature, top_k, top_p)
     interactive = sys.stdin.isatty()

@@ -13,7 +13,8 @@ import torch
 
 from lit_lora.checkpoint import TOKENIZER_NAME, check_same_base, load_checkpoint, load_config
 from lit_lora.generate import check_prompt_fits, generate
-from lit_lora.methods import apply_weights, get_method, read_weights, take_off
+from lit_lora.lora import is_quantized
+from lit_lora.methods import MethodWeights, apply_weights, get_method, read_weights, take_off
 from lit_lora.model import Llama
 from lit_lora.prompts import get_prompt_style
 from lit_lora.quantize import load_checkpoint_quantized
@@ -139,6 +140,21 @@ def load_for_generation(checkpoint_dir: PathLike, device: str = "auto", dtype: s
     print(f"loaded {checkpoint_dir} on {chosen_device} in {str(chosen_dtype).removeprefix('torch.')}"
           + (f", linear layers in {quantize}" if quantize else ""), file=sys.stderr)
     return model
+
+
+def apply_adapter_file(model: Llama, lora_path: Optional[PathLike] = None, adapter_path: Optional[PathLike] = None,
+                       merge: bool = True) -> Optional[MethodWeights]:
+    """Apply the LoRA (or DoRA) file or the LLaMA-Adapter file a script was given, if any, merging a LoRA
+    update into the weights when asked and possible (not into a quantized base). Returns the file as read."""
+    if lora_path is not None and adapter_path is not None:
+        raise ValueError("give --lora_path or --adapter_path, not both")
+    path = lora_path if lora_path is not None else adapter_path
+    if path is None:
+        return None
+    weights = apply_weights(model, path, "lora" if lora_path is not None else "adapter")
+    if merge and weights.method.merge is not None and not any(is_quantized(m) for m in model.modules()):
+        weights.method.merge(model)
+    return weights
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ def _refusal(out_dir: Path, resume: Optional[str], overwrite: bool) -> Optional[
     return None
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """A file or a directory tree (a sharded FSDP checkpoint is a directory)."""
     shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
@@ -88,9 +89,9 @@ def claim_out_dir(fabric: L.Fabric, out_dir: Path, resume: Optional[str], overwr
             if overwrite and resume is None:
                 for old in (out_dir / CHECKPOINT_DIR_NAME, out_dir / weights_name, out_dir / FINISHED_NAME):
                     if old.exists():
-                        _remove(old)
+                        remove_path(old)
             for stale in (out_dir / CHECKPOINT_DIR_NAME).glob("*.tmp"):  # left by a run killed while saving
-                _remove(stale)
+                remove_path(stale)
             if hyperparameters is not None:
                 as_json = json.dumps(hyperparameters, default=lambda v: asdict(v) if is_dataclass(v) else str(v))
                 save_json(json.loads(as_json), out_dir / "hyperparameters.json")

@@ -20,7 +20,6 @@ the logits in bf16 instead of copying them to float32.
 import math
 import os
 import pickle
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from lit_lora.plots import plot_losses
 from lit_lora.prompts import PromptStyle, get_prompt_style
 from lit_lora.quantize import load_checkpoint_quantized
 from lit_lora.run_dir import (CHECKPOINT_DIR_NAME, FINISHED_NAME, claim_out_dir, deferred_signals, find_resume_checkpoints,
-                              set_aside)
+                              remove_path, set_aside)
 from lit_lora.speed_training import HalfPrecisionKeepingOutputs, chunked_cross_entropy, keep_freed_memory_for_reuse
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.utils import PathLike, count_parameters, parameter_report, peak_memory
@@ -372,13 +371,13 @@ def save_resumable(loop: Loop) -> Path:
             os.replace(tmp, path)
     except BaseException as error:
         if loop.fabric.global_rank == 0 and tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+            remove_path(tmp)
         if isinstance(error, RuntimeError):  # torch.save's message for a full disk or a failed write
             raise OSError(f"could not write {path}: {error} (is the disk full?)") from None
         raise
     if loop.fabric.global_rank == 0:
         for old in loop.checkpoints()[2:]:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            remove_path(old)
     return path
 
 

@@ -18,8 +18,7 @@ from typing import Dict, List, Optional, Union
 from lit_lora.checkpoint import TOKENIZER_NAME, atomic_path, save_json
 from lit_lora.cli import run
 from lit_lora.evaluate import INSTALL_HINT, perplexity_of_prepared, perplexity_of_text, results_table, run_tasks
-from lit_lora.inference import load_for_generation
-from lit_lora.methods import apply_weights
+from lit_lora.inference import apply_adapter_file, load_for_generation
 from lit_lora.tokenizer import Tokenizer
 
 
@@ -58,17 +57,11 @@ def main(
     tasks = [t for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t]
     if not tasks and perplexity is None:
         raise ValueError("nothing to evaluate: give --tasks and/or --perplexity")
-    if lora_path is not None and adapter_path is not None:
-        raise ValueError("give --lora_path or --adapter_path, not both")
     if tasks and importlib.util.find_spec("lm_eval") is None:  # before loading a model for nothing
         raise ValueError(INSTALL_HINT)
     tokenizer = Tokenizer(Path(checkpoint_dir) / TOKENIZER_NAME)
     model = load_for_generation(checkpoint_dir, device, dtype)
-    for path in (lora_path, adapter_path):
-        if path is not None:
-            weights = apply_weights(model, path, "lora" if path == lora_path else "adapter")
-            if merge and weights.method.merge is not None:
-                weights.method.merge(model)
+    apply_adapter_file(model, lora_path, adapter_path, merge)
     scores: Dict[str, float] = {}
     if perplexity is not None:
         perplexity = Path(perplexity)
