@@ -1,60 +1,61 @@
-"""Decoding speed of lit_lora.generate next to transformers' generate(), same model, same machine, one run.
+"""Decoding speed of lit_lora.generate next to transformers and llama.cpp, same weights, same machine, one run.
 
-    python benchmarks/benchmark_generate.py                       # both models, 5 rounds
-    python benchmarks/benchmark_generate.py --models '[60M]' --rounds 9 --threads 1
+    python benchmarks/benchmark_generate.py                              # the 60M model, 3 rounds
+    python benchmarks/benchmark_generate.py --rounds 5 --threads 2 --llama_cpp_dir ~/llama.cpp
 
-For each model a random Llama is built once and copied into a transformers LlamaForCausalLM with the
-same weights. Every round then runs, back to back: transformers in float32 (its default, with its own
-KV cache), lit-lora in float32, and, where it is fast (a GPU with bf16, or a CPU with AVX512-BF16/AMX,
-detected at run time), transformers and lit-lora in bf16, and lit-lora with int8 weights and bf16
-activations (`quantize_model(model, "int8")`, what `generate/*.py --quantize int8` loads), also compiled
-(`compile_for_decoding`, what `--compile true` does: torch.compile fuses the ~20 small per-token
-operations of each layer, which dominate a small model's decoding on CPU). Greedy decoding, batch 1, a
-16-token prompt, 128 new tokens, EOS ignored so every run produces the same number of tokens.
+A random Llama of the 60M shape (stories42M with an untied head: vocab 32000, C 512, 8 layers, 8 heads,
+MLP 1376) is built once and copied into a transformers LlamaForCausalLM with the same weights (and, with
+llama.cpp, converted to GGUF: f32, bf16 and q8_0 by llama.cpp's own convert_hf_to_gguf.py). Every round
+then runs each engine back to back: greedy, a 16-token prompt, 128 new tokens, EOS ignored.
 
-Why int8: decoding one token reads every weight once, so its speed is set by the bytes per weight and
-by how well the single-row kernel streams them. In torch 2.13 on CPU, a one-row bf16 F.linear streams
-no faster than float32 (measured here: the 60M model's 57 matrices take ~6.5 ms per token either way),
-so bf16 weights alone gain little; the int8 x bf16 kernel reads a quarter of float32's bytes (~2 ms).
-The int8 and bf16 tokens are not float32's. Two agreements are printed: how many greedy tokens an
-engine shares with float32 before the first difference (greedy decoding of a random model amplifies
-any rounding: after one different token the answers part ways), and, teacher-forced on the float32
-answer, at how many of its positions the engine's most likely next token is float32's.
+  transformers        `generate()` in float32 and bf16
+  lit-lora            `generate()` eagerly, and through `CompiledDecoding` (what `generate/*.py --compile`
+                      runs: the one-token step compiled with fixed shapes), in float32, bf16 (where the
+                      CPU has native bf16) and int8 weights with bf16 activations (`--quantize int8`)
+  llama.cpp           `llama-bench -p 16 -n 128` with as many threads, when --llama_cpp_dir (or
+                      $LLAMA_CPP_DIR) holds its converter and build/bin/llama-bench
 
-Reported per engine: decode tokens/s (the tokens after the first over the time after the first, the
-prefill excluded) as the median over the rounds, and each engine's speed relative to transformers
-float32 as the median of the per-round ratios (the machine may be shared: a ratio of two runs made
-seconds apart is far steadier than either speed). The float32 greedy tokens of both engines must be
-identical; a mismatch fails the run.
+Reported per engine: decode tokens/s (after the first token) as the median over rounds; the ratio to
+transformers float32 (median of per-round ratios: a shared machine shifts both alike); the share of the
+bandwidth limit = tokens/s x the weight bytes read per token / the read bandwidth measured in this run
+(a float32 matrix-vector product over 1 GiB, more than any cache); prefill speed (prompt tokens per
+second of the time to the first token); and, for the engines whose tokens are not float32's, how many
+greedy tokens they share with float32 before the first difference and, teacher-forced on the float32
+answer, at how many of its positions their most likely next token is float32's. Then batches: tokens/s
+(all rows together) of bf16 `generate` with 1, 4 and 16 prompts at once (`generate` with a list of
+prompts: left padding, each row on its own positions), against batch 1. The float32 tokens of lit-lora
+(eager and compiled) must equal transformers'; a mismatch fails the run.
 """
 
 import copy
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 from lit_lora.cli import run
 from lit_lora.generate import generate
-from lit_lora.speed import compile_for_decoding, cpu_supports_fast_bf16
 from lit_lora.hf_names import config_to_hf, lit_to_hf_name
+from lit_lora.int8 import Int8Linear
 from lit_lora.model import Config, Llama
 from lit_lora.quantize import quantize_model
+from lit_lora.speed import CompiledDecoding, cpu_supports_fast_bf16
 
-# name -> (preset, overrides). The ~60M model of the finetuning benchmark (stories42M's shape with an untied
-# head: dim 512, 8 layers, 8 heads, MLP 1376, Llama 2's 32k vocabulary), and a smaller one (dim 288,
-# 6 layers, head tied to the embedding) where per-token overheads weigh more.
-MODELS = {"60M": ("stories42M", dict(vocab_size=32000, tie_embeddings=False)),
-          "stories15M": ("stories15M", dict(vocab_size=32000))}
+SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "llama2-tokenizer" / "tokenizer.model"
 
 
-def build_pair(name: str, device: torch.device):
-    """A random lit-lora Llama and a transformers LlamaForCausalLM holding the same float32 weights."""
+def build_pair(device: torch.device):
+    """The 60M lit-lora Llama (random) and a transformers LlamaForCausalLM holding the same float32 weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    preset, overrides = MODELS[name]
-    config = Config.from_name(preset, **overrides)
+    config = Config.from_name("stories42M", vocab_size=32000, tie_embeddings=False)
     torch.manual_seed(0)
     ours = Llama(config).eval()
     with torch.no_grad():  # a larger head than the training init: confident, varied greedy tokens
@@ -66,11 +67,40 @@ def build_pair(name: str, device: torch.device):
     return ours.to(device), hf.to(device)
 
 
-def timed_ours(model: Llama, prompt: torch.Tensor, new_tokens: int, cache_length: Optional[int] = None) -> Dict[str, object]:
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of the matrices one decoded token reads: every linear layer's weights (the embedding is one row)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+        elif isinstance(module, Int8Linear):
+            total += module.weight_int8.numel() + module.scale.numel() * module.scale.element_size()
+    return total
+
+
+def read_bandwidth(device: torch.device, repeats: int = 5) -> float:
+    """GB/s of a float32 matrix-vector product over 1 GiB (best of `repeats`): the memory read bandwidth."""
+    matrix = torch.randn(1 << 14, 1 << 14, device=device)  # 1 GiB
+    vector = torch.randn(1 << 14, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mv(matrix, vector).sum().item()
+        best = min(best, time.perf_counter() - start)
+    return matrix.numel() * 4 / best / 1e9
+
+
+def timed_ours(model, prompts, new_tokens: int, cache_length: Optional[int] = None) -> Dict[str, object]:
+    """One generate() call on a (1, T) prompt, or on a list of prompts (a batch)."""
     stamps: List[float] = []
-    output = generate(model, prompt[0], new_tokens, temperature=0.0, on_token=lambda ids: stamps.append(time.perf_counter()),
-                      cache_length=cache_length)
-    return {"tokens": output[prompt.size(1):].cpu(), "tokens_per_second": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+    start = time.perf_counter()
+    output = generate(model, prompts if isinstance(prompts, list) else prompts[0], new_tokens, temperature=0.0,
+                      on_token=lambda ids: stamps.append(time.perf_counter()), cache_length=cache_length)
+    rows = len(prompts) if isinstance(prompts, list) else 1
+    tokens = None if isinstance(prompts, list) else output[prompts.size(1):].cpu()
+    return {"tokens": tokens, "tokens_per_second": rows * (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            "prefill_tokens_per_second": rows * (len(prompts[0]) if isinstance(prompts, list) else prompts.size(1))
+            / (stamps[0] - start)}
 
 
 def timed_transformers(model, prompt: torch.Tensor, new_tokens: int) -> Dict[str, object]:
@@ -85,102 +115,191 @@ def timed_transformers(model, prompt: torch.Tensor, new_tokens: int) -> Dict[str
         def end(self):
             pass
 
+    start = time.perf_counter()
     with torch.inference_mode():
         output = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, streamer=Clock(),
                                 attention_mask=torch.ones_like(prompt))
     new = stamps[1:]  # drop the prompt's put()
-    return {"tokens": output[0, prompt.size(1):].cpu(), "tokens_per_second": (len(new) - 1) / (new[-1] - new[0])}
+    return {"tokens": output[0, prompt.size(1):].cpu(), "tokens_per_second": (len(new) - 1) / (new[-1] - new[0]),
+            "prefill_tokens_per_second": prompt.size(1) / (new[0] - start)}
+
+
+class LlamaCpp:
+    """llama.cpp's llama-bench on GGUF conversions of the same weights (f32, bf16, q8_0)."""
+
+    def __init__(self, llama_cpp_dir: Path, hf_model, tokenizer: Path, workdir: Path, threads: int) -> None:
+        self.bench, self.threads = llama_cpp_dir / "build" / "bin" / "llama-bench", threads
+        hf_dir = workdir / "hf"
+        hf_model.save_pretrained(hf_dir)
+        (hf_dir / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+        self.files: Dict[str, Path] = {}
+        for kind in ("f32", "bf16", "q8_0"):
+            path = workdir / f"model-{kind}.gguf"
+            done = subprocess.run([sys.executable, str(llama_cpp_dir / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype",
+                                   kind, "--outfile", str(path)], capture_output=True, text=True)
+            if done.returncode == 0:
+                self.files[kind] = path
+            else:
+                print(f"llama.cpp: converting to {kind} failed: {done.stderr.strip().splitlines()[-1:]}")
+
+    def engines(self, prompt_length: int, new_tokens: int) -> Dict[str, Callable[[torch.Tensor], Dict[str, object]]]:
+        return {f"llama.cpp {kind}": (lambda p, path=path: self.run(path, prompt_length, new_tokens))
+                for kind, path in self.files.items()}
+
+    def run(self, path: Path, prompt_length: int, new_tokens: int) -> Dict[str, object]:
+        done = subprocess.run([str(self.bench), "-m", str(path), "-p", str(prompt_length), "-n", str(new_tokens),
+                               "-t", str(self.threads), "-r", "1", "-o", "json"], capture_output=True, text=True)
+        if done.returncode != 0:  # e.g. an instruction this CPU lacks in a -DGGML_NATIVE build
+            return {"tokens": None, "tokens_per_second": float("nan"), "prefill_tokens_per_second": float("nan"),
+                    "failed": f"exit code {done.returncode}"}
+        rows = json.loads(done.stdout)
+        speed = {("prefill" if row["n_prompt"] else "decode"): row["avg_ts"] for row in rows}
+        return {"tokens": None, "tokens_per_second": speed["decode"], "prefill_tokens_per_second": speed["prefill"]}
+
+
+LLAMA_CPP_BYTES_PER_WEIGHT = {"f32": 4.0, "bf16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 + one fp16 scale per block
 
 
 def main(
-    models: List[str] = ["60M", "stories15M"],
-    rounds: int = 5,
+    rounds: int = 3,
     prompt_length: int = 16,
     new_tokens: int = 128,
     threads: Optional[int] = None,
     device: str = "cpu",
     bf16: Optional[bool] = None,
     compile: bool = True,
-) -> Dict[str, Dict[str, float]]:
-    """Benchmark decoding against transformers; prints a table and returns the medians.
+    batch_sizes: List[int] = [1, 4, 16],
+    llama_cpp_dir: Optional[Path] = None,
+    tokenizer: Path = SHARED_TOKENIZER,
+) -> Dict[str, float]:
+    """Benchmark decoding against transformers and llama.cpp; prints tables and returns the medians.
 
     Args:
-        models: which models to build (random weights, 32k vocabulary): 60M and/or stories15M.
         rounds: how many times every engine runs; medians are reported.
         prompt_length: tokens in the (random) prompt.
         new_tokens: tokens generated per run.
-        threads: torch CPU threads (default: torch's choice).
+        threads: CPU threads for every engine (default: torch's choice).
         device: cpu or cuda.
         bf16: also run bf16 and int8 (default: on a GPU with bf16, or a CPU with AVX512-BF16/AMX).
-        compile: also run the int8 model through torch.compile, as `generate/*.py --compile true` does
-            (compiled during the warm-up, which is not timed).
+        compile: also run lit-lora through `CompiledDecoding` (compiled during the warm-up, not timed).
+        batch_sizes: prompts generated at once in the batch table (bf16, or float32 without bf16).
+        llama_cpp_dir: a llama.cpp tree with convert_hf_to_gguf.py and build/bin/llama-bench (default
+            $LLAMA_CPP_DIR); without it llama.cpp is left out.
+        tokenizer: the SentencePiece model the GGUF conversion needs (any 32k Llama tokenizer).
     """
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown:
-        raise ValueError(f"unknown models {unknown}; choose from {sorted(MODELS)}")
     if threads is not None:
         torch.set_num_threads(threads)
+    # one compiled decoding step per model and batch shape, all kept (generate/*.py compile one at a time)
+    torch._dynamo.config.recompile_limit = 64
     chosen = torch.device(device)
     if bf16 is None:
         bf16 = torch.cuda.is_bf16_supported() if chosen.type == "cuda" else cpu_supports_fast_bf16()
-    print(f"device {chosen}, {torch.get_num_threads()} threads, torch {torch.__version__}, batch 1, "
-          f"{prompt_length}-token prompt, {new_tokens} new tokens, greedy, {rounds} rounds, median")
+    llama_cpp_dir = llama_cpp_dir or (Path(os.environ["LLAMA_CPP_DIR"]) if "LLAMA_CPP_DIR" in os.environ else None)
+    bandwidth = read_bandwidth(chosen)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    print(f"device {chosen} ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}; read bandwidth "
+          f"{bandwidth:.1f} GB/s; {prompt_length}-token prompt, {new_tokens} new tokens, greedy, {rounds} rounds, median")
 
-    results = {}
-    for name in models:
-        ours, hf = build_pair(name, chosen)
-        prompt = torch.randint(0, ours.config.vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(1)).to(chosen)
-        engines: Dict[str, Callable[[torch.Tensor], Dict[str, object]]] = {
-            "transformers float32": lambda p: timed_transformers(hf, p, new_tokens),
-            "lit-lora float32": lambda p: timed_ours(ours, p, new_tokens),
-        }
-        # Each engine's model as a function of a whole sequence -> logits (1, T, V), for the agreement check.
-        scorers = {"transformers float32": lambda ids: hf(ids).logits, "lit-lora float32": ours}
-        if bf16:
-            hf_bf16, ours_bf16 = copy.deepcopy(hf).to(torch.bfloat16), copy.deepcopy(ours).to(torch.bfloat16)
-            engines["transformers bf16"] = lambda p: timed_transformers(hf_bf16, p, new_tokens)
-            engines["lit-lora bf16"] = lambda p: timed_ours(ours_bf16, p, new_tokens)
-            scorers.update({"transformers bf16": lambda ids: hf_bf16(ids).logits, "lit-lora bf16": ours_bf16})
-            ours_int8 = copy.deepcopy(ours_bf16)
-            quantize_model(ours_int8, mode="int8", skip=())
-            engines["lit-lora int8"] = lambda p: timed_ours(ours_int8, p, new_tokens)
-            scorers["lit-lora int8"] = ours_int8
-            if compile:
-                compiled = compile_for_decoding(ours_int8, prompt[0])
-                engines["lit-lora int8 compiled"] = lambda p: timed_ours(compiled, p, new_tokens, ours.config.block_size)
-                scorers["lit-lora int8 compiled"] = ours_int8
+    ours, hf = build_pair(chosen)
+    prompt = torch.randint(0, 32000, (1, prompt_length), generator=torch.Generator().manual_seed(1)).to(chosen)
+    cache_length = prompt_length + new_tokens
+    models = {"float32": ours}
+    engines: Dict[str, Callable[[torch.Tensor], Dict[str, object]]] = {
+        "transformers float32": lambda p: timed_transformers(hf, p, new_tokens)}
+    if bf16:
+        hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+        engines["transformers bf16"] = lambda p: timed_transformers(hf_bf16, p, new_tokens)
+        models["bf16"] = copy.deepcopy(ours).to(torch.bfloat16)
+        models["int8"] = copy.deepcopy(models["bf16"])
+        quantize_model(models["int8"], mode="int8", skip=())
+    bytes_per_token = {f"lit-lora {kind}": weight_bytes_per_token(model) for kind, model in models.items()}
+    for kind, model in models.items():
+        engines[f"lit-lora {kind}"] = lambda p, model=model: timed_ours(model, p, new_tokens)
+        if compile:
+            compiled = CompiledDecoding(model)  # compiled by the warm-up below
+            engines[f"lit-lora {kind} compiled"] = lambda p, c=compiled: timed_ours(c, p, new_tokens, cache_length)
+            bytes_per_token[f"lit-lora {kind} compiled"] = bytes_per_token[f"lit-lora {kind}"]
+    scorers = {engine: models[engine.split()[1]] for engine in engines if engine.startswith("lit-lora")}
+    bytes_per_token["transformers float32"] = bytes_per_token["lit-lora float32"]
+    if bf16:
+        bytes_per_token["transformers bf16"] = bytes_per_token["lit-lora bf16"]
+
+    with tempfile.TemporaryDirectory(prefix="benchmark_generate_") as tmp:
+        llama_cpp = None
+        if llama_cpp_dir is not None and chosen.type == "cpu":
+            if not tokenizer.is_file():
+                raise FileNotFoundError(f"llama.cpp's converter needs a tokenizer.model: {tokenizer} not found (--tokenizer)")
+            llama_cpp = LlamaCpp(Path(llama_cpp_dir), hf, tokenizer, Path(tmp), torch.get_num_threads())
+            engines.update(llama_cpp.engines(prompt_length, new_tokens))
+            weights = bytes_per_token["lit-lora float32"] / 4
+            bytes_per_token.update({f"llama.cpp {kind}": weights * size for kind, size in LLAMA_CPP_BYTES_PER_WEIGHT.items()})
         for engine in engines.values():  # warm-up: first-call allocations, kernel selection
             engine(prompt)
-
         speeds: Dict[str, List[float]] = {engine: [] for engine in engines}
+        prefill: Dict[str, List[float]] = {engine: [] for engine in engines}
+        failures: Dict[str, str] = {}
         for _ in range(rounds):
             outputs = {engine: run_engine(prompt) for engine, run_engine in engines.items()}
             for engine, output in outputs.items():
                 speeds[engine].append(output["tokens_per_second"])
-            if not torch.equal(outputs["lit-lora float32"]["tokens"], outputs["transformers float32"]["tokens"]):
-                raise RuntimeError(f"{name}: float32 greedy tokens differ from transformers'")
-        reference = speeds["transformers float32"]
-        parameters = sum(p.numel() for p in ours.parameters())
-        print(f"\n{name} ({parameters / 1e6:.1f}M parameters); float32 greedy tokens identical to transformers': yes")
-        print(f"{'engine':24s} {'tokens/s':>9s} {'vs transformers float32':>24s} {'same tokens as float32':>23s} "
-              f"{'teacher-forced top-1 = float32':>31s}")
-        results[name] = {}
-        exact = outputs["lit-lora float32"]["tokens"]
-        sequence = torch.cat([prompt[0], exact.to(chosen)])[None]  # the float32 answer, scored by every model
-        with torch.inference_mode():
-            reference_top1 = ours(sequence)[0, prompt.size(1) - 1 : -1].argmax(dim=-1)
-        for engine, values in speeds.items():
-            ratio = statistics.median(v / r for v, r in zip(values, reference))
-            results[name][engine] = statistics.median(values)
-            results[name][f"{engine} ratio"] = ratio
-            tokens = outputs[engine]["tokens"]
-            agree = int((tokens != exact).int().argmax()) if not torch.equal(tokens, exact) else len(exact)
+                prefill[engine].append(output["prefill_tokens_per_second"])
+                if "failed" in output:
+                    failures[engine] = output["failed"]
+            for engine in ("lit-lora float32", "lit-lora float32 compiled"):
+                if engine in outputs and not torch.equal(outputs[engine]["tokens"], outputs["transformers float32"]["tokens"]):
+                    raise RuntimeError(f"{engine}: float32 greedy tokens differ from transformers'")
+
+    exact = outputs["lit-lora float32"]["tokens"]
+    sequence = torch.cat([prompt[0], exact.to(chosen)])[None]  # the float32 answer, scored by every lit-lora model
+    with torch.inference_mode():
+        reference_top1 = ours(sequence)[0, prompt_length - 1: -1].argmax(dim=-1)
+    reference = speeds["transformers float32"]
+    print(f"\nfloat32 greedy tokens of lit-lora (eager and compiled) identical to transformers': yes")
+    print(f"{'engine':28s} {'tokens/s':>9s} {'vs transformers fp32':>21s} {'bandwidth limit':>16s} {'prefill tok/s':>14s} "
+          f"{'same tokens as fp32':>20s} {'teacher-forced top-1':>21s}")
+    results: Dict[str, float] = {"bandwidth_gb_s": bandwidth}
+    for engine, values in speeds.items():
+        if engine in failures:
+            print(f"{engine:28s} failed ({failures[engine]})")
+            continue
+        speed = statistics.median(values)
+        ratio = statistics.median(v / r for v, r in zip(values, reference))
+        share = speed * bytes_per_token[engine] / (bandwidth * 1e9)
+        agree, top1_text = "", ""
+        tokens = outputs[engine]["tokens"]
+        if tokens is not None and engine in scorers and not engine.startswith("lit-lora float32"):
+            first = int((tokens != exact).int().argmax()) if not torch.equal(tokens, exact) else len(exact)
+            agree = f"first {first} of {len(exact)}"
             with torch.inference_mode():  # at each position of the float32 answer, the same next token?
-                top1 = scorers[engine](sequence)[0, prompt.size(1) - 1 : -1].float().argmax(dim=-1)
-            same_top1 = (top1 == reference_top1).float().mean().item()
-            results[name][f"{engine} top-1 agreement"] = same_top1
-            print(f"{engine:24s} {statistics.median(values):9.1f} {ratio:23.2f}x {f'first {agree} of {len(exact)}':>23s} "
-                  f"{100 * same_top1:30.1f}%")
+                top1 = scorers[engine](sequence)[0, prompt_length - 1: -1].float().argmax(dim=-1)
+            results[f"{engine} top-1 agreement"] = (top1 == reference_top1).float().mean().item()
+            top1_text = f"{100 * results[f'{engine} top-1 agreement']:.1f}%"
+        results[engine], results[f"{engine} ratio"], results[f"{engine} bandwidth share"] = speed, ratio, share
+        print(f"{engine:28s} {speed:9.1f} {ratio:20.2f}x {100 * share:15.0f}% {statistics.median(prefill[engine]):14.0f} "
+              f"{agree:>20s} {top1_text:>21s}")
+    for kind in ("bf16", "q8_0"):
+        ours_engine = f"lit-lora {'bf16' if kind == 'bf16' else 'int8'} compiled"
+        theirs = f"llama.cpp {kind}"
+        if ours_engine in results and theirs in results:
+            print(f"{ours_engine} vs {theirs}: {results[ours_engine] / results[theirs]:.2f}x")
+
+    batch_kind = "bf16" if bf16 else "float32"
+    print(f"\nbatches ({batch_kind}, generate with a list of prompts; tokens/s of all rows together)")
+    prompts = [torch.randint(0, 32000, (prompt_length,), generator=torch.Generator().manual_seed(b)).to(chosen)
+               for b in range(max(batch_sizes))]
+    runners = {"eager": models[batch_kind]}
+    if compile:
+        runners["compiled"] = CompiledDecoding(models[batch_kind])
+    for name, runner in runners.items():
+        batch_speeds: Dict[int, float] = {}
+        for size in batch_sizes:
+            timed_ours(runner, prompts[:size], new_tokens, cache_length)  # warm-up (and compiling the batch shape)
+            batch_speeds[size] = statistics.median(timed_ours(runner, prompts[:size], new_tokens, cache_length)["tokens_per_second"]
+                                                   for _ in range(rounds))
+            results[f"batch {size} {name}"] = batch_speeds[size]
+        print(f"  {name:9s} " + ", ".join(f"batch {size}: {speed:.0f} tok/s ({speed / batch_speeds[batch_sizes[0]]:.1f}x)"
+                                          for size, speed in batch_speeds.items()))
     return results
 
 

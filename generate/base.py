@@ -8,13 +8,13 @@ See howto/inference.md.
 
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import List, Literal, Optional, Union
 
 import torch
 
 from lit_lora.cli import run
 from lit_lora.generate import check_generation_settings
-from lit_lora.inference import encode_prompts, generate_streaming, load_for_generation
+from lit_lora.inference import encode_prompts, generate_batches, generate_streaming, load_for_generation, read_prompts_file
 from lit_lora.quantize import QuantizeMode
 
 
@@ -30,7 +30,9 @@ def main(
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     quantize: Optional[QuantizeMode] = None,
     compile: bool = False,
-) -> str:
+    prompts_file: Optional[Path] = None,
+    batch_size: int = 8,
+) -> Union[str, List[str]]:
     """Generate a continuation of `prompt` with a lit-lora checkpoint.
 
     Args:
@@ -45,10 +47,21 @@ def main(
         dtype: "auto" is bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16/AMX), else float32.
         quantize: keep the linear layers in 4 bits, "nf4" or "nf4-dq" (QLoRA; see howto/finetune_qlora.md), or
             in 8 bits, "int8": the fastest decoding on a CPU with native bf16 (see howto/inference.md).
-        compile: torch.compile the model before generating: faster decoding after 10-60 s of compiling.
+        compile: torch.compile the model before generating: faster decoding after 10-60 s of compiling (one prompt).
+        prompts_file: continue every prompt of this file instead (one per line, or a JSON list of strings),
+            `batch_size` at a time in one batch each; the answers go to stdout under `### prompt N` lines.
+        batch_size: prompts generated together with --prompts_file.
     """
     check_generation_settings(max_new_tokens, temperature, top_k, top_p)
     torch.manual_seed(seed)
+    if prompts_file is not None:
+        texts = read_prompts_file(prompts_file)
+        tokenizer, prompts = encode_prompts(checkpoint_dir, texts, max_new_tokens)
+        model = load_for_generation(checkpoint_dir, device, dtype, quantize)
+        answers, stats = generate_batches(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
+                                          temperature=temperature, top_k=top_k, top_p=top_p, continuation=True)
+        print(stats, file=sys.stderr)
+        return [text + answer for text, answer in zip(texts, answers)]
     tokenizer, [prompt_ids] = encode_prompts(checkpoint_dir, [prompt], max_new_tokens)
     model = load_for_generation(checkpoint_dir, device, dtype, quantize)
     text, stats = generate_streaming(model, tokenizer, prompt_ids, max_new_tokens, temperature=temperature,

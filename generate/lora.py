@@ -19,7 +19,7 @@ from typing import List, Literal, Optional, Union
 
 from lit_lora.cli import run
 from lit_lora.generate import check_generation_settings
-from lit_lora.inference import answer_with_each
+from lit_lora.inference import answer_with_each, read_prompts_file
 from lit_lora.quantize import QuantizeMode
 
 
@@ -39,6 +39,8 @@ def main(
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     quantize: Optional[QuantizeMode] = None,
     compile: bool = False,
+    prompts_file: Optional[Path] = None,
+    batch_size: int = 8,
 ) -> List[str]:
     """Answer `prompt` (an instruction, with an optional `input`) with each LoRA adapter.
 
@@ -59,12 +61,16 @@ def main(
         dtype: "auto" is bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16/AMX), else float32.
         quantize: keep the linear layers in 4 bits, "nf4" or "nf4-dq" (QLoRA; see howto/finetune_qlora.md), or
             in 8 bits, "int8": the fastest decoding on a CPU with native bf16 (see howto/inference.md).
-        compile: torch.compile the model before generating: faster decoding after 10-60 s of compiling.
+        compile: torch.compile the model before generating: faster decoding after 10-60 s of compiling (one prompt).
+        prompts_file: answer every instruction of this file instead of `prompt` (one per line, or a JSON list
+            of strings), `batch_size` at a time in one batch each, under `### prompt N` lines.
+        batch_size: instructions answered together with --prompts_file.
     """
     check_generation_settings(max_new_tokens, temperature, top_k, top_p)
-    return answer_with_each(checkpoint_dir, lora_path if isinstance(lora_path, list) else [lora_path], "lora", prompt, input,
+    return answer_with_each(checkpoint_dir, lora_path if isinstance(lora_path, list) else [lora_path], "lora",
+                            read_prompts_file(prompts_file) if prompts_file is not None else prompt, input,
                             prompt_style, merge, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
-                            quantize, compile)
+                            quantize, compile, batch_size)
 
 if __name__ == "__main__":
     run(main)

@@ -382,13 +382,15 @@ def compare_methods(checkpoint_dir: PathLike, data_dir: PathLike, out_dir: PathL
                     budget: Dict[str, Any], include: Sequence[PathLike] = (), learning_rates: Optional[Dict[str, float]] = None,
                     eval_file: Optional[PathLike] = None, max_new_tokens: int = 64, precision: Optional[str] = None,
                     accelerator: str = "auto", overwrite: bool = False, tasks: Sequence[str] = (),
-                    task_limit: Optional[int] = None, include_path: Optional[PathLike] = None) -> str:
+                    task_limit: Optional[int] = None, include_path: Optional[PathLike] = None,
+                    compile_model: bool = False) -> str:
     """Finetune every variant on the same `budget` (TrainArgs fields: max_steps, global_batch_size, seed,
     ...), each with its method's own learning rate unless `learning_rates` names one; add the runs of
     `include`; score every model (the base too) on `eval_file` by exact match; write comparison.md,
     comparison.json, loss_curves.png and the update heatmaps to `out_dir`. A run directory holding an earlier
     run is refused unless `overwrite`. With `tasks`, every model is also scored on those lm-eval tasks
-    (lit_lora/evaluate.py; `task_limit` examples each), one column per task. Returns the report."""
+    (lit_lora/evaluate.py; `task_limit` examples each), one column per task. `compile_model` trains every
+    variant compiled (finetune --compile). Returns the report."""
     learning_rates = dict(learning_rates or {})
     names = [variant.name for variant in variants] + [str(path) for path in include]
     if len(set(names)) != len(names):
@@ -411,7 +413,7 @@ def compare_methods(checkpoint_dir: PathLike, data_dir: PathLike, out_dir: PathL
               f"{train.learning_rate:g} ===", flush=True)
         results.append(finetune(variant, out_dir / variant.name, device, checkpoint_dir=checkpoint_dir,
                                 data_dir=data_dir, train=train, precision=precision, accelerator=accelerator,
-                                overwrite=overwrite))
+                                overwrite=overwrite, compile=compile_model))
         release_memory()
     results += finished
 

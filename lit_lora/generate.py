@@ -32,7 +32,7 @@ What the generate/*.py scripts add around this (device and dtype choice, loading
 timing) is in lit_lora/inference.py; faster decoding (compiled, int8 weights) in lit_lora/speed.py.
 """
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -98,16 +98,21 @@ def check_generation_settings(max_new_tokens: int, temperature: float, top_k: Op
 
 
 @torch.inference_mode()
-def generate(model: Llama, prompt_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.8,
+def generate(model: Llama, prompt_ids: Union[torch.Tensor, Sequence[torch.Tensor]], max_new_tokens: int, *, temperature: float = 0.8,
              top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
              on_token: Optional[Callable[[torch.Tensor], None]] = None,
              generator: Optional[torch.Generator] = None, cache_length: Optional[int] = None,
-             cached: Optional[int] = None) -> torch.Tensor:
+             cached: Optional[int] = None) -> Union[torch.Tensor, List[torch.Tensor]]:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens; returns the prompt followed by the new ids.
 
-    prompt_ids: (T,) for one prompt, or (B, T) for a batch of prompts of equal length (the model has no
-        padding mask, so prompts of different lengths must be generated separately). The result has the
-        same number of dimensions.
+    prompt_ids: (T,) for one prompt, (B, T) for a batch of prompts of equal length (the result has the same
+        number of dimensions), or a list of (T_i,) prompts of any lengths, generated as one batch: each is
+        left-padded to the longest, and the model skips the padding (`left_pad`, see `Llama.forward`), so
+        every row computes what its prompt alone would. The result is then a list: each prompt followed
+        by its new ids, up to and including its own EOS.
+
+            [pad pad p p p | n n n EOS ...]    row 0: positions 0 1 2 | 3 4 5 6    (the pads are skipped)
+            [p   p   p p p | n n n n   ...]    row 1: positions 0 1 2 3 4 | 5 6 ...
     temperature, top_k, top_p: see `sample_next_token`; temperature=0 is greedy decoding.
     eos_id: stop once every sequence has produced it. The EOS token is included in the output; in a
         batch, sequences that finished early are padded with eos_id. None: always max_new_tokens.
@@ -125,11 +130,20 @@ def generate(model: Llama, prompt_ids: torch.Tensor, max_new_tokens: int, *, tem
     is replaced).
     """
     check_generation_settings(max_new_tokens, temperature, top_k, top_p)
-    batched = prompt_ids.dim() == 2
-    if prompt_ids.dim() not in (1, 2) or prompt_ids.size(-1) == 0:
-        raise ValueError(f"prompt_ids must be a non-empty (T,) or (B, T) tensor of token ids, got shape {tuple(prompt_ids.shape)}")
     device = model.tok_embeddings.weight.device
-    prompt = (prompt_ids if batched else prompt_ids[None]).to(device)  # (B, T)
+    left_pad = None
+    if isinstance(prompt_ids, (list, tuple)):  # prompts of different lengths: left-pad them into one batch
+        if not prompt_ids or any(p.dim() != 1 or p.numel() == 0 for p in prompt_ids) or cached is not None:
+            raise ValueError("a list of prompts must hold non-empty (T,) tensors of token ids (and cannot continue a cache)")
+        lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
+        left_pad = int(lengths.max()) - lengths  # (B,)
+        prompt = torch.zeros(len(prompt_ids), int(lengths.max()), dtype=torch.long, device=device)  # (B, T)
+        for row, ids in enumerate(prompt_ids):
+            prompt[row, int(left_pad[row]):] = ids
+    elif prompt_ids.dim() not in (1, 2) or prompt_ids.size(-1) == 0:
+        raise ValueError(f"prompt_ids must be a non-empty (T,) or (B, T) tensor of token ids, got shape {tuple(prompt_ids.shape)}")
+    else:
+        prompt = (prompt_ids if prompt_ids.dim() == 2 else prompt_ids[None]).to(device)  # (B, T)
     B, T = prompt.shape
     block_size = model.config.block_size
     check_prompt_fits(T, block_size)
@@ -151,7 +165,7 @@ def generate(model: Llama, prompt_ids: torch.Tensor, max_new_tokens: int, *, tem
     try:
         # Prefill: the prompt (what the cache does not hold yet) in one forward pass fills the cache;
         # only the last position's logits matter, they score the first new token.
-        logits = model(tokens[:, start:T], torch.arange(start, T, device=device))[:, -1]  # (B, V)
+        logits = model(tokens[:, start:T], torch.arange(start, T, device=device), left_pad=left_pad)[:, -1]  # (B, V)
         length = T
         input_pos = torch.tensor([T], device=device)  # where the next token goes; advanced in place
         while length < total:
@@ -166,12 +180,24 @@ def generate(model: Llama, prompt_ids: torch.Tensor, max_new_tokens: int, *, tem
             if length == total or (eos_id is not None and bool(finished.all())):
                 break
             # Decode: one token per sequence; it attends to the cache and appends its key/value.
-            logits = model(next_ids[:, None], input_pos)[:, -1]  # (B, 1, V) -> (B, V)
+            logits = model(next_ids[:, None], input_pos, left_pad=left_pad)[:, -1]  # (B, 1, V) -> (B, V)
             input_pos += 1
     finally:
         if cached is None:
             model.clear_kv_cache()
-    return tokens[:, :length] if batched else tokens[0, :length]
+    if left_pad is not None:  # each prompt without its padding, and its answer up to its own EOS
+        return [row[int(pad):length][: own_length(row[int(pad):length], len(ids), eos_id)]
+                for row, pad, ids in zip(tokens, left_pad, prompt_ids)]
+    return tokens[:, :length] if prompt_ids.dim() == 2 else tokens[0, :length]
+
+
+def own_length(ids: torch.Tensor, prompt_length: int, eos_id: Optional[int]) -> int:
+    """How many of `ids` (a prompt and its generated ids) belong to this row: up to its first new EOS."""
+    if eos_id is not None:
+        ends = (ids[prompt_length:] == eos_id).nonzero()
+        if len(ends):
+            return prompt_length + int(ends[0]) + 1
+    return len(ids)
 
 
 def check_prompt_fits(prompt_length: int, block_size: int) -> None:

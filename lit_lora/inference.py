@@ -3,11 +3,12 @@ request before any weight is read, loading (optionally quantized), applying adap
 streaming the text as it is produced, and timing it. The lesson itself is lit_lora/generate.py.
 """
 
+import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, TextIO, Tuple
+from typing import Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
 import torch
 
@@ -206,7 +207,8 @@ def generate_streaming(model: Llama, tokenizer: Tokenizer, prompt_ids: torch.Ten
     runner, cache_length = model, None
     if compile:
         started = time.perf_counter()
-        runner, cache_length = compile_for_decoding(model, prompt_ids), model.config.block_size
+        cache_length = min(prompt_ids.size(-1) + max_new_tokens, model.config.block_size)
+        runner = compile_for_decoding(model, prompt_ids, cache_length)
         print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     print(echo, end="", file=file or sys.stdout, flush=True)
     start = time.perf_counter()
@@ -221,19 +223,72 @@ def generate_streaming(model: Llama, tokenizer: Tokenizer, prompt_ids: torch.Ten
     return text, stats
 
 
+def read_prompts_file(path: PathLike) -> List[str]:
+    """The prompts of a file: a JSON list of strings (`.json`, for prompts spanning lines), else one prompt per
+    non-empty line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}): give a list of strings, or a text file with one prompt per line") from None
+        if not isinstance(prompts, list) or not all(isinstance(p, str) and p for p in prompts):
+            raise ValueError(f"{path} must hold a JSON list of non-empty strings, one per prompt")
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt")
+    return prompts
+
+
+def generate_batches(model: Llama, tokenizer: Tokenizer, prompts: Sequence[torch.Tensor], max_new_tokens: int, *,
+                     batch_size: int = 8, temperature: float = 0.8, top_k: Optional[int] = None,
+                     top_p: Optional[float] = None, continuation: bool = False,
+                     file: Optional[TextIO] = None) -> Tuple[List[str], str]:
+    """Answer many prompts, `batch_size` at a time (`generate` with a list: left padding, each row stopping
+    at its own EOS); every answer is printed to `file` (stdout) under a `### prompt N` line as its batch
+    ends. Prompts of similar length share a batch (less padding); the answers come back in the prompts'
+    order. `continuation`: as in `generate_streaming` (the answer keeps the space joining it to the prompt).
+    Returns (the answers, a line of statistics)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: Dict[int, str] = {}
+    start, new_tokens = time.perf_counter(), 0
+    for first in range(0, len(order), batch_size):
+        chunk = order[first:first + batch_size]
+        outputs = generate(model, [prompts[i] for i in chunk], max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, eos_id=tokenizer.eos_id)
+        for i, ids in zip(chunk, outputs):
+            new = ids[len(prompts[i]):].tolist()
+            new_tokens += len(new)
+            context = [int(prompts[i][-1])] if continuation else []  # decoded behind it, as TextStreamer does
+            text_ids = context + (new[:-1] if new and new[-1] == tokenizer.eos_id else new)
+            answers[i] = tokenizer.decode(text_ids)[len(tokenizer.decode(context)):]
+            print(f"### prompt {i + 1}\n{answers[i]}", file=file or sys.stdout, flush=True)
+    seconds = time.perf_counter() - start
+    stats = (f"{len(prompts)} prompts in batches of up to {batch_size}: {new_tokens} new tokens in {seconds:.2f} s, "
+             f"{new_tokens / seconds:.1f} tokens/s; {peak_memory(model.tok_embeddings.weight.device)}")
+    return [answers[i] for i in range(len(prompts))], stats
+
+
 # ----------------------------------------------------------------------------------------------------
 # One base, several adapters
 # ----------------------------------------------------------------------------------------------------
 
 
-def answer_with_each(checkpoint_dir: PathLike, paths: Sequence[PathLike], method: str, instruction: str,
+def answer_with_each(checkpoint_dir: PathLike, paths: Sequence[PathLike], method: str, instructions: Union[str, Sequence[str]],
                      input: str = "", prompt_style: Optional[str] = None, merge: bool = False,
                      max_new_tokens: int = 100, temperature: float = 0.8, top_k: Optional[int] = None,
                      top_p: Optional[float] = None, seed: int = 1234, device: str = "auto", dtype: str = "auto",
-                     quantize: Optional[str] = None, compile: bool = False) -> List[str]:
-    """Answer `instruction` with the base checkpoint plus each weights file of `method` in turn; returns
-    the answers. The base weights are loaded once; each file is applied (and merged, if asked and the
-    method merges), answers, and is taken off again before the next.
+                     quantize: Optional[str] = None, compile: bool = False, batch_size: int = 8) -> List[str]:
+    """Answer the instruction (or each of several `instructions`, `batch_size` at a time: `generate_batches`)
+    with the base checkpoint plus each weights file of `method` in turn; returns the answers, file by file.
+    The base weights are loaded once; each file is applied (and merged, if asked and the method merges),
+    answers, and is taken off again before the next.
 
     Each answer is prompted in the style its file was trained with unless `prompt_style` says otherwise.
     Every file and every prompt is checked before the weights are read. Only the answers go to stdout
@@ -246,8 +301,9 @@ def answer_with_each(checkpoint_dir: PathLike, paths: Sequence[PathLike], method
     for path, header in zip(paths, headers):
         check_same_base(str(path), header.model_config, base_config)
     styles = [get_prompt_style(prompt_style or header.prompt_style or DEFAULT_PROMPT_STYLE) for header in headers]
-    tokenizer, prompts = encode_prompts(checkpoint_dir, [style.format(instruction, input) for style in styles],
-                                        max_new_tokens)
+    instructions = [instructions] if isinstance(instructions, str) else list(instructions)
+    tokenizer, prompts = encode_prompts(checkpoint_dir, [style.format(instruction, input) for style in styles
+                                                         for instruction in instructions], max_new_tokens)
     model = load_for_generation(checkpoint_dir, device, dtype, quantize)
     if merge and (found.merge is None or quantize is not None):
         print(f"note: the {found.name} update stays separate from the base weights ("
@@ -255,7 +311,8 @@ def answer_with_each(checkpoint_dir: PathLike, paths: Sequence[PathLike], method
                  if found.merge is not None else "this method has nothing to merge)"), file=sys.stderr)
         merge = False
     answers = []
-    for path, style, prompt_ids in zip(paths, styles, prompts):
+    for index, (path, style) in enumerate(zip(paths, styles)):
+        file_prompts = prompts[index * len(instructions):(index + 1) * len(instructions)]
         weights = apply_weights(model, path, found)
         if merge:
             found.merge(model)
@@ -264,9 +321,14 @@ def answer_with_each(checkpoint_dir: PathLike, paths: Sequence[PathLike], method
         if len(paths) > 1:
             print(f"### {path}", flush=True)
         torch.manual_seed(seed)
-        answer, stats = generate_streaming(model, tokenizer, prompt_ids, max_new_tokens, temperature=temperature,
-                                           top_k=top_k, top_p=top_p, continuation=False, compile=compile)
-        answers.append(answer)
+        if len(file_prompts) == 1:
+            answer, stats = generate_streaming(model, tokenizer, file_prompts[0], max_new_tokens, temperature=temperature,
+                                               top_k=top_k, top_p=top_p, continuation=False, compile=compile)
+            answers.append(answer)
+        else:
+            batch_answers, stats = generate_batches(model, tokenizer, file_prompts, max_new_tokens, batch_size=batch_size,
+                                                    temperature=temperature, top_k=top_k, top_p=top_p)
+            answers += batch_answers
         print(stats, file=sys.stderr)
         take_off(model, found)
     return answers

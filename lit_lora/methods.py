@@ -227,7 +227,8 @@ def finetune(method: Union[str, Method], arguments: Dict[str, Any]) -> Dict[str,
     return fit(run.fabric, run.model, run.train_data, run.val_data, settings.train, settings.out_dir,
                save_weights=save, weights_name=method.weights_name, sample=sample, resume=settings.resume,
                overwrite=settings.overwrite, hyperparameters=arguments,
-               lr_scale=(lambda name: method.lr_scale(config, name)) if method.lr_scale else (lambda name: 1.0))
+               lr_scale=(lambda name: method.lr_scale(config, name)) if method.lr_scale else (lambda name: 1.0),
+               compile_model=settings.compile)
 
 
 def merge_into_checkpoint(checkpoint_dir: PathLike, weights_path: PathLike, output_dir: PathLike,

@@ -132,10 +132,13 @@ def rope_cos_sin(positions: torch.Tensor, head_size: int, theta: float, dtype: t
 
     The tables are computed per forward pass (T x hs/2 sines, negligible next to the matmuls), so
     the model holds no buffers that would need rebuilding after meta-device initialisation.
+
+    positions: (T,), one position list for every row, or (B, T), each row its own (packed rows, left-padded
+    prompts). Returns cos and sin of shape (1, T, hs) or (B, 1, T, hs): broadcastable against (B, n, T, hs).
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, device=positions.device, dtype=torch.float32) / head_size)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hs/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (T, hs): the same angle for feature i and i + hs/2
+    angles = positions.float()[..., None] * inv_freq  # (..., T, hs/2)
+    angles = torch.cat((angles, angles), dim=-1).unsqueeze(-3)  # (..., 1, T, hs): feature i and i + hs/2 share an angle
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -302,18 +305,28 @@ class Llama(nn.Module):
         for block in self.layers:
             block.attn.kv_cache = None
 
-    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, *,
+                segment_ids: Optional[torch.Tensor] = None, left_pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, V).
 
         Without `input_pos` the whole sequence is processed with a causal mask (training, scoring).
         With `input_pos` (T positions, increasing), keys/values are written to the KV cache set up by
         `set_kv_cache` and each query attends to every cached position up to its own.
+
+        segment_ids (B, T), training on packed rows (lit_lora/data.py, `PackedBatchSampler`): a row holds
+            several samples back to back, token t of sample s marked s. Each token attends only to the
+            earlier tokens of its own sample and its rotary position counts from that sample's start, so
+            every sample is computed exactly as if it were alone in its row.
+        left_pad (B,), batched generation of prompts of different lengths (lit_lora/generate.py): row b
+            starts with left_pad[b] padding positions, which no query attends to and which positions skip.
         """
         B, T = idx.shape
         if input_pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of length {T} exceeds the context length {self.config.block_size}")
-            positions, mask = torch.arange(T, device=idx.device), None
+            positions, mask = torch.arange(T, device=idx.device), None  # (T,); None: plain causal
+            if segment_ids is not None:
+                positions, mask = packed_positions_and_mask(segment_ids)  # (B, T), (B, 1, T, T)
         else:
             cache = self.layers[0].attn.kv_cache
             if cache is None:
@@ -321,8 +334,7 @@ class Llama(nn.Module):
             end = int(input_pos[-1]) + 1
             if end > cache.k.size(2) or B > cache.k.size(0):
                 raise ValueError(f"position {end - 1} / batch {B} do not fit the KV cache of shape {tuple(cache.k.shape)}")
-            positions = input_pos
-            mask = input_pos[:, None] >= torch.arange(end, device=idx.device)[None, :]  # (T, S): causal over the cache
+            positions, mask = cached_positions_and_mask(input_pos, end, left_pad)
         cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta, self.tok_embeddings.weight.dtype)
 
         x = self.tok_embeddings(idx)  # (B, T, C)
@@ -332,3 +344,41 @@ class Llama(nn.Module):
             else:
                 x = block(x, cos, sin, input_pos, mask)
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+
+def cached_positions_and_mask(input_pos: torch.Tensor, end: int,
+                              left_pad: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotary positions and attention mask of T new tokens at cache slots `input_pos` (T,) attending to the
+    first `end` slots of the KV cache: (T,) and (T, S = end), or with `left_pad` (B,) (B, T) and (B, 1, T, S)."""
+    keys = torch.arange(end, device=input_pos.device)
+    mask = input_pos[:, None] >= keys[None, :]  # (T, S): causal over the cache
+    if left_pad is None:
+        return input_pos, mask
+    positions = input_pos[None, :] - left_pad[:, None]  # (B, T): every prompt's first token is position 0
+    not_padding = keys[None, :] >= left_pad[:, None]  # (B, S)
+    itself = keys[None, :] == input_pos[:, None]  # (T, S): a padding query sees only itself (none: NaNs in the cache)
+    return positions, mask & (not_padding[:, None, None, :] | itself)  # (B, 1, T, S)
+
+
+def packed_positions_and_mask(segment_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotary positions and attention mask of packed rows: segment_ids (B, T) -> (B, T), (B, 1, T, T).
+
+        segment_ids   0 0 0 1 1 2 2 2          mask (query row, key column):  block-diagonal and causal
+        positions     0 1 2 0 1 0 1 2              1 . . . . . . .
+                                                   1 1 . . . . . .
+                                                   1 1 1 . . . . .
+                                                   . . . 1 . . . .
+                                                   . . . 1 1 . . .   ...
+
+    The pitfall this avoids: packing samples into one long causal sequence (what "simple" packing in some
+    trainers does) lets every sample attend to the samples before it in the row and numbers its positions
+    from wherever it landed, so the model learns from (and is scored on) text it will never see together.
+    """
+    T = segment_ids.size(1)
+    index = torch.arange(T, device=segment_ids.device)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)  # (B, T): True where a new sample begins
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start_of_own_sample = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T)
+    same_sample = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    causal = index[:, None] >= index[None, :]  # (T, T)
+    return index - start_of_own_sample, (same_sample & causal).unsqueeze(1)  # (B, T), (B, 1, T, T)

@@ -5,14 +5,17 @@ or in less memory; lit_lora/train.py calls them and names the plain formula besi
     chunked_cross_entropy          F.cross_entropy(logits.float(), targets)        no float32 copy of the logits
     HalfPrecisionKeepingOutputs    Fabric's bf16-true/16-true precision plugin     no float32 copy of the outputs
     keep_freed_memory_for_reuse    glibc's default malloc thresholds (CPU)         no fresh zeroed pages per step
+    compile_for_training           the eager forward and backward                  fused elementwise work, tuned GEMMs
 
 The decoding half is lit_lora/speed.py. benchmarks/benchmark_finetune.py prints the same-run ratios.
 """
 
 import ctypes
 import ctypes.util
+import os
+import shutil
 import sys
-from typing import Any
+from typing import Any, Optional, Tuple
 
 import torch
 from lightning.fabric.plugins import HalfPrecision
@@ -110,3 +113,45 @@ def keep_freed_memory_for_reuse() -> bool:
     mmap_set = mallopt(m_mmap_threshold, 1 << 30) or mallopt(m_mmap_threshold, 32 << 20)
     trim_set = mallopt(m_trim_threshold, (1 << 31) - 1)
     return bool(mmap_set and trim_set)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A compiled training step
+# ----------------------------------------------------------------------------------------------------
+
+
+def compile_for_training(model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                         strategy: str = "auto") -> Tuple[torch.nn.Module, Optional[str]]:
+    """`torch.compile(model)` for training, or the model itself where it cannot compile; returns it and a
+    one-line note saying why not (None when compiled). Compiling happens at the first forward pass.
+
+    Replaces the eager forward and backward, where every norm, rotary rotation, SwiGLU product, residual
+    add and cast is a separate pass over memory and a separate dispatch (~20 per layer, forward and
+    backward); inductor fuses them into a few loops, and AOTAutograd plans the backward ahead. On a CPU
+    with native bf16, `max-autotune-no-cudagraphs` also replaces oneDNN's matrix products by inductor's
+    own C++ GEMM templates tuned for each shape (see benchmarks/benchmark_finetune.py for measurements).
+    Costs: tens of seconds of compiling at the first step and at the first validation (eval mode and
+    no_grad are other graphs), and again once when a batch of a new length arrives (the graph is then
+    recompiled with a symbolic length, which serves every later length). Packed rows (`--train.packing`)
+    all have one shape. Generation during training stays eager (`loop.model.module`). Dropout draws its
+    masks from torch's own generator, as in eager mode, so a compiled run reproduces an eager one (to
+    float rounding) and resumes from the RNG state in its checkpoints.
+    """
+    if strategy == "fsdp":
+        return model, "--compile is not used with --strategy fsdp (training continues eagerly)"
+    if device.type == "cpu":
+        compilers = [os.environ.get("CXX"), "g++", "clang++", "c++"]
+        if not any(name and shutil.which(name) for name in compilers):
+            return model, "--compile needs a C++ compiler on a CPU (none found: set CXX); training continues eagerly"
+    elif device.type == "cuda":
+        try:
+            import triton  # noqa: F401  (inductor's GPU code generator)
+        except ImportError:
+            return model, "--compile needs triton on a GPU (pip install triton); training continues eagerly"
+    else:
+        return model, f"--compile is not supported on {device.type}; training continues eagerly"
+    torch._dynamo.config.suppress_errors = True  # an unexpected compiler failure runs that code eagerly instead
+    torch._inductor.config.fallback_random = True  # dropout draws from torch's RNG, as eagerly: same masks, same resume
+    tuned_gemms = device.type == "cpu" and dtype == torch.bfloat16
+    return torch.compile(model, mode="max-autotune-no-cudagraphs" if tuned_gemms else None), None
+

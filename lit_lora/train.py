@@ -24,7 +24,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import lightning as L
 import torch
@@ -34,8 +34,8 @@ from lightning.fabric.strategies import FSDPStrategy
 from tqdm import tqdm
 
 from lit_lora.checkpoint import TOKENIZER_NAME, CheckpointError, check_keys_and_shapes, load_checkpoint, save_json
-from lit_lora.data import (IGNORE_INDEX, BatchSampler, check_same_tokenizer, collate, load_prepare_config,
-                           load_prepared_split)
+from lit_lora.data import (IGNORE_INDEX, BatchSampler, PackedBatchSampler, check_same_tokenizer, collate,
+                           load_prepare_config, load_prepared_split)
 from lit_lora.generate import generate
 from lit_lora.model import Block, Llama
 from lit_lora.plots import plot_losses
@@ -43,7 +43,8 @@ from lit_lora.prompts import PromptStyle, get_prompt_style
 from lit_lora.quantize import load_checkpoint_quantized
 from lit_lora.run_dir import (CHECKPOINT_DIR_NAME, FINISHED_NAME, claim_out_dir, deferred_signals, find_resume_checkpoints,
                               remove_path, set_aside)
-from lit_lora.speed_training import HalfPrecisionKeepingOutputs, chunked_cross_entropy, keep_freed_memory_for_reuse
+from lit_lora.speed_training import (HalfPrecisionKeepingOutputs, chunked_cross_entropy, compile_for_training,
+                                     keep_freed_memory_for_reuse)
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.utils import PathLike, count_parameters, parameter_report, peak_memory
 
@@ -88,6 +89,9 @@ class TrainArgs:
     """Seeds weight init of the adapter, dropout and the data order."""
     group_by_length: bool = False
     """Batch sequences of similar length together to waste less compute on padding."""
+    packing: bool = False
+    """Pack several samples into each row (as long as the longest sample), each attending only to itself:
+    far less padding, the same loss per sample. micro_batch_size and global_batch_size then count rows."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~1/3 more compute."""
     sample_instruction: str = "Recommend a movie for me to watch during the weekend and explain the reason."
@@ -174,6 +178,7 @@ class RunSettings:
     strategy: str = "auto"
     accelerator: str = "auto"
     quantize: Optional[str] = None  # QLoRA: the frozen base in 4 bits (lit_lora/quantize.py)
+    compile: bool = False  # torch.compile the forward and backward passes (speed_training.compile_for_training)
     resume: Optional[str] = None  # "auto" or the path of a resumable checkpoint
     overwrite: bool = False
 
@@ -244,7 +249,18 @@ def parameter_groups(model: torch.nn.Module, lr_scale: Callable[[str], float]) -
     return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
 
 
-def rank_batches(sampler: BatchSampler, epoch: int, fabric: L.Fabric) -> List[List[int]]:
+Sampler = Union[BatchSampler, PackedBatchSampler]
+
+
+def make_sampler(train_data: List[Dict[str, torch.Tensor]], args: TrainArgs) -> Sampler:
+    """Padded batches (optionally grouped by length), or packed rows as long as the longest sample."""
+    lengths = [len(s["input_ids"]) for s in train_data]
+    if args.packing:
+        return PackedBatchSampler(lengths, args.micro_batch_size, row_length=max(lengths), seed=args.seed)
+    return BatchSampler(lengths, args.micro_batch_size, shuffle=True, seed=args.seed, group_by_length=args.group_by_length)
+
+
+def rank_batches(sampler: Sampler, epoch: int, fabric: L.Fabric) -> List[Any]:
     """This process's micro-batches of `epoch`: every world_size-th batch of the one global order."""
     batches = sampler.batches(epoch)
     usable = len(batches) - len(batches) % fabric.world_size  # every rank gets as many batches
@@ -298,6 +314,7 @@ class Loop:
     fabric: L.Fabric
     model: Any  # the model as Fabric wrapped it
     optimizer: Any
+    sampler: Sampler
     args: TrainArgs
     out_dir: Path
     trainable_shapes: Dict[str, torch.Size]
@@ -314,6 +331,16 @@ class Loop:
         kept = self.checkpoints()
         return FloatingPointError(f"{what} at step {step}; training stopped. Last good checkpoint: "
                                   f"{kept[0] if kept else 'none'}. Lower the learning rate or check the data.")
+
+
+def compiled_if_asked(fabric: L.Fabric, model: Llama, compile_model: bool) -> torch.nn.Module:
+    """The model compiled for training when asked and possible (Fabric compiles its own wrapper again)."""
+    if not compile_model:
+        return model
+    strategy = "fsdp" if isinstance(fabric.strategy, FSDPStrategy) else "other"
+    compiled, note = compile_for_training(model, fabric.device, model.tok_embeddings.weight.dtype, strategy)
+    fabric.print(note or "--compile: the first step compiles the model (its time is reported as first_step_seconds)")
+    return compiled
 
 
 def resume_from(loop: Loop, candidates: List[Path]) -> Path:
@@ -381,17 +408,19 @@ def save_resumable(loop: Loop) -> Path:
     return path
 
 
-def train_step(loop: Loop, train_data: List[Dict[str, torch.Tensor]], window: List[List[int]], lr: float) -> float:
-    """One optimizer step over the micro-batches of `window`; returns the mean loss (all ranks). A NaN or
-    infinite loss or gradient stops training before the weights are touched."""
+def train_step(loop: Loop, train_data: List[Dict[str, torch.Tensor]], window: List[Any], lr: float) -> Tuple[float, int]:
+    """One optimizer step over the micro-batches of `window`; returns the mean loss (all ranks) and the
+    number of tokens this rank's model ran (padding included). A NaN or infinite loss or gradient stops
+    training before the weights are touched."""
     fabric, model, optimizer = loop.fabric, loop.model, loop.optimizer
-    step_loss = torch.zeros((), device=fabric.device)
+    step_loss, tokens = torch.zeros((), device=fabric.device), 0
     for i, indices in enumerate(window):
-        batch = fabric.to_device(collate([train_data[j] for j in indices]))
+        batch = fabric.to_device(loop.sampler.collate(train_data, indices))
         with fabric.no_backward_sync(model, enabled=i < len(window) - 1):  # DDP syncs gradients once, at the end
-            loss = loss_fn(model(batch["input_ids"]), batch["labels"])
+            loss = loss_fn(model(batch["input_ids"], segment_ids=batch.get("segment_ids")), batch["labels"])
             fabric.backward(loss / len(window))
         step_loss += loss.detach() / len(window)
+        tokens += batch["input_ids"].numel()
     step_loss = fabric.all_reduce(step_loss, reduce_op="mean").item()
     step = loop.progress["step"] + 1
     if not math.isfinite(step_loss):
@@ -409,7 +438,7 @@ def train_step(loop: Loop, train_data: List[Dict[str, torch.Tensor]], window: Li
         group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss
+    return step_loss, tokens
 
 
 def evaluate(loop: Loop, val_data: List[Dict[str, torch.Tensor]], sample: Optional[Callable[[Llama], str]]) -> Dict[str, float]:
@@ -448,7 +477,9 @@ def finish(loop: Loop, metrics: Dict[str, Any], total_steps: int, step_times: Li
     metrics = {**metrics,
         "steps": loop.progress["step"], "total_steps": total_steps, "finished": finished,
         "final_train_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None),
-        "seconds_per_step": sum(step_times) / max(1, len(step_times)),
+        # the first step includes one-off work (compiling with --compile, allocator warm-up): reported apart
+        "first_step_seconds": step_times[0] if step_times else None,
+        "seconds_per_step": sum(step_times[1:] or step_times) / max(1, len(step_times[1:] or step_times)),
         "trainable_parameters": trainable_count, "total_parameters": total_count,
         "peak_memory": peak_memory(loop.fabric.device),
     }
@@ -472,31 +503,31 @@ def fit(fabric: L.Fabric, model: Llama, train_data: List[Dict[str, torch.Tensor]
         save_weights: Callable[[Path, torch.nn.Module], None], weights_name: str,
         sample: Optional[Callable[[Llama], str]] = None, resume: Optional[str] = None,
         overwrite: bool = False, hyperparameters: Optional[Dict[str, Any]] = None,
-        lr_scale: Callable[[str], float] = lambda name: 1.0) -> Dict[str, Any]:
+        lr_scale: Callable[[str], float] = lambda name: 1.0, compile_model: bool = False) -> Dict[str, Any]:
     """Train the parameters of `model` that require grad; returns the final metrics.
 
     `save_weights(path, model)` writes what this method keeps (adapter weights only, or the full model)
     to `out_dir / weights_name` at the end. `sample(model)` answers a fixed instruction at each evaluation.
     `lr_scale(parameter name)` multiplies the learning rate of that parameter (LoRA+; 1 for all by default).
+    `compile_model` runs the forward and backward passes compiled (`speed_training.compile_for_training`).
     """
     out_dir = Path(out_dir)
     if not train_data:
         raise ValueError("the training split is empty: prepare more data or lower --val_size")
     accumulation = args.accumulation_steps(fabric.world_size)
-    sampler = BatchSampler([len(s["input_ids"]) for s in train_data], args.micro_batch_size, shuffle=True,
-                           seed=args.seed, group_by_length=args.group_by_length)
+    sampler = make_sampler(train_data, args)
     total_steps = args.max_steps or args.epochs * max(1, len(rank_batches(sampler, 0, fabric)) // accumulation)
 
     with claim_out_dir(fabric, out_dir, resume, overwrite, weights_name, hyperparameters):
         model.activation_checkpointing = args.activation_checkpointing and not isinstance(fabric.strategy, FSDPStrategy)
         trainable_shapes = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
         fabric.print(f"{parameter_report(model)}; {peak_memory(fabric.device)} after loading")
-        wrapped = fabric.setup_module(model)
+        wrapped = fabric.setup_module(compiled_if_asked(fabric, model, compile_model))
         optimizer = torch.optim.AdamW(parameter_groups(wrapped, lr_scale), lr=args.learning_rate,
                                       weight_decay=args.weight_decay, betas=tuple(args.betas))
         fabric.seed_everything(args.seed)  # dropout draws the same masks on every rank and after a resume
         progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "rng": torch.get_rng_state(), "history": []}
-        loop = Loop(fabric, wrapped, fabric.setup_optimizers(optimizer), args, out_dir, trainable_shapes, progress)
+        loop = Loop(fabric, wrapped, fabric.setup_optimizers(optimizer), sampler, args, out_dir, trainable_shapes, progress)
         loop.progress["batch"] = batch_settings(loop)
         candidates = find_resume_checkpoints(out_dir, resume)
         if candidates:
@@ -518,9 +549,8 @@ def fit(fabric: L.Fabric, model: Llama, train_data: List[Dict[str, torch.Tensor]
                 step_start = time.perf_counter()
                 window = batches[progress["batch_in_epoch"] : progress["batch_in_epoch"] + accumulation]
                 lr = lr_at(progress["step"], total_steps, args)
-                loss = train_step(loop, train_data, window, lr)
-                tokens_seen += sum(max(len(train_data[j]["input_ids"]) for j in indices) * len(indices)
-                                   for indices in window) * fabric.world_size  # padded, as the model sees them
+                loss, tokens = train_step(loop, train_data, window, lr)
+                tokens_seen += tokens * fabric.world_size  # padded, as the model sees them
                 progress.update(step=progress["step"] + 1, batch_in_epoch=progress["batch_in_epoch"] + accumulation,
                                 rng=torch.get_rng_state())
                 progress["history"].append({"step": progress["step"], "train_loss": loss})

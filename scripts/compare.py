@@ -43,6 +43,8 @@ def main(
     tasks: List[str] = [],
     task_limit: Optional[int] = None,
     include_path: Optional[Path] = None,
+    packing: bool = False,
+    compile: bool = False,
 ) -> str:
     """Finetune every method on the same budget and write the comparison table and plots.
 
@@ -76,13 +78,16 @@ def main(
         tasks: lm-eval tasks to score every model on, one column each (needs pip install -e ".[eval]").
         task_limit: at most this many examples per task.
         include_path: a folder of your own lm-eval task YAMLs.
+        packing: pack several samples into each row (see finetune --train.packing); batch sizes then count rows.
+        compile: torch.compile every method's training step (see finetune --compile).
     """
     variants = [parse_variant(spec) for spec in list(methods) + (list(LORA_SWEEP) if lora_sweep else [])]
     budget = dict(max_steps=max_steps, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
                   warmup_steps=warmup_steps, eval_interval=eval_interval, eval_iters=eval_iters, seed=seed,
-                  save_interval=max_steps + 1)
+                  save_interval=max_steps + 1, packing=packing)
     report = compare_methods(checkpoint_dir, data_dir, out_dir, variants, budget, include, learning_rates, eval_file,
-                             max_new_tokens, precision, accelerator, overwrite, tasks, task_limit, include_path)
+                             max_new_tokens, precision, accelerator, overwrite, tasks, task_limit, include_path,
+                             compile_model=compile)
     print(report)
     print(f"wrote {Path(out_dir) / 'comparison.md'} and the plots in {out_dir}")
     return report

@@ -1,4 +1,5 @@
 import io
+import json
 import re
 import runpy
 import subprocess
@@ -94,6 +95,39 @@ def test_batch_and_eos_match_transformers_generate():
         stop = 6 + (first_eos(batch_full[row]) + 1 if first_eos(batch_full[row]) is not None else 20)
         assert torch.equal(batch[row, :stop], batch_full[row, :stop])
         assert (batch[row, stop:] == eos_id).all()  # finished rows are padded with EOS
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_prompts_of_different_lengths_in_one_batch_answer_as_each_alone(n_kv_heads):
+    """A list of prompts is left-padded into one batch; every row's greedy ids (float32) are those of its
+    prompt generated alone, each stopping at its own EOS, and those of transformers' left-padded batch."""
+    hf = make_hf_llama(n_kv_heads=n_kv_heads)
+    ours = lit_from_hf(hf)
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, hf.config.vocab_size, (n,), generator=generator) for n in (3, 11, 7, 1, 16)]
+    alone = [generate(ours, p, 24, temperature=0.0) for p in prompts]
+    together = generate(ours, prompts, 24, temperature=0.0)
+    assert isinstance(together, list) and len(together) == len(prompts)
+    for row, prompt in enumerate(prompts):  # another computation path (padded, batched): up to near-ties
+        assert_greedy_tokens(together[row], alone[row], logits_of(hf), prompt_length=len(prompt))
+
+    padded = torch.zeros(len(prompts), 16, dtype=torch.long)
+    attention_mask = torch.zeros_like(padded)
+    for row, prompt in enumerate(prompts):
+        padded[row, 16 - len(prompt):], attention_mask[row, 16 - len(prompt):] = prompt, 1
+    hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
+    with torch.no_grad():
+        theirs = hf.generate(padded, attention_mask=attention_mask, max_new_tokens=24, do_sample=False)
+    for row, prompt in enumerate(prompts):
+        assert_greedy_tokens(together[row], theirs[row, 16 - len(prompt):], logits_of(hf), prompt_length=len(prompt))
+
+    eos_id = int(alone[1][len(prompts[1]) + 4])  # row 1 produces it at its 5th new token
+    stopped = generate(ours, prompts, 24, temperature=0.0, eos_id=eos_id)
+    for row, prompt in enumerate(prompts):
+        new = together[row][len(prompt):]
+        end = len(prompt) + (int((new == eos_id).nonzero()[0]) + 1 if (new == eos_id).any() else len(new))
+        assert torch.equal(stopped[row], together[row][:end])
+    assert stopped[1][-1] == eos_id and len(stopped[1]) <= len(prompts[1]) + 5
 
 
 def test_generation_stops_at_the_end_of_the_context():
@@ -330,6 +364,29 @@ def test_lora_script_prints_the_response_from_the_command_line(tiny_checkpoint):
     assert several == [expected[1], expected[2], expected[1]]
 
 
+def test_scripts_answer_a_file_of_prompts_in_batches_as_each_alone(tiny_checkpoint, tmp_path, capsys):
+    instructions = ["Name a colour.", "Write a very long story about a cat and a dog and a mouse.", "Hi", "Count to three."]
+    (tmp_path / "prompts.txt").write_text("\n".join(instructions) + "\n\n")
+    lora = tiny_checkpoint / "lora1.safetensors"
+    alone = [expected_response(tiny_checkpoint, instruction, merged_lora(lora)) for instruction in instructions]
+    answers = generate_script("lora")(checkpoint_dir=tiny_checkpoint / "base", prompts_file=tmp_path / "prompts.txt",
+                                      lora_path=lora, temperature=0.0, max_new_tokens=20, dtype="float32", batch_size=3)
+    assert answers == alone  # batched (left-padded, each stopping at its own EOS) = one at a time
+    captured = capsys.readouterr()
+    assert all(f"### prompt {i + 1}\n{answer}\n" in captured.out for i, answer in enumerate(alone))
+    assert "4 prompts in batches of up to 3" in captured.err
+
+    (tmp_path / "prompts.json").write_text(json.dumps(["Once upon a time", "The capital of\nFrance is"]))
+    continued = generate_script("base")(checkpoint_dir=tiny_checkpoint / "base", prompts_file=tmp_path / "prompts.json",
+                                        temperature=0.0, max_new_tokens=10, dtype="float32")
+    assert continued[0] == generate_script("base")(checkpoint_dir=tiny_checkpoint / "base", prompt="Once upon a time",
+                                                   temperature=0.0, max_new_tokens=10, dtype="float32")
+    assert continued[1].startswith("The capital of\nFrance is")
+    (tmp_path / "bad.json").write_text('{"prompt": "x"}')
+    with pytest.raises(ValueError, match="must hold a JSON list of non-empty strings"):
+        generate_script("base")(checkpoint_dir=tiny_checkpoint / "base", prompts_file=tmp_path / "bad.json")
+
+
 def test_lora_script_merged_answers_survive_switching_adapters(tiny_checkpoint, capsys):
     paths = [tiny_checkpoint / "lora2.safetensors", tiny_checkpoint / "lora1.safetensors", tiny_checkpoint / "lora2.safetensors"]
     answers = generate_script("lora")(checkpoint_dir=tiny_checkpoint / "base", prompt="Name a colour.", temperature=0.0,
@@ -404,14 +461,30 @@ def test_base_script_with_int8_weights_and_compiled(tiny_checkpoint, capsys):
         assert "linear layers in int8" in captured.err and ("compiled in" in captured.err) == compile
 
 
+def test_compiled_decoding_gives_the_greedy_tokens_of_eager_decoding():
+    """`CompiledDecoding` (one fixed-shape graph over the whole cache) against the plain `generate` lesson:
+    one prompt, and prompts of different lengths in one left-padded batch, float32, with GQA."""
+    from lit_lora.speed import CompiledDecoding
+
+    hf = make_hf_llama(n_kv_heads=2)
+    ours = lit_from_hf(hf)
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, hf.config.vocab_size, (n,), generator=generator) for n in (9, 4, 13)]
+    compiled = CompiledDecoding(ours)
+    alone = generate(ours, prompts[0], 30, temperature=0.0)
+    assert_greedy_tokens(generate(compiled, prompts[0], 30, temperature=0.0), alone, logits_of(hf), prompt_length=9)
+    together = generate(compiled, prompts, 30, temperature=0.0)
+    for row, prompt in enumerate(prompts):
+        assert_greedy_tokens(together[row], generate(ours, prompt, 30, temperature=0.0), logits_of(hf),
+                             prompt_length=len(prompt))
+
+
 def test_a_failing_compile_is_a_one_line_error(tiny_checkpoint, monkeypatch):
     from lit_lora.speed import compile_for_decoding
 
-    def broken_compile(model, **kwargs):
+    def broken_compile(step, **kwargs):
         def compiled(*args, **kwargs):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(pages of traceback)")
-        compiled.config, compiled.tok_embeddings, compiled.layers = model.config, model.tok_embeddings, model.layers
-        compiled.set_kv_cache, compiled.clear_kv_cache = model.set_kv_cache, model.clear_kv_cache
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)

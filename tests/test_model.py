@@ -76,7 +76,7 @@ def test_rope_depends_only_on_relative_position():
     q, k = torch.randn(2, 32)
     def score(m, n):
         cos, sin = rope_cos_sin(torch.tensor([m, n]), 32, 10000.0, torch.float32)
-        rq, rk = apply_rope(torch.stack([q, k]), cos, sin)
+        rq, rk = apply_rope(torch.stack([q, k]), cos, sin)[0]  # cos, sin: (1, T, hs)
         return rq @ rk
     assert torch.allclose(score(3, 1), score(12, 10), atol=1e-5)
     assert not torch.allclose(score(3, 1), score(3, 2), atol=1e-3)
