@@ -11,7 +11,8 @@ then runs each engine back to back: greedy, a 16-token prompt, 128 new tokens, E
   transformers        `generate()` in float32 and bf16
   lit-lora            `generate()` eagerly, and through `CompiledDecoding` (what `generate/*.py --compile`
                       runs: the one-token step compiled with fixed shapes), in float32, bf16 (where the
-                      CPU has native bf16) and int8 weights with bf16 activations (`--quantize int8`)
+                      CPU has native bf16) and int8 weights with bf16 activations (`--quantize int8`);
+                      and eagerly with QLoRA's 4-bit NF4 weights (`--quantize nf4`, head in bf16)
   llama.cpp           `llama-bench -p 16 -n 128` with as many threads, when --llama_cpp_dir (or
                       $LLAMA_CPP_DIR) holds its converter and build/bin/llama-bench
 
@@ -45,7 +46,8 @@ from lit_lora.generate import generate
 from lit_lora.hf_names import config_to_hf, lit_to_hf_name
 from lit_lora.int8 import Int8Linear
 from lit_lora.model import Config, Llama
-from lit_lora.quantize import quantize_model
+from lit_lora.nf4 import Linear4bit
+from lit_lora.quantize import bits_per_parameter, quantize_model
 from lit_lora.speed import CompiledDecoding, cpu_supports_fast_bf16
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "llama2-tokenizer" / "tokenizer.model"
@@ -213,10 +215,16 @@ def main(
         models["bf16"] = copy.deepcopy(ours).to(torch.bfloat16)
         models["int8"] = copy.deepcopy(models["bf16"])
         quantize_model(models["int8"], mode="int8", skip=())
+        models["nf4"] = copy.deepcopy(models["bf16"])  # QLoRA's 4-bit format (the head stays bf16), eagerly
+        quantize_model(models["nf4"], mode="nf4")
     bytes_per_token = {f"lit-lora {kind}": weight_bytes_per_token(model) for kind, model in models.items()}
+    if "nf4" in models:  # 4 bits and the blocks' scales per weight; the head in bf16
+        bytes_per_token["lit-lora nf4"] = int(models["nf4"].lm_head.weight.numel() * 2 + sum(
+            bits_per_parameter("nf4") / 8 * m.in_features * m.out_features
+            for m in models["nf4"].modules() if isinstance(m, Linear4bit)))
     for kind, model in models.items():
         engines[f"lit-lora {kind}"] = lambda p, model=model: timed_ours(model, p, new_tokens)
-        if compile:
+        if compile and kind != "nf4":
             compiled = CompiledDecoding(model)  # compiled by the warm-up below
             engines[f"lit-lora {kind} compiled"] = lambda p, c=compiled: timed_ours(c, p, new_tokens, cache_length)
             bytes_per_token[f"lit-lora {kind} compiled"] = bytes_per_token[f"lit-lora {kind}"]

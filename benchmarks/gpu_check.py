@@ -122,6 +122,7 @@ def finetune_row(name: str, config: Config, method: str, settings: Any, device: 
                  compile: bool = False, compile_backend: str = "inductor", row_seconds: float = 60.0) -> Row:
     """A few optimizer steps exactly as `fit` takes them (the registry's method, `train_step`)."""
     from lit_lora.methods import get_method
+    from lit_lora.data import BatchSampler
     from lit_lora.train import Loop, TrainArgs, parameter_groups, setup_fabric, train_step
 
     row = Row(name)
@@ -145,8 +146,9 @@ def finetune_row(name: str, config: Config, method: str, settings: Any, device: 
     wrapped = fabric.setup_module(forward)
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(parameter_groups(wrapped, lambda n: 1.0), lr=1e-4))
     args = TrainArgs(micro_batch_size=batch, global_batch_size=batch, grad_clip=1.0)
-    loop = Loop(fabric, wrapped, optimizer, args, Path("out/gpu_check"), {}, {"step": 0, "history": []})
     rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, config.vocab_size, (batch, seq_len))]
+    sampler = BatchSampler([seq_len] * batch, batch, shuffle=False, seed=0)
+    loop = Loop(fabric, wrapped, optimizer, sampler, args, Path("out/gpu_check"), {}, {"step": 0, "history": []})
     started = time.perf_counter()
     train_step(loop, rows, [list(range(batch))], 1e-4)  # warm-up (and compiling)
     sync()
@@ -172,13 +174,14 @@ def finetune_row(name: str, config: Config, method: str, settings: Any, device: 
 def decode_row(name: str, config: Config, device: torch.device, sync, bandwidth: float, batch: int, new_tokens: int,
                compile: bool, compile_backend: str) -> Row:
     from lit_lora.generate import generate
+    from lit_lora.speed import CompiledDecoding
 
     row = Row(name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build(config, device, dtype).eval()
     prompt = torch.randint(0, config.vocab_size, (batch, 16), device=device)
-    runner = torch.compile(model, dynamic=True, backend=compile_backend) if compile else model
-    cache_length = config.block_size if compile else None
+    runner = CompiledDecoding(model, backend=compile_backend) if compile else model
+    cache_length = 16 + new_tokens  # the warm-up compiles for the timed call's cache length
     generate(runner, prompt, 4, temperature=0.0, cache_length=cache_length)  # warm-up (and compiling)
     sync()
     started = time.perf_counter()

@@ -54,11 +54,12 @@ class CompiledDecoding(torch.nn.Module):
     A CPU needs a C++ compiler.
     """
 
-    def __init__(self, model: Llama) -> None:
+    def __init__(self, model: Llama, backend: str = "inductor") -> None:
         super().__init__()
         self.model = model
-        options = {"cpp_wrapper": True} if model.tok_embeddings.weight.device.type == "cpu" else {}
-        self.step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, options=options)
+        cpu = model.tok_embeddings.weight.device.type == "cpu"
+        options = {"cpp_wrapper": True} if cpu and backend == "inductor" else None
+        self.step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, backend=backend, options=options)
 
     # What `generate` uses of a model besides calling it
     @property

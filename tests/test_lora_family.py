@@ -241,6 +241,7 @@ def test_rank_patterns_must_match_an_adapted_module():
 
 
 def test_lora_plus_learning_rates_reach_the_optimizer_through_train_step(tmp_path):
+    from lit_lora.data import BatchSampler
     from lit_lora.train import Loop, TrainArgs, parameter_groups, setup_fabric, train_step
 
     model = Llama(Config.from_name("tiny", vocab_size=64))
@@ -250,9 +251,9 @@ def test_lora_plus_learning_rates_reach_the_optimizer_through_train_step(tmp_pat
     fabric = setup_fabric(tmp_path, "32-true", accelerator="cpu")
     wrapped = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(parameter_groups(wrapped, lambda n: lora_lr_scale(config, n))))
-    loop = Loop(fabric, wrapped, optimizer, TrainArgs(micro_batch_size=2, global_batch_size=2), tmp_path, {},
-                {"step": 0, "history": []})
     rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (2, 8))]
+    loop = Loop(fabric, wrapped, optimizer, BatchSampler([8, 8], 2, shuffle=False, seed=0),
+                TrainArgs(micro_batch_size=2, global_batch_size=2), tmp_path, {}, {"step": 0, "history": []})
     train_step(loop, rows, [[0, 1]], 1e-3)
     lrs = {len(group["params"]): group["lr"] for group in optimizer.param_groups}
     assert sorted(lrs.values()) == [1e-3, 16e-3]  # A at lr; B and the magnitudes at 16 x lr
