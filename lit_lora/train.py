@@ -11,10 +11,12 @@ lit_lora/methods.py), mark what trains, and hand over to `fit`, which runs this 
         every eval_interval: validation loss/perplexity + one sample answer
         every save_interval: resumable checkpoint (trainable weights, optimizer, step, data position, RNG)
 
-Lightning Fabric handles devices, precision and the distributed strategies (DDP, FSDP). Two pieces of
+Lightning Fabric handles devices, precision and the distributed strategies (DDP, FSDP). Pieces of
 lit_lora/speed_training.py make it faster without changing what it computes: the cross entropy is taken a few
-rows at a time (`chunked_cross_entropy`), and a subclass of Fabric's own half-precision plugin keeps
-the logits in bf16 instead of copying them to float32.
+rows at a time (`chunked_cross_entropy`), a subclass of Fabric's own half-precision plugin keeps
+the logits in bf16 instead of copying them to float32, and `--compile` compiles the forward and backward
+passes (`compile_for_training`). With `--train.packing` the micro-batches are packed rows
+(`PackedBatchSampler`, lit_lora/data.py): several samples per row, each computed as if alone.
 """
 
 import math
