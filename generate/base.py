@@ -14,7 +14,8 @@ import torch
 
 from lit_lora.cli import run
 from lit_lora.generate import check_generation_settings
-from lit_lora.inference import encode_prompts, generate_batches, generate_streaming, load_for_generation, read_prompts_file
+from lit_lora.inference import (NOT_COMPILED_IN_BATCHES, encode_prompts, generate_batches, generate_streaming,
+                                load_for_generation, read_prompts_file)
 from lit_lora.quantize import QuantizeMode
 
 
@@ -58,6 +59,8 @@ def main(
         texts = read_prompts_file(prompts_file)
         tokenizer, prompts = encode_prompts(checkpoint_dir, texts, max_new_tokens)
         model = load_for_generation(checkpoint_dir, device, dtype, quantize)
+        if compile:
+            print(NOT_COMPILED_IN_BATCHES, file=sys.stderr)
         answers, stats = generate_batches(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
                                           temperature=temperature, top_k=top_k, top_p=top_p, continuation=True)
         print(stats, file=sys.stderr)

@@ -24,6 +24,7 @@ from lit_lora.tokenizer import Tokenizer
 from lit_lora.utils import DTYPES, PathLike, parse_dtype, peak_memory
 
 DEFAULT_PROMPT_STYLE = "alpaca"  # for adapters written before files recorded their prompt style
+NOT_COMPILED_IN_BATCHES = "note: --compile applies to one prompt at a time; a file of prompts is generated eagerly"
 
 
 class TextStreamer:
@@ -326,6 +327,8 @@ def answer_with_each(checkpoint_dir: PathLike, paths: Sequence[PathLike], method
                                                top_k=top_k, top_p=top_p, continuation=False, compile=compile)
             answers.append(answer)
         else:
+            if compile:
+                print(NOT_COMPILED_IN_BATCHES, file=sys.stderr)
             batch_answers, stats = generate_batches(model, tokenizer, file_prompts, max_new_tokens, batch_size=batch_size,
                                                     temperature=temperature, top_k=top_k, top_p=top_p)
             answers += batch_answers
