@@ -263,7 +263,7 @@ def main(
     with torch.inference_mode():
         reference_top1 = ours(sequence)[0, prompt_length - 1: -1].argmax(dim=-1)
     reference = speeds["transformers float32"]
-    print(f"\nfloat32 greedy tokens of lit-lora (eager and compiled) identical to transformers': yes")
+    print("\nfloat32 greedy tokens of lit-lora (eager and compiled) identical to transformers': yes")
     print(f"{'engine':28s} {'tokens/s':>9s} {'vs transformers fp32':>21s} {'bandwidth limit':>16s} {'prefill tok/s':>14s} "
           f"{'same tokens as fp32':>20s} {'teacher-forced top-1':>21s}")
     results: Dict[str, float] = {"bandwidth_gb_s": bandwidth}

@@ -38,18 +38,12 @@ from lit_lora.prepare import prepare_instruction_data
 from lit_lora.speed import cpu_supports_fast_bf16
 from lit_lora.train import PRECISION_DTYPES, Loop, TrainArgs, compiled_if_asked, setup_fabric, train_step
 
+# the same peak and FLOP count as the other benchmarks (run as a script, this folder is on sys.path)
+from benchmark_finetune import matmul_peak_gflops  # noqa: E402
+from gpu_check import training_flops_per_token  # noqa: E402
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROWS = 4
-
-
-def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
 
 
 def attention_mask_cost(dtype: torch.dtype, row_length: int, lengths: List[int], repeats: int = 9) -> float:
@@ -80,16 +74,9 @@ def attention_mask_cost(dtype: torch.dtype, row_length: int, lengths: List[int],
     return seconds(attn_mask=mask) / seconds(is_causal=True)
 
 
-def training_flops_per_token(config: Config, lora_parameters: int, seq_len: int) -> float:
-    """4 per frozen matmul weight, 6 per LoRA weight, plus causal attention (as benchmark_finetune.py)."""
-    C, I, kv = config.n_embd, config.intermediate_size, config.n_kv_heads * config.head_size
-    frozen = config.n_layer * (2 * C * C + 2 * C * kv + 3 * C * I) + config.vocab_size * C
-    attention = 3 * config.n_layer * 2 * 2 * C * (seq_len + 1) / 2
-    return 4 * frozen + 6 * lora_parameters + attention
-
-
 def side(precision: str, sampler: Any, data: List[Dict[str, torch.Tensor]], compile_model: bool, workdir: Path):
-    """fit's step on a fresh copy of the model with `sampler`'s batches; returns step(batch) -> tokens run."""
+    """fit's step on a fresh copy of the model with `sampler`'s batches; returns step(batch) -> tokens run, and
+    the model."""
     torch.manual_seed(0)
     config = Config.from_name("stories42M", vocab_size=32000, tie_embeddings=False, block_size=256)
     model = Llama(config).to(PRECISION_DTYPES.get(precision, torch.float32))
@@ -101,8 +88,7 @@ def side(precision: str, sampler: Any, data: List[Dict[str, torch.Tensor]], comp
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(trainable, lr=3e-4, betas=(0.9, 0.95)))
     args = TrainArgs(micro_batch_size=ROWS, global_batch_size=ROWS, learning_rate=3e-4)
     loop = Loop(fabric, wrapped, optimizer, sampler, args, workdir, {}, {"step": 0, "history": []})
-    lora_parameters = sum(p.numel() for p in trainable)
-    return (lambda batch: train_step(loop, data, [batch], 3e-4)[1]), config, lora_parameters
+    return (lambda batch: train_step(loop, data, [batch], 3e-4)[1]), model
 
 
 def main(compile: bool = False, rounds: int = 5, threads: int = 0, max_seq_length: int = 256,
@@ -138,7 +124,7 @@ def main(compile: bool = False, rounds: int = 5, threads: int = 0, max_seq_lengt
         for mode in modes:
             steps, batches, padding = {}, {}, {}
             for name, sampler in samplers.items():
-                steps[name], config, lora_parameters = side(mode, sampler, data, compile, Path(tmp) / f"{mode}-{name}")
+                steps[name], model = side(mode, sampler, data, compile, Path(tmp) / f"{mode}-{name}")
                 batches[name] = sampler.batches(0)
                 run_tokens = sum(steps[name](batch) for batch in batches[name])  # warm-up (and compiling)
                 padding[name] = 1 - sum(lengths) / run_tokens
@@ -152,7 +138,7 @@ def main(compile: bool = False, rounds: int = 5, threads: int = 0, max_seq_lengt
             ratio = statistics.median(p / q for p, q in zip(speeds["packed"], speeds["padded"]))
             dtype = torch.bfloat16 if mode == "bf16-true" else torch.float32
             peak = matmul_peak_gflops(dtype) * 1e9
-            flops = training_flops_per_token(config, lora_parameters, max(lengths))
+            flops = training_flops_per_token(model, max(lengths))
             results[mode] = {"ratio": ratio, **{f"{name} useful tokens/s": statistics.median(v) for name, v in speeds.items()}}
             print(f"\n[{mode}] matmul peak {peak / 1e9:.0f} GFLOP/s")
             for name in samplers:

@@ -271,9 +271,6 @@ class PackedBatchSampler:
         generator = torch.Generator().manual_seed(self.seed + epoch)
         return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
-    def __len__(self) -> int:
-        return len(self.batches(0))
-
     def collate(self, data: Sequence[Sample], batch: List[List[int]], pad_id: int = 0) -> Dict[str, torch.Tensor]:
         """(B, row_length) input_ids, labels and segment_ids for a batch of rows.
 

@@ -27,6 +27,13 @@ DEFAULT_PROMPT_STYLE = "alpaca"  # for adapters written before files recorded th
 NOT_COMPILED_IN_BATCHES = "note: --compile applies to one prompt at a time; a file of prompts is generated eagerly"
 
 
+def decode_new(tokenizer: Tokenizer, new_ids: List[int], prompt_ids: Optional[torch.Tensor] = None) -> str:
+    """The text of `new_ids`, decoded behind the last token of `prompt_ids` (when given) so that the space
+    joining it to the prompt stays: SentencePiece drops a leading space from the start of decoded text."""
+    context = [] if prompt_ids is None or prompt_ids.numel() == 0 else [int(prompt_ids.reshape(-1)[-1])]
+    return tokenizer.decode(context + list(new_ids))[len(tokenizer.decode(context)):]
+
+
 class TextStreamer:
     """An `on_token` callback that prints the generated text as it is produced (one sequence).
 
@@ -41,16 +48,14 @@ class TextStreamer:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Optional[torch.Tensor] = None,
                  file: Optional[TextIO] = None) -> None:
-        self.tokenizer = tokenizer
-        self.context = [] if prompt_ids is None or prompt_ids.numel() == 0 else [int(prompt_ids.reshape(-1)[-1])]
-        self.context_text = tokenizer.decode(self.context)
+        self.tokenizer, self.prompt_ids = tokenizer, prompt_ids
         self.generated: List[int] = []
         self.printed = ""
         self.file = file
 
     def text(self) -> str:
         """The generated text so far (with the space that joins it to the prompt, if any)."""
-        return self.tokenizer.decode(self.context + self.generated)[len(self.context_text):]
+        return decode_new(self.tokenizer, self.generated, self.prompt_ids)
 
     def __call__(self, next_ids: torch.Tensor) -> None:
         if next_ids.numel() != 1:
@@ -266,9 +271,8 @@ def generate_batches(model: Llama, tokenizer: Tokenizer, prompts: Sequence[torch
         for i, ids in zip(chunk, outputs):
             new = ids[len(prompts[i]):].tolist()
             new_tokens += len(new)
-            context = [int(prompts[i][-1])] if continuation else []  # decoded behind it, as TextStreamer does
-            text_ids = context + (new[:-1] if new and new[-1] == tokenizer.eos_id else new)
-            answers[i] = tokenizer.decode(text_ids)[len(tokenizer.decode(context)):]
+            answers[i] = decode_new(tokenizer, new[:-1] if new and new[-1] == tokenizer.eos_id else new,
+                                    prompts[i] if continuation else None)
             print(f"### prompt {i + 1}\n{answers[i]}", file=file or sys.stdout, flush=True)
     seconds = time.perf_counter() - start
     stats = (f"{len(prompts)} prompts in batches of up to {batch_size}: {new_tokens} new tokens in {seconds:.2f} s, "
