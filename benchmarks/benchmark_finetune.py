@@ -175,7 +175,9 @@ def build_ours(workdir: Path, precision: str, fabric: bool, compile_model: bool 
     if fabric:  # in fit's order: setup_module, then the optimizer over the wrapped module's trainable parameters
         runner = setup_fabric(workdir / f"fabric-{os.getpid()}", precision, devices=1, num_nodes=1, strategy="auto",
                               accelerator="cpu", activation_checkpointing=False)
-        model = runner.setup_module(compiled_if_asked(runner, model, compile_model))
+        compiled = compiled_if_asked(runner, model, compile_model)
+        is_compiled = compiled is not model
+        model = runner.setup_module(compiled)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = runner.setup_optimizers(torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0, betas=BETAS))
         model.train()
@@ -186,7 +188,7 @@ def build_ours(workdir: Path, precision: str, fabric: bool, compile_model: bool 
         args = TrainArgs(learning_rate=LR, betas=BETAS, grad_clip=GRAD_CLIP, micro_batch_size=len(rows),
                          global_batch_size=len(rows))
         sampler = BatchSampler([len(row["input_ids"]) for row in rows], len(rows), shuffle=False, seed=0)
-        loop = Loop(runner, model, optimizer, sampler, args, workdir, {}, {"step": 0, "history": []})
+        loop = Loop(runner, model, optimizer, sampler, args, workdir, {}, {"step": 0, "history": []}, compiled=is_compiled)
 
         def step() -> float:
             return train_step(loop, rows, [list(range(len(rows)))], LR)[0]

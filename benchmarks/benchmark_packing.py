@@ -83,11 +83,12 @@ def side(precision: str, sampler: Any, data: List[Dict[str, torch.Tensor]], comp
     add_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.0))
     mark_only_lora_as_trainable(model)
     fabric = setup_fabric(workdir, precision, accelerator="cpu")
-    wrapped = fabric.setup_module(compiled_if_asked(fabric, model, compile_model))
+    runner = compiled_if_asked(fabric, model, compile_model)
+    wrapped = fabric.setup_module(runner)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(trainable, lr=3e-4, betas=(0.9, 0.95)))
     args = TrainArgs(micro_batch_size=ROWS, global_batch_size=ROWS, learning_rate=3e-4)
-    loop = Loop(fabric, wrapped, optimizer, sampler, args, workdir, {}, {"step": 0, "history": []})
+    loop = Loop(fabric, wrapped, optimizer, sampler, args, workdir, {}, {"step": 0, "history": []}, compiled=runner is not model)
     return (lambda batch: train_step(loop, data, [batch], 3e-4)[1]), model
 
 

@@ -148,7 +148,8 @@ def finetune_row(name: str, config: Config, method: str, settings: Any, device: 
     args = TrainArgs(micro_batch_size=batch, global_batch_size=batch, grad_clip=1.0)
     rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, config.vocab_size, (batch, seq_len))]
     sampler = BatchSampler([seq_len] * batch, batch, shuffle=False, seed=0)
-    loop = Loop(fabric, wrapped, optimizer, sampler, args, Path("out/gpu_check"), {}, {"step": 0, "history": []})
+    loop = Loop(fabric, wrapped, optimizer, sampler, args, Path("out/gpu_check"), {}, {"step": 0, "history": []},
+                compiled=compile)
     started = time.perf_counter()
     train_step(loop, rows, [list(range(batch))], 1e-4)  # warm-up (and compiling)
     sync()

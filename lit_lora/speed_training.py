@@ -3,6 +3,8 @@ or in less memory; lit_lora/train.py calls them and names the plain formula besi
 
     piece                          replaces                                        why it is faster
     chunked_cross_entropy          F.cross_entropy(logits.float(), targets)        no float32 copy of the logits
+    compiled_cross_entropy         the same, with --compile                        one fused pass forward, one back
+    TrainingForms                  F.scaled_dot_product_attention, short bf16 rows three large matrix products
     HalfPrecisionKeepingOutputs    Fabric's bf16-true/16-true precision plugin     no float32 copy of the outputs
     keep_freed_memory_for_reuse    glibc's default malloc thresholds (CPU)         no fresh zeroed pages per step
     compile_for_training           the eager forward and backward                  fused elementwise work, tuned GEMMs
@@ -15,12 +17,14 @@ import ctypes.util
 import os
 import shutil
 import sys
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from lightning.fabric.plugins import HalfPrecision
+from torch.overrides import TorchFunctionMode
 
 from lit_lora.data import IGNORE_INDEX
+from lit_lora.model import naive_attention
 
 # ----------------------------------------------------------------------------------------------------
 # The loss without a float32 copy of the logits
@@ -73,6 +77,85 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     block_bytes = 1 << 19 if logits.device.type == "cpu" else 1 << 26
     block_rows = max(1, block_bytes // (4 * logits.size(-1)))
     return ChunkedCrossEntropy.apply(logits, targets, block_rows)
+
+
+def logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits in any dtype -> (N,) float32 logsumexp, each row upcast as it is read."""
+    return logits.float().logsumexp(dim=-1)
+
+
+def cross_entropy_gradient(logits: torch.Tensor, logsumexp: torch.Tensor, safe_targets: torch.Tensor,
+                           row_scale: torch.Tensor) -> torch.Tensor:
+    """(softmax(z) - onehot(target)) * row_scale for (N, V) logits, in the logits' dtype."""
+    onehot = torch.arange(logits.size(1), device=logits.device)[None, :] == safe_targets[:, None]  # (N, V)
+    return (((logits.float() - logsumexp[:, None]).exp() - onehot.float()) * row_scale[:, None]).to(logits.dtype)
+
+
+class CompiledCrossEntropy(torch.autograd.Function):
+    """`ChunkedCrossEntropy` with each direction one compiled loop over the logits instead of a Python
+    loop of blocks: inductor reads each bf16 logit once, upcasts it in a register and never stores a
+    float32 copy, forward (`logsumexp_rows`) and backward (`cross_entropy_gradient`). Measured 2.2x faster
+    than the blocks for 1,024 rows of a 32k vocabulary in bf16 on a CPU. Same formulas as the blocks."""
+
+    kernels: Optional[Tuple[Callable, Callable]] = None  # compiled on first use (and kept: shapes vary freely)
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if CompiledCrossEntropy.kernels is None:
+            CompiledCrossEntropy.kernels = (torch.compile(logsumexp_rows, dynamic=True),
+                                            torch.compile(cross_entropy_gradient, dynamic=True))
+        counted = targets != IGNORE_INDEX  # (N,)
+        safe_targets = targets.clamp(min=0)
+        target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1).float()  # (N,)
+        logsumexp = CompiledCrossEntropy.kernels[0](logits)  # (N,)
+        n_counted = counted.sum()
+        ctx.save_for_backward(logits, safe_targets, logsumexp, counted, n_counted)
+        return ((logsumexp - target_logits) * counted).sum() / n_counted
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, safe_targets, logsumexp, counted, n_counted = ctx.saved_tensors
+        row_scale = counted * (grad_loss / n_counted.clamp(min=1))  # (N,): 0 for ignored rows
+        return CompiledCrossEntropy.kernels[1](logits, logsumexp, safe_targets, row_scale), None
+
+
+def compiled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`chunked_cross_entropy` computed by `CompiledCrossEntropy` (training with --compile)."""
+    return CompiledCrossEntropy.apply(logits, targets)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention of short half-precision rows on a CPU
+# ----------------------------------------------------------------------------------------------------
+
+
+class TrainingForms(TorchFunctionMode):
+    """Active around the training forward pass: `F.scaled_dot_product_attention` of short bf16 or fp16
+    rows on a CPU is computed by the formula it stands for, `naive_attention` (lit_lora/model.py): three
+    large matrix products around a softmax, instead of PyTorch's fused CPU kernel.
+
+    The fused (flash) kernel walks the T x T scores in small blocks to keep memory at O(T), which is the
+    right trade for long rows; for short ones its bf16 blocks are small matrix products with per-block
+    softmax bookkeeping, and for 4 x 8 heads x 256 tokens it took 15.6 ms per layer forward and backward
+    on a CPU, the plain formula 6.9 ms. The price is the (B, nh, T, S) probabilities kept for the backward
+    pass, so only while they stay small: up to `max_scores_bytes` per layer (8 MiB, e.g. 4 rows x 8 heads
+    x 256 x 256 in bf16). float32 and GPUs keep the fused kernels, which measured faster there.
+    """
+
+    max_scores_bytes = 8 << 20
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention and len(args) == 3:
+            q, k, v = args
+            mask, causal = kwargs.get("attn_mask"), kwargs.get("is_causal", False)
+            scores_bytes = q.size(0) * q.size(1) * q.size(2) * k.size(2) * q.element_size()
+            if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and k.size(1) == q.size(1)
+                    and scores_bytes <= self.max_scores_bytes and not kwargs.get("dropout_p")
+                    and kwargs.get("scale") is None and not kwargs.get("enable_gqa")
+                    and (mask is None) == bool(causal) and (mask is None or mask.dtype == torch.bool)):
+                return naive_attention(q, k, v, mask)  # mask None: causal
+        return func(*args, **kwargs)
 
 
 class HalfPrecisionKeepingOutputs(HalfPrecision):

@@ -46,8 +46,8 @@ from lit_lora.prompts import PromptStyle, get_prompt_style
 from lit_lora.quantize import load_checkpoint_quantized
 from lit_lora.run_dir import (CHECKPOINT_DIR_NAME, FINISHED_NAME, claim_out_dir, deferred_signals, find_resume_checkpoints,
                               remove_path, set_aside)
-from lit_lora.speed_training import (HalfPrecisionKeepingOutputs, chunked_cross_entropy, compile_for_training,
-                                     keep_freed_memory_for_reuse)
+from lit_lora.speed_training import (HalfPrecisionKeepingOutputs, TrainingForms, chunked_cross_entropy,
+                                     compile_for_training, compiled_cross_entropy, keep_freed_memory_for_reuse)
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.utils import PathLike, count_parameters, parameter_report, peak_memory
 
@@ -272,18 +272,20 @@ def rank_batches(sampler: Sampler, epoch: int, fabric: L.Fabric) -> List[Any]:
     return batches[fabric.global_rank : usable : fabric.world_size]
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, compiled: bool = False) -> torch.Tensor:
     """Next-token cross entropy: position t predicts token t+1; IGNORE_INDEX labels (prompt, padding) don't count.
 
     logits (B, T, V) in any dtype, labels (B, T) -> the mean over counted positions, a float32 scalar:
 
         F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
-    computed by `chunked_cross_entropy` (lit_lora/speed_training.py), which never copies the logits to float32.
+    computed by `chunked_cross_entropy` (lit_lora/speed_training.py), which never copies the logits to float32,
+    or with `compiled` (training with --compile) by `compiled_cross_entropy`, the same in two compiled loops.
     """
     # Shift the labels, not the logits: slicing (B, T, V) logits would copy them, forward and backward.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T); the last position predicts nothing
-    return chunked_cross_entropy(logits.flatten(0, 1), targets.flatten())  # (B*T, V), (B*T,)
+    cross_entropy = compiled_cross_entropy if compiled else chunked_cross_entropy
+    return cross_entropy(logits.flatten(0, 1), targets.flatten())  # (B*T, V), (B*T,)
 
 
 @torch.no_grad()
@@ -324,6 +326,7 @@ class Loop:
     out_dir: Path
     trainable_shapes: Dict[str, torch.Size]
     progress: Dict[str, Any]  # step, epoch, batch_in_epoch, rng, history, batch: saved in every resumable checkpoint
+    compiled: bool = False  # the model was compiled (--compile): the loss is compiled too
 
     def state(self) -> Dict[str, Any]:
         return {"model": self.model, "optimizer": self.optimizer, "progress": self.progress}
@@ -422,7 +425,9 @@ def train_step(loop: Loop, train_data: List[Dict[str, torch.Tensor]], window: Li
     for i, indices in enumerate(window):
         batch = fabric.to_device(loop.sampler.collate(train_data, indices))
         with fabric.no_backward_sync(model, enabled=i < len(window) - 1):  # DDP syncs gradients once, at the end
-            loss = loss_fn(model(batch["input_ids"], segment_ids=batch.get("segment_ids")), batch["labels"])
+            with TrainingForms():  # the attention of short bf16 rows on a CPU as plain matrix products
+                logits = model(batch["input_ids"], segment_ids=batch.get("segment_ids"))
+            loss = loss_fn(logits, batch["labels"], compiled=loop.compiled)
             fabric.backward(loss / len(window))
         step_loss += loss.detach() / len(window)
         tokens += batch["input_ids"].numel()
@@ -528,12 +533,14 @@ def fit(fabric: L.Fabric, model: Llama, train_data: List[Dict[str, torch.Tensor]
         model.activation_checkpointing = args.activation_checkpointing and not isinstance(fabric.strategy, FSDPStrategy)
         trainable_shapes = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
         fabric.print(f"{parameter_report(model)}; {peak_memory(fabric.device)} after loading")
-        wrapped = fabric.setup_module(compiled_if_asked(fabric, model, compile_model))
+        runner = compiled_if_asked(fabric, model, compile_model)
+        wrapped = fabric.setup_module(runner)
         optimizer = torch.optim.AdamW(parameter_groups(wrapped, lr_scale), lr=args.learning_rate,
                                       weight_decay=args.weight_decay, betas=tuple(args.betas))
         fabric.seed_everything(args.seed)  # dropout draws the same masks on every rank and after a resume
         progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "rng": torch.get_rng_state(), "history": []}
-        loop = Loop(fabric, wrapped, fabric.setup_optimizers(optimizer), sampler, args, out_dir, trainable_shapes, progress)
+        loop = Loop(fabric, wrapped, fabric.setup_optimizers(optimizer), sampler, args, out_dir, trainable_shapes, progress,
+                    compiled=runner is not model)
         loop.progress["batch"] = batch_settings(loop)
         candidates = find_resume_checkpoints(out_dir, resume)
         if candidates:

@@ -180,9 +180,9 @@ def test_nan_loss_stops_with_a_clear_message(tiny_run, monkeypatch):
     real_loss_fn = train_module.loss_fn
     calls = []
 
-    def nan_from_step_3(logits, labels):  # 2 micro-batches per step: calls 5+ belong to step 3
+    def nan_from_step_3(logits, labels, compiled=False):  # 2 micro-batches per step: calls 5+ belong to step 3
         calls.append(1)
-        loss = real_loss_fn(logits, labels)
+        loss = real_loss_fn(logits, labels, compiled)
         return loss * float("nan") if len(calls) > 4 + 1 else loss  # +1: the validation before training
 
     monkeypatch.setattr(train_module, "loss_fn", nan_from_step_3)
