@@ -73,9 +73,9 @@ def test_a_diverging_run_names_a_finite_checkpoint_that_resumes(tiny_run, tmp_pa
 
     real_loss_fn, calls = train_module.loss_fn, []
 
-    def nan_gradients_from_step_3(logits, labels):  # 2 micro-batches per step, and 1 validation batch first
+    def nan_gradients_from_step_3(logits, labels, compiled=False):  # 2 micro-batches per step, 1 validation batch first
         calls.append(1)
-        return real_loss_fn(NaNGradient.apply(logits) if len(calls) > 1 + 4 else logits, labels)
+        return real_loss_fn(NaNGradient.apply(logits) if len(calls) > 1 + 4 else logits, labels, compiled)
 
     monkeypatch.setattr(train_module, "loss_fn", nan_gradients_from_step_3)
     out = tmp_path / "diverged"
