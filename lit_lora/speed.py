@@ -109,7 +109,7 @@ class CompiledDecoding(torch.nn.Module):
         step: computed inside it, inductor recomputed the sines and cosines in every layer's attention loop;
       - a step whose shapes have been compiled before skips dynamo's guard checks (~0.3 ms per token for
         the ~150 parameters; `torch.compiler.set_stance(skip_guard_eval_unsafe=True)`), which is safe
-        because what changes between calls (shapes, dtype, padding, grad mode) is checked here instead
+        because what changes between calls (shapes, dtype, device, padding, modes) is checked here instead
         (and dynamo raises rather than recompiling silently under that stance);
       - the eager step's ~20 dispatched operations per layer are gone (~2 ms per token on a CPU).
     Prompts (several tokens) run eagerly. Costs: compiling at the first step (~20 s on a CPU) and again
@@ -124,7 +124,7 @@ class CompiledDecoding(torch.nn.Module):
         cpu = model.tok_embeddings.weight.device.type == "cpu"
         options = {"cpp_wrapper": True} if cpu and backend == "inductor" else None
         self.step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, backend=backend, options=options)
-        self.compiled_shapes = set()  # (idx shape, KV cache shape, dtype, padded, grad modes) of each step compiled
+        self.compiled_shapes = set()  # (shapes, dtype, device, padding, modes) of each step compiled so far
         self.rope_table: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     # What `generate` uses of a model besides calling it
@@ -152,7 +152,7 @@ class CompiledDecoding(torch.nn.Module):
             return self.model(idx, input_pos, left_pad=left_pad)
         cache = self.model.layers[0].attn.kv_cache.k  # (B, nkv, S, hs)
         cos, sin = self.rope_tables(cache.size(2))
-        shapes = (tuple(idx.shape), tuple(cache.shape), cos.dtype, left_pad is None,
+        shapes = (tuple(idx.shape), tuple(cache.shape), cos.dtype, cos.device, left_pad is None, self.model.training,
                   torch.is_inference_mode_enabled(), torch.is_grad_enabled())
         if shapes not in self.compiled_shapes:
             logits = self.step(idx, input_pos, left_pad, cos, sin)  # compiles for these shapes

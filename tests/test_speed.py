@@ -106,3 +106,27 @@ def test_compiled_cross_entropy_is_cross_entropy_in_value_and_gradient():
         assert loss.dtype == torch.float32 and grad.dtype == dtype
         torch.testing.assert_close(loss.double(), exact, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(grad.double(), exact_grad, rtol=tolerance, atol=tolerance * exact_grad.abs().max().item())
+
+
+def test_compiled_decoding_skips_guards_only_for_steps_it_has_compiled():
+    """After the first step of a shape, `CompiledDecoding` runs without dynamo's guard checks; a call in
+    another grad mode or batch size must compile anew (not run the other graph, nor fail) and give the
+    eager model's logits."""
+    from lit_lora.generate import generate
+    from lit_lora.model import Config, Llama
+    from lit_lora.speed import CompiledDecoding
+
+    torch.manual_seed(0)
+    model = Llama(Config(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32, intermediate_size=64)).eval()
+    compiled = CompiledDecoding(model, backend="aot_eager")
+    prompt = torch.tensor([3, 5, 7])
+    assert torch.equal(generate(compiled, prompt, 6, temperature=0.0, cache_length=16),
+                       generate(model, prompt, 6, temperature=0.0, cache_length=16))
+    for batch, mode in ((1, torch.no_grad), (2, torch.inference_mode)):
+        with mode():
+            idx, input_pos = torch.full((batch, 1), 9), torch.tensor([4])
+            model.set_kv_cache(batch, 16)
+            expected = model(idx, input_pos)
+            model.set_kv_cache(batch, 16)
+            torch.testing.assert_close(compiled(idx, input_pos), expected, rtol=1e-5, atol=1e-5)
+    assert len(compiled.compiled_shapes) == 3
