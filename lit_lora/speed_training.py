@@ -4,7 +4,7 @@ or in less memory; lit_lora/train.py calls them and names the plain formula besi
     piece                          replaces                                        why it is faster
     chunked_cross_entropy          F.cross_entropy(logits.float(), targets)        no float32 copy of the logits
     compiled_cross_entropy         the same, with --compile                        one fused pass forward, one back
-    TrainingForms                  F.scaled_dot_product_attention, short bf16 rows three large matrix products
+    TrainingForms                  F.scaled_dot_product_attention, short bf16 rows two large matrix products
     HalfPrecisionKeepingOutputs    Fabric's bf16-true/16-true precision plugin     no float32 copy of the outputs
     keep_freed_memory_for_reuse    glibc's default malloc thresholds (CPU)         no fresh zeroed pages per step
     compile_for_training           the eager forward and backward                  fused elementwise work, tuned GEMMs
@@ -131,7 +131,7 @@ def compiled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch
 
 class TrainingForms(TorchFunctionMode):
     """Active around the training forward pass: `F.scaled_dot_product_attention` of short bf16 or fp16
-    rows on a CPU is computed by the formula it stands for, `naive_attention` (lit_lora/model.py): three
+    rows on a CPU is computed by the formula it stands for, `naive_attention` (lit_lora/model.py): two
     large matrix products around a softmax, instead of PyTorch's fused CPU kernel.
 
     The fused (flash) kernel walks the T x T scores in small blocks to keep memory at O(T), which is the
