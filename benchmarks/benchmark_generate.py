@@ -11,8 +11,8 @@ then runs each engine back to back: greedy, a 16-token prompt, 128 new tokens, E
   transformers        `generate()` in float32 and bf16
   lit-lora            `generate()` eagerly, and through `CompiledDecoding` (what `generate/*.py --compile`
                       runs: the one-token step compiled with fixed shapes), in float32, bf16 (where the
-                      CPU has native bf16) and int8 weights with bf16 activations (`--quantize int8`);
-                      and eagerly with QLoRA's 4-bit NF4 weights (`--quantize nf4`, head in bf16)
+                      CPU has native bf16) and int8 weights (`--quantize int8`; bf16 activations, or on
+                      a CPU without native bf16 float32 ones); and eagerly with QLoRA's 4-bit NF4 weights (`--quantize nf4`, head in bf16)
   llama.cpp           `llama-bench -p 16 -n 128` with as many threads, when --llama_cpp_dir (or
                       $LLAMA_CPP_DIR) holds its converter and build/bin/llama-bench
 
@@ -182,7 +182,8 @@ def main(
         new_tokens: tokens generated per run.
         threads: CPU threads for every engine (default: torch's choice).
         device: cpu or cuda.
-        bf16: also run bf16 and int8 (default: on a GPU with bf16, or a CPU with AVX512-BF16/AMX).
+        bf16: also run bf16 and NF4, and int8 in bf16 (default: on a GPU with bf16, or a CPU with
+            AVX512-BF16/AMX); without it int8 runs in float32 on a CPU.
         compile: also run lit-lora through `CompiledDecoding` (compiled during the warm-up, not timed).
         batch_sizes: prompts generated at once in the batch table (bf16, or float32 without bf16).
         llama_cpp_dir: a llama.cpp tree with convert_hf_to_gguf.py and build/bin/llama-bench (default
@@ -213,8 +214,10 @@ def main(
         hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
         engines["transformers bf16"] = lambda p: timed_transformers(hf_bf16, p, new_tokens)
         models["bf16"] = copy.deepcopy(ours).to(torch.bfloat16)
-        models["int8"] = copy.deepcopy(models["bf16"])
+    if bf16 or chosen.type == "cpu":  # on a CPU int8 layers multiply float32 rows fast too (lit_lora/int8_rows.cpp)
+        models["int8"] = copy.deepcopy(models["bf16"] if bf16 else ours)
         quantize_model(models["int8"], mode="int8", skip=())
+    if bf16:
         models["nf4"] = copy.deepcopy(models["bf16"])  # QLoRA's 4-bit format (the head stays bf16), eagerly
         quantize_model(models["nf4"], mode="nf4")
     bytes_per_token = {f"lit-lora {kind}": weight_bytes_per_token(model) for kind, model in models.items()}

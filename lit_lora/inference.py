@@ -141,9 +141,9 @@ def load_for_generation(checkpoint_dir: PathLike, device: str = "auto", dtype: s
         model = load_checkpoint(checkpoint_dir, dtype=chosen_dtype, device=chosen_device).eval()
     else:
         model = load_checkpoint_quantized(checkpoint_dir, mode=quantize, dtype=chosen_dtype, device=chosen_device).eval()
-        if quantize == "int8" and (chosen_dtype != torch.bfloat16 or chosen_device.type != "cpu"):
-            print("note: int8 layers decode fast only on a CPU with native bf16, in bfloat16 (--dtype bfloat16); "
-                  "here they dequantize their weights at every call: less memory, slower decoding", file=sys.stderr)
+        if quantize == "int8" and chosen_device.type != "cpu":
+            print("note: int8 layers decode fast only on a CPU; here they dequantize their weights at every call: "
+                  "less memory, slower decoding", file=sys.stderr)
     print(f"loaded {checkpoint_dir} on {chosen_device} in {str(chosen_dtype).removeprefix('torch.')}"
           + (f", linear layers in {quantize}" if quantize else ""), file=sys.stderr)
     return model

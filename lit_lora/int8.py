@@ -9,22 +9,59 @@ section 2) but one block per row:
     h[o] = sum_i W[o, i] x[i] ~ scale[o] * sum_i q[o, i] x[i]      (the scale leaves the dot product)
 
 A quarter of float32's bytes, half of bf16's, and a rounding error of at most scale / 2 per weight.
-On CPUs with fast bf16, PyTorch has a fused kernel for bf16 activations times int8 weights, used
-when it applies; elsewhere the layer dequantizes (`DequantizedMatmul`) and is only smaller, not
-faster. Unlike NF4 it is meant for inference (`generate/*.py --quantize int8`); it quantizes the
-output head too: 39 % of the weights a 60M model with a 32k vocabulary reads per token.
+Unlike NF4 it is meant for inference (`generate/*.py --quantize int8`); it quantizes the output head
+too: 39 % of the weights a 60M model with a 32k vocabulary reads per token. Three ways to multiply, the
+first that applies:
+  - a few rows on a CPU (decoding): lit_lora/int8_rows.cpp, a small C++ kernel compiled on first use,
+    that widens the bytes to float32 in registers, in float32 or bf16 (`int8_rows_kernel`);
+  - more rows in bf16 on a CPU (prompts): PyTorch's fused int8 x bf16 kernel;
+  - elsewhere the layer dequantizes (`DequantizedMatmul`): it is only smaller, not faster.
 
 Replaces: `F.linear(x, W)` with a bf16 or float32 W. Why it is faster: decoding streams every weight
-once per token, and int8 halves bf16's bytes; the fused kernel multiplies without materialising W.
+once per token, and int8 halves bf16's bytes; the kernels multiply without materialising W.
 Loaded with `generate/*.py --quantize int8` (lit_lora/quantize.py builds the layers).
 """
 
-from typing import Optional, Union
+import functools
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from lit_lora.nf4 import DequantizedMatmul
+
+
+KERNEL_MAX_ROWS = 16  # rows the kernel takes (batched decoding); longer prompts multiply as matrix products
+
+
+@functools.cache
+def int8_rows_kernel() -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """`torch.ops.lit_lora.int8_rows(x, q, scale)`, x (N, K) float32 or bf16, q (O, K) int8, scale (O,) ->
+    (N, O) = scale * (x q^T) in x's dtype, built from lit_lora/int8_rows.cpp on first use (~10 s, then
+    cached by torch in ~/.cache/torch_extensions), with AVX2 and FMA where PyTorch found them on this CPU.
+    None, after one warning, where it cannot be built (no C++ compiler, no ninja): the layers then take
+    their other paths."""
+    from torch.utils import cpp_extension  # imported here: it is slow to import and only the CPU needs it
+
+    vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # both imply AVX2 and FMA
+    try:
+        cpp_extension.load(name="lit_lora_int8_rows_" + ("avx2" if vector else "plain"),
+                           sources=[str(Path(__file__).with_name("int8_rows.cpp"))],
+                           extra_cflags=["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if vector else []),
+                           extra_ldflags=["-fopenmp"], is_python_module=False)  # OpenMP: at::parallel_for's threads
+    except Exception as error:  # a missing compiler is pages of build log: keep its first line
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        warnings.warn(f"int8: the decoding kernel lit_lora/int8_rows.cpp could not be built ({type(error).__name__}: "
+                      f"{first_line}); int8 layers fall back to slower products")
+        return None
+
+    @torch.library.register_fake("lit_lora::int8_rows")
+    def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # shapes for torch.compile
+        return x.new_empty(x.size(0), q.size(0))
+
+    return torch.ops.lit_lora.int8_rows
 
 
 class Int8Linear(nn.Module):
@@ -44,6 +81,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=compute_dtype, device=device))
+        self.rows_kernel = None  # `int8_rows_kernel()` once weights are loaded on a CPU (looked up then, not while compiling)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -71,17 +109,27 @@ class Int8Linear(nn.Module):
         scale = scale.to(self.scale.dtype).float()  # quantize against the scale the layer will multiply by
         self.weight_int8.copy_((weight / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).round().clamp(-127, 127))
         self.scale.copy_(scale)
+        multiple_of_32 = self.in_features % 32 == 0  # the kernel's loop step
+        self.rows_kernel = int8_rows_kernel() if self.weight_int8.device.type == "cpu" and multiple_of_32 else None
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """W as a dense (out, in) tensor in `dtype` (default the compute dtype)."""
         return (self.weight_int8.float() * self.scale.float()[:, None]).to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (N, in)
+        if self.rows_kernel is not None and self._rows_kernel_applies(x):
+            return self.rows_kernel(rows, self.weight_int8, self.scale).view(*x.shape[:-1], self.out_features)
         if self._fused_kernel_applies(x):
-            rows = x.reshape(-1, self.in_features).contiguous()  # (N, in); the kernel needs unit stride
-            h = torch._weight_int8pack_mm(rows, self.weight_int8, self.scale)  # (N, out)
+            h = torch._weight_int8pack_mm(rows.contiguous(), self.weight_int8, self.scale)  # (N, out); unit stride
             return h.view(*x.shape[:-1], self.out_features)
         return DequantizedMatmul.apply(x, self)  # (..., in) -> (..., out)
+
+    def _rows_kernel_applies(self, x: torch.Tensor) -> bool:
+        """lit_lora/int8_rows.cpp: up to `KERNEL_MAX_ROWS` rows on a CPU in the compute dtype (float32 or bf16),
+        no gradient."""
+        return (x.device.type == "cpu" and x.dtype == self.scale.dtype and x.dtype in (torch.float32, torch.bfloat16)
+                and x.numel() <= KERNEL_MAX_ROWS * self.in_features and not (x.requires_grad and torch.is_grad_enabled()))
 
     def _fused_kernel_applies(self, x: torch.Tensor) -> bool:
         """PyTorch's CPU kernel for bf16 activations x int8 weights (the one gpt-fast and torchao use):

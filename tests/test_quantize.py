@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_lora.checkpoint import WEIGHTS_NAME, CheckpointError, save_checkpoint
-from lit_lora.int8 import Int8Linear
+from lit_lora.int8 import KERNEL_MAX_ROWS, Int8Linear, int8_rows_kernel
 from lit_lora.lora import LoRAConfig, LoRALinear, add_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
 from lit_lora.methods import apply_weights, save_weights
 from lit_lora.model import Config, Llama
@@ -487,20 +487,85 @@ def test_int8_rounds_each_row_to_its_own_scale():
         Int8Linear(8, 4).load_weight(torch.zeros(8, 4))
 
 
+def int8_product_reference(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
+    """x times the layer's dequantized weight, in float64."""
+    return x.double() @ layer.dequantize(torch.float64).T
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (176, 64), (512, 1376), (1000, 32), (40, 2080)])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_rows_kernel_equals_the_dequantized_matmul(shape, rows, dtype):
+    """lit_lora/int8_rows.cpp (int16 activations, integer products) against float64 with the dequantized
+    weight: within float32 rounding plus the activations' 16-bit rounding, or bf16's rounding of the output."""
+    kernel = int8_rows_kernel()
+    if kernel is None:
+        pytest.skip("the int8 kernel could not be built here (a warning says why)")
+    torch.manual_seed(0)
+    layer = Int8Linear.from_weight((torch.randn(*shape) * 0.02).to(dtype))
+    x = (torch.randn(rows, shape[1]) * 3).to(dtype)
+    x[0, :5] = 40.0  # an outlier coarsens its row's 16-bit steps
+    reference = int8_product_reference(x, layer)
+    out = kernel(x, layer.weight_int8, layer.scale)
+    assert out.shape == (rows, shape[0]) and out.dtype == dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(out.double(), reference, rtol=0, atol=tolerance * reference.abs().max().item())
+    assert not kernel(torch.zeros(1, shape[1], dtype=dtype), layer.weight_int8, layer.scale).any()
+
+
+def test_int8_rows_kernel_refuses_what_it_cannot_multiply():
+    kernel = int8_rows_kernel()
+    if kernel is None:
+        pytest.skip("the int8 kernel could not be built here (a warning says why)")
+    q, scale = torch.zeros(8, 64, dtype=torch.int8), torch.ones(8)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        kernel(torch.zeros(1, 32), q, scale)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        kernel(torch.zeros(1, 48), torch.zeros(8, 48, dtype=torch.int8), scale)
+    with pytest.raises(RuntimeError, match="must both be float32 or both bfloat16"):
+        kernel(torch.zeros(1, 64, dtype=torch.bfloat16), q, scale)
+
+
+def test_int8_layer_takes_the_kernel_for_few_rows_and_matrix_products_for_many():
+    torch.manual_seed(0)
+    layer = Int8Linear.from_weight((torch.randn(96, 64) * 0.02).to(torch.bfloat16))
+    if layer.rows_kernel is None:
+        pytest.skip("the int8 kernel could not be built here (a warning says why)")
+    few, many = torch.randn(2, 8, 64).to(torch.bfloat16), torch.randn(2, KERNEL_MAX_ROWS, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(few), layer.rows_kernel(few.reshape(16, 64), layer.weight_int8, layer.scale).view(2, 8, 96))
+        assert not layer._rows_kernel_applies(many)
+        if layer._fused_kernel_applies(many):
+            assert torch.equal(layer(many), torch._weight_int8pack_mm(many.reshape(-1, 64), layer.weight_int8,
+                                                                      layer.scale).view(2, KERNEL_MAX_ROWS, 96))
+    for x in (few.float(), few.requires_grad_()):  # another dtype than the scale's, or a gradient to compute
+        assert not layer._rows_kernel_applies(x)
+
+
+def test_int8_kernel_that_cannot_be_built_warns_once_and_leaves_the_other_paths(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension 'lit_lora_int8_rows'\n(pages of compiler output)")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match=r"could not be built \(RuntimeError: Error building extension 'lit_lora_int8_rows'\)"):
+        assert int8_rows_kernel.__wrapped__() is None  # the uncached function: the cached kernel stays
+
+
 @pytest.mark.parametrize("shape", [(64, 64), (176, 64), (512, 1376), (33, 96), (1000, 32)])
 @pytest.mark.parametrize("rows", [1, 5])
 def test_int8_fused_kernel_equals_the_dequantized_matmul(shape, rows):
-    """The private int8 x bf16 CPU kernel against a float32 matmul with the dequantized weight."""
+    """PyTorch's private int8 x bf16 CPU kernel (prompts) against float64 with the dequantized weight."""
     torch.manual_seed(0)
     layer = Int8Linear.from_weight((torch.randn(*shape) * 0.02).to(torch.bfloat16))
     x = torch.randn(2, rows, shape[1]).to(torch.bfloat16)
     if not layer._fused_kernel_applies(x):
         pytest.skip("this torch build has no _weight_int8pack_mm")
-    with torch.no_grad():
-        fused = layer(x)
-    reference = F.linear(x.float(), layer.dequantize(torch.float32))
-    assert fused.shape == (2, rows, shape[0]) and fused.dtype == torch.bfloat16
-    torch.testing.assert_close(fused.float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+    fused = torch._weight_int8pack_mm(x.reshape(-1, shape[1]), layer.weight_int8, layer.scale)
+    reference = int8_product_reference(x.reshape(-1, shape[1]), layer)
+    assert fused.shape == (2 * rows, shape[0]) and fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.double(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
 
 
 def test_int8_kernel_takes_inputs_of_any_layout():
@@ -517,7 +582,7 @@ def test_int8_shapes_the_kernel_gets_wrong_take_the_dequantizing_path(in_feature
     torch.manual_seed(0)
     layer = Int8Linear.from_weight((torch.randn(24, in_features) * 0.02).to(torch.bfloat16))
     x = torch.randn(3, in_features).to(torch.bfloat16)
-    assert not layer._fused_kernel_applies(x)
+    assert not layer._fused_kernel_applies(x) and layer.rows_kernel is None
     reference = F.linear(x.float(), layer.dequantize(torch.float32))
     torch.testing.assert_close(layer(x).float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
 
