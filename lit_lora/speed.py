@@ -86,6 +86,9 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     q (B, nh, 1, hs), k and v (B, nkv, S, hs), a boolean mask broadcastable to (B, 1, 1, S) or None."""
     B, nh, _, hs = q.shape
     nkv, S = k.size(1), k.size(2)
+    # A view of q onto itself: nothing in eager mode; compiled, it makes inductor store the rotated query
+    # once, where it otherwise recomputed the rotation inside the score loop, for each of the S keys.
+    q = q.as_strided(q.shape, q.stride())
     q = q.reshape(B, nkv, nh // nkv, hs)  # (B, nkv, g, hs): the g query heads that share a key/value head
     scores = (q @ k.transpose(-1, -2)).float() * hs ** -0.5  # (B, nkv, g, S)
     if mask is not None:
