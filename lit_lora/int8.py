@@ -12,8 +12,10 @@ A quarter of float32's bytes, half of bf16's, and a rounding error of at most sc
 Unlike NF4 it is meant for inference (`generate/*.py --quantize int8`); it quantizes the output head
 too: 39 % of the weights a 60M model with a 32k vocabulary reads per token. Three ways to multiply, the
 first that applies:
-  - a few rows on a CPU (decoding): lit_lora/int8_rows.cpp, a small C++ kernel compiled on first use,
-    that widens the bytes to float32 in registers, in float32 or bf16 (`int8_rows_kernel`);
+  - up to 16 rows on a CPU (decoding), float32 or bf16: lit_lora/int8_rows.cpp, a small C++ kernel
+    compiled on first use (`int8_rows_kernel`). It rounds each activation row to 16-bit integers with
+    a scale of its own (an error 258x below the weights' rounding) and multiplies in integers, two
+    products per instruction, so two cores keep up with the memory;
   - more rows in bf16 on a CPU (prompts): PyTorch's fused int8 x bf16 kernel;
   - elsewhere the layer dequantizes (`DequantizedMatmul`): it is only smaller, not faster.
 
@@ -40,16 +42,16 @@ KERNEL_MAX_ROWS = 16  # rows the kernel takes (batched decoding); longer prompts
 def int8_rows_kernel() -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
     """`torch.ops.lit_lora.int8_rows(x, q, scale)`, x (N, K) float32 or bf16, q (O, K) int8, scale (O,) ->
     (N, O) = scale * (x q^T) in x's dtype, built from lit_lora/int8_rows.cpp on first use (~10 s, then
-    cached by torch in ~/.cache/torch_extensions), with AVX2 and FMA where PyTorch found them on this CPU.
+    cached by torch in ~/.cache/torch_extensions), with AVX2 where PyTorch found it on this CPU.
     None, after one warning, where it cannot be built (no C++ compiler, no ninja): the layers then take
     their other paths."""
     from torch.utils import cpp_extension  # imported here: it is slow to import and only the CPU needs it
 
-    vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # both imply AVX2 and FMA
+    vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # both imply AVX2
     try:
         cpp_extension.load(name="lit_lora_int8_rows_" + ("avx2" if vector else "plain"),
                            sources=[str(Path(__file__).with_name("int8_rows.cpp"))],
-                           extra_cflags=["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if vector else []),
+                           extra_cflags=["-O3", "-fopenmp"] + (["-mavx2"] if vector else []),
                            extra_ldflags=["-fopenmp"], is_python_module=False)  # OpenMP: at::parallel_for's threads
     except Exception as error:  # a missing compiler is pages of build log: keep its first line
         first_line = (str(error).strip().splitlines() or [""])[0]

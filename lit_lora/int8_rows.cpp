@@ -1,15 +1,17 @@
 // The int8 decoding kernel of lit_lora/int8.py: a few activation rows times a weight matrix stored as
-// int8 with one float scale per output row, in float32 arithmetic.
+// int8 with one float scale per output row.
 //
 //     out[n, o] = scale[o] * sum_i x[n, i] * q[o, i]        x (N, K), q (O, K) int8, scale (O,)
 //
 // Replaces `x @ (q * scale[:, None]).T` (dequantize, then multiply), which writes and reads a float copy
 // of the weights at every token. Why it is faster: decoding reads every weight once per token, so the
-// time is the bytes read; here each weight row is read once, as 1 byte per weight, widened to float32
-// in registers (8 at a time) and multiplied into the rows of x, which stay in the L1 cache. Four
-// independent accumulators keep the multiply-add units busy while the next bytes arrive.
-// lit_lora/int8.py compiles this file on first use (torch.utils.cpp_extension), with -mavx2 -mfma
-// only on a CPU that has them.
+// time is the bytes read; here each weight row is read once, 1 byte per weight, and multiplied into
+// the rows of x, which stay in the L1 cache. The rows of x are first rounded to int16 with a scale per
+// row, so the products are integer ones: one AVX2 instruction (madd) multiplies 16 int8-int16 pairs
+// and adds them in pairs, half the instructions of widening every weight to float32, which is what
+// lets two cores read the weights as fast as the memory delivers them.
+// lit_lora/int8.py compiles this file on first use (torch.utils.cpp_extension), with -mavx2
+// only on a CPU that has them; elsewhere the plain loop below does the same integer arithmetic.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,7 +22,7 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -32,7 +34,7 @@ namespace {
 constexpr int64_t kBlock = 32;   // weights per loop step; K must be a multiple
 constexpr int64_t kSpan = 2048;  // weights between conversions to float32
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__)
 // 16 int8 weights -> 16 int16 lanes
 inline __m256i widen(const int8_t* q) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))); }
 

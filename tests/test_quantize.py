@@ -4,6 +4,7 @@ quantize_4bit / dequantize_4bit (bit for bit, double quantization included), and
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -540,6 +541,29 @@ def test_int8_layer_takes_the_kernel_for_few_rows_and_matrix_products_for_many()
                                                                       layer.scale).view(2, KERNEL_MAX_ROWS, 96))
     for x in (few.float(), few.requires_grad_()):  # another dtype than the scale's, or a gradient to compute
         assert not layer._rows_kernel_applies(x)
+
+
+PLAIN_KERNEL_CHECK = """
+import torch
+from lit_lora.int8 import Int8Linear, int8_rows_kernel
+assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+torch.manual_seed(0)
+layer = Int8Linear.from_weight(torch.randn(70, 2080) * 0.02)
+x = torch.randn(3, 2080)
+reference = x.double() @ layer.dequantize(torch.float64).T
+error = (int8_rows_kernel()(x, layer.weight_int8, layer.scale).double() - reference).abs().max() / reference.abs().max()
+print(f"relative error {error.item():.2e}")
+"""
+
+
+def test_int8_kernel_without_avx2_builds_its_plain_loop_and_agrees():
+    """ATEN_CPU_CAPABILITY=default: the kernel is built without -mavx2, so its scalar loop runs."""
+    if int8_rows_kernel() is None:
+        pytest.skip("the int8 kernel could not be built here (a warning says why)")
+    done = subprocess.run([sys.executable, "-c", PLAIN_KERNEL_CHECK], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "ATEN_CPU_CAPABILITY": "default"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 1e-4
 
 
 def test_int8_kernel_that_cannot_be_built_warns_once_and_leaves_the_other_paths(monkeypatch):
