@@ -12,14 +12,15 @@ then runs each engine back to back: greedy, a 16-token prompt, 128 new tokens, E
   lit-lora            `generate()` eagerly, and through `CompiledDecoding` (what `generate/*.py --compile`
                       runs: the one-token step compiled with fixed shapes), in float32, bf16 (where the
                       CPU has native bf16) and int8 weights (`--quantize int8`; bf16 activations, or on
-                      a CPU without native bf16 float32 ones); and eagerly with QLoRA's 4-bit NF4 weights (`--quantize nf4`, head in bf16)
+                      a CPU without native bf16 float32 ones); and eagerly with QLoRA's 4-bit NF4
+                      weights (`--quantize nf4`, head in bf16)
   llama.cpp           `llama-bench -p 16 -n 128` with as many threads, when --llama_cpp_dir (or
                       $LLAMA_CPP_DIR) holds its converter and build/bin/llama-bench
 
 Reported per engine: decode tokens/s (after the first token) as the median over rounds; the ratio to
 transformers float32 (median of per-round ratios: a shared machine shifts both alike); the share of the
 bandwidth limit = tokens/s x the weight bytes read per token / the read bandwidth measured in this run
-(a float32 matrix-vector product over 1 GiB, more than any cache); prefill speed (prompt tokens per
+(the sum of 1 GiB of float32, more than any cache, on every thread); prefill speed (prompt tokens per
 second of the time to the first token); and, for the engines whose tokens are not float32's, how many
 greedy tokens they share with float32 before the first difference and, teacher-forced on the float32
 answer, at how many of its positions their most likely next token is float32's. Then batches: tokens/s
@@ -81,15 +82,16 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
 
 
 def read_bandwidth(device: torch.device, repeats: int = 5) -> float:
-    """GB/s of a float32 matrix-vector product over 1 GiB (best of `repeats`): the memory read bandwidth."""
-    matrix = torch.randn(1 << 14, 1 << 14, device=device)  # 1 GiB
-    vector = torch.randn(1 << 14, device=device)
+    """GB/s of summing 1 GiB of float32 (best of `repeats`): the memory read bandwidth, every thread
+    streaming. (A float32 matrix-vector product over the same bytes reads at about half of it on a CPU,
+    so engines that stream well exceeded a limit measured that way.)"""
+    data = torch.randn(1 << 28, device=device)  # 1 GiB
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.mv(matrix, vector).sum().item()
+        data.sum().item()
         best = min(best, time.perf_counter() - start)
-    return matrix.numel() * 4 / best / 1e9
+    return data.numel() * 4 / best / 1e9
 
 
 def timed_ours(model, prompts, new_tokens: int, cache_length: Optional[int] = None) -> Dict[str, object]:
@@ -214,7 +216,7 @@ def main(
         hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
         engines["transformers bf16"] = lambda p: timed_transformers(hf_bf16, p, new_tokens)
         models["bf16"] = copy.deepcopy(ours).to(torch.bfloat16)
-    if bf16 or chosen.type == "cpu":  # on a CPU int8 layers multiply float32 rows fast too (lit_lora/int8_rows.cpp)
+    if bf16 or chosen.type == "cpu":  # on a CPU int8 layers multiply float32 rows fast too (lit_lora/row_kernels.cpp)
         models["int8"] = copy.deepcopy(models["bf16"] if bf16 else ours)
         quantize_model(models["int8"], mode="int8", skip=())
     if bf16:

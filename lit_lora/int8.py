@@ -12,8 +12,8 @@ A quarter of float32's bytes, half of bf16's, and a rounding error of at most sc
 Unlike NF4 it is meant for inference (`generate/*.py --quantize int8`); it quantizes the output head
 too: 39 % of the weights a 60M model with a 32k vocabulary reads per token. Three ways to multiply, the
 first that applies:
-  - up to 16 rows on a CPU (decoding), float32 or bf16: lit_lora/int8_rows.cpp, a small C++ kernel
-    compiled on first use (`int8_rows_kernel`). It rounds each activation row to 16-bit integers with
+  - up to 16 rows on a CPU (decoding), float32 or bf16: `int8_rows` of lit_lora/row_kernels.py, a
+    small C++ kernel compiled on first use. It rounds each activation row to 16-bit integers with
     a scale of its own (an error 258x below the weights' rounding) and multiplies in integers, two
     products per instruction, so two cores keep up with the memory;
   - more rows in bf16 on a CPU (prompts): PyTorch's fused int8 x bf16 kernel;
@@ -24,46 +24,13 @@ once per token, and int8 halves bf16's bytes; the kernels multiply without mater
 Loaded with `generate/*.py --quantize int8` (lit_lora/quantize.py builds the layers).
 """
 
-import functools
-import warnings
-from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
 from lit_lora.nf4 import DequantizedMatmul
-
-
-KERNEL_MAX_ROWS = 16  # rows the kernel takes (batched decoding); longer prompts multiply as matrix products
-
-
-@functools.cache
-def int8_rows_kernel() -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """`torch.ops.lit_lora.int8_rows(x, q, scale)`, x (N, K) float32 or bf16, q (O, K) int8, scale (O,) ->
-    (N, O) = scale * (x q^T) in x's dtype, built from lit_lora/int8_rows.cpp on first use (~10 s, then
-    cached by torch in ~/.cache/torch_extensions), with AVX2 where PyTorch found it on this CPU.
-    None, after one warning, where it cannot be built (no C++ compiler, no ninja): the layers then take
-    their other paths."""
-    from torch.utils import cpp_extension  # imported here: it is slow to import and only the CPU needs it
-
-    vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # both imply AVX2
-    try:
-        cpp_extension.load(name="lit_lora_int8_rows_" + ("avx2" if vector else "plain"),
-                           sources=[str(Path(__file__).with_name("int8_rows.cpp"))],
-                           extra_cflags=["-O3", "-fopenmp"] + (["-mavx2"] if vector else []),
-                           extra_ldflags=["-fopenmp"], is_python_module=False)  # OpenMP: at::parallel_for's threads
-    except Exception as error:  # a missing compiler is pages of build log: keep its first line
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        warnings.warn(f"int8: the decoding kernel lit_lora/int8_rows.cpp could not be built ({type(error).__name__}: "
-                      f"{first_line}); int8 layers fall back to slower products")
-        return None
-
-    @torch.library.register_fake("lit_lora::int8_rows")
-    def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # shapes for torch.compile
-        return x.new_empty(x.size(0), q.size(0))
-
-    return torch.ops.lit_lora.int8_rows
+from lit_lora.row_kernels import MAX_ROWS, row_kernels
 
 
 class Int8Linear(nn.Module):
@@ -83,7 +50,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=compute_dtype, device=device))
-        self.rows_kernel = None  # `int8_rows_kernel()` once weights are loaded on a CPU (looked up then, not while compiling)
+        self.rows_kernel = None  # `row_kernels().int8_rows` once weights are loaded on a CPU (looked up then, not while compiling)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -112,7 +79,8 @@ class Int8Linear(nn.Module):
         self.weight_int8.copy_((weight / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).round().clamp(-127, 127))
         self.scale.copy_(scale)
         multiple_of_32 = self.in_features % 32 == 0  # the kernel's loop step
-        self.rows_kernel = int8_rows_kernel() if self.weight_int8.device.type == "cpu" and multiple_of_32 else None
+        kernels = row_kernels() if self.weight_int8.device.type == "cpu" and multiple_of_32 else None
+        self.rows_kernel = kernels.int8_rows if kernels is not None else None
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """W as a dense (out, in) tensor in `dtype` (default the compute dtype)."""
@@ -128,10 +96,10 @@ class Int8Linear(nn.Module):
         return DequantizedMatmul.apply(x, self)  # (..., in) -> (..., out)
 
     def _rows_kernel_applies(self, x: torch.Tensor) -> bool:
-        """lit_lora/int8_rows.cpp: up to `KERNEL_MAX_ROWS` rows on a CPU in the compute dtype (float32 or bf16),
-        no gradient."""
+        """`int8_rows` (lit_lora/row_kernels.cpp): up to `MAX_ROWS` rows on a CPU in the compute dtype
+        (float32 or bf16), no gradient."""
         return (x.device.type == "cpu" and x.dtype == self.scale.dtype and x.dtype in (torch.float32, torch.bfloat16)
-                and x.numel() <= KERNEL_MAX_ROWS * self.in_features and not (x.requires_grad and torch.is_grad_enabled()))
+                and x.numel() <= MAX_ROWS * self.in_features and not (x.requires_grad and torch.is_grad_enabled()))
 
     def _fused_kernel_applies(self, x: torch.Tensor) -> bool:
         """PyTorch's CPU kernel for bf16 activations x int8 weights (the one gpt-fast and torchao use):

@@ -4,7 +4,6 @@ quantize_4bit / dequantize_4bit (bit for bit, double quantization included), and
 import copy
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_lora.checkpoint import WEIGHTS_NAME, CheckpointError, save_checkpoint
-from lit_lora.int8 import KERNEL_MAX_ROWS, Int8Linear, int8_rows_kernel
+from lit_lora.int8 import Int8Linear
 from lit_lora.lora import LoRAConfig, LoRALinear, add_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
 from lit_lora.methods import apply_weights, save_weights
 from lit_lora.model import Config, Llama
@@ -23,6 +22,7 @@ from lit_lora.nf4 import (DYNAMIC_8BIT_CODE, NF4_CODE, Linear4bit, dequantize_ab
                           quantize_blockwise, quantize_nf4)
 from lit_lora.quantize import (bits_per_parameter, dequantize_model, load_checkpoint_quantized, merge_lora_quantized,
                                quantize_model, quantized_storage)
+from lit_lora.row_kernels import MAX_ROWS, row_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -493,15 +493,20 @@ def int8_product_reference(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     return x.double() @ layer.dequantize(torch.float64).T
 
 
+def int8_kernel():
+    if row_kernels() is None:
+        pytest.skip("the C++ decoding kernels could not be built here (a warning says why)")
+    return row_kernels().int8_rows
+
+
 @pytest.mark.parametrize("shape", [(64, 64), (176, 64), (512, 1376), (1000, 32), (40, 2080)])
 @pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_rows_kernel_equals_the_dequantized_matmul(shape, rows, dtype):
-    """lit_lora/int8_rows.cpp (int16 activations, integer products) against float64 with the dequantized
-    weight: within float32 rounding plus the activations' 16-bit rounding, or bf16's rounding of the output."""
-    kernel = int8_rows_kernel()
-    if kernel is None:
-        pytest.skip("the int8 kernel could not be built here (a warning says why)")
+    """`int8_rows` of lit_lora/row_kernels.cpp (int16 activations, integer products) against float64 with the
+    dequantized weight: within float32 rounding plus the activations' 16-bit rounding, or bf16's rounding
+    of the output."""
+    kernel = int8_kernel()
     torch.manual_seed(0)
     layer = Int8Linear.from_weight((torch.randn(*shape) * 0.02).to(dtype))
     x = (torch.randn(rows, shape[1]) * 3).to(dtype)
@@ -515,9 +520,7 @@ def test_int8_rows_kernel_equals_the_dequantized_matmul(shape, rows, dtype):
 
 
 def test_int8_rows_kernel_refuses_what_it_cannot_multiply():
-    kernel = int8_rows_kernel()
-    if kernel is None:
-        pytest.skip("the int8 kernel could not be built here (a warning says why)")
+    kernel = int8_kernel()
     q, scale = torch.zeros(8, 64, dtype=torch.int8), torch.ones(8)
     with pytest.raises(RuntimeError, match="shapes do not match"):
         kernel(torch.zeros(1, 32), q, scale)
@@ -532,49 +535,15 @@ def test_int8_layer_takes_the_kernel_for_few_rows_and_matrix_products_for_many()
     layer = Int8Linear.from_weight((torch.randn(96, 64) * 0.02).to(torch.bfloat16))
     if layer.rows_kernel is None:
         pytest.skip("the int8 kernel could not be built here (a warning says why)")
-    few, many = torch.randn(2, 8, 64).to(torch.bfloat16), torch.randn(2, KERNEL_MAX_ROWS, 64).to(torch.bfloat16)
+    few, many = torch.randn(2, 8, 64).to(torch.bfloat16), torch.randn(2, MAX_ROWS, 64).to(torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(layer(few), layer.rows_kernel(few.reshape(16, 64), layer.weight_int8, layer.scale).view(2, 8, 96))
         assert not layer._rows_kernel_applies(many)
         if layer._fused_kernel_applies(many):
             assert torch.equal(layer(many), torch._weight_int8pack_mm(many.reshape(-1, 64), layer.weight_int8,
-                                                                      layer.scale).view(2, KERNEL_MAX_ROWS, 96))
+                                                                      layer.scale).view(2, MAX_ROWS, 96))
     for x in (few.float(), few.requires_grad_()):  # another dtype than the scale's, or a gradient to compute
         assert not layer._rows_kernel_applies(x)
-
-
-PLAIN_KERNEL_CHECK = """
-import torch
-from lit_lora.int8 import Int8Linear, int8_rows_kernel
-assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
-torch.manual_seed(0)
-layer = Int8Linear.from_weight(torch.randn(70, 2080) * 0.02)
-x = torch.randn(3, 2080)
-reference = x.double() @ layer.dequantize(torch.float64).T
-error = (int8_rows_kernel()(x, layer.weight_int8, layer.scale).double() - reference).abs().max() / reference.abs().max()
-print(f"relative error {error.item():.2e}")
-"""
-
-
-def test_int8_kernel_without_avx2_builds_its_plain_loop_and_agrees():
-    """ATEN_CPU_CAPABILITY=default: the kernel is built without -mavx2, so its scalar loop runs."""
-    if int8_rows_kernel() is None:
-        pytest.skip("the int8 kernel could not be built here (a warning says why)")
-    done = subprocess.run([sys.executable, "-c", PLAIN_KERNEL_CHECK], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "ATEN_CPU_CAPABILITY": "default"}, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout.split()[-1]) < 1e-4
-
-
-def test_int8_kernel_that_cannot_be_built_warns_once_and_leaves_the_other_paths(monkeypatch):
-    from torch.utils import cpp_extension
-
-    def no_compiler(**kwargs):
-        raise RuntimeError("Error building extension 'lit_lora_int8_rows'\n(pages of compiler output)")
-
-    monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    with pytest.warns(UserWarning, match=r"could not be built \(RuntimeError: Error building extension 'lit_lora_int8_rows'\)"):
-        assert int8_rows_kernel.__wrapped__() is None  # the uncached function: the cached kernel stays
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (176, 64), (512, 1376), (33, 96), (1000, 32)])

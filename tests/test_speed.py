@@ -1,12 +1,18 @@
 """The speed rooms' rewritten formulas against the plain calls they replace, on both paths' own terms:
 the same numbers to the rounding of the dtype, checked against a float64 computation of the formula."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lit_lora.data import IGNORE_INDEX
 from lit_lora.model import naive_attention
+from lit_lora.row_kernels import MAX_ROWS, RowKernels, row_kernels
 from lit_lora.speed import OneTokenForms, matvec_as_reduction, one_query_attention
 from lit_lora.speed_training import TrainingForms, compiled_cross_entropy
 
@@ -53,6 +59,116 @@ def test_one_token_forms_rewrite_only_one_row_and_one_query():
         assert torch.equal(F.linear(rows, weight), rows @ weight.T)
         kept = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert torch.equal(kept, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def bf16_rows_op():
+    """The kernel as built here: every build has it (AVX512-BF16 instructions, or the plain loop, which
+    `row_kernels()` does not hand out because inductor's loop is as fast)."""
+    if row_kernels() is None:
+        pytest.skip("the C++ decoding kernels could not be built here (a warning says why)")
+    return torch.ops.lit_lora.bf16_rows
+
+
+@pytest.mark.parametrize("rows, K", [(1, 512), (1, 96), (5, 1376)])  # K an even and odd multiple of 32
+def test_bf16_rows_kernel_is_the_exact_product_rounded_to_bf16(rows, K):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, K, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(300, K, generator=generator).to(torch.bfloat16)
+    exact = x.double() @ weight.double().T  # (rows, 300)
+    ours = bf16_rows_op()(x, weight)
+    assert ours.shape == (rows, 300) and ours.dtype == torch.bfloat16
+    # float32 sums of exact products, rounded once to bf16 (a relative step of 2^-8); one weight left out
+    # of a sum would move it by ~1
+    torch.testing.assert_close(ours.double(), exact, rtol=2 ** -8, atol=1e-3)
+
+
+def test_bf16_rows_kernel_refuses_what_it_cannot_multiply():
+    kernel = bf16_rows_op()
+    weight = torch.zeros(8, 64, dtype=torch.bfloat16)
+    for x, message in ((torch.zeros(1, 64), "must be bfloat16"), (torch.zeros(1, 32, dtype=torch.bfloat16), "do not match")):
+        with pytest.raises(RuntimeError, match=message):
+            kernel(x, weight)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        kernel(torch.zeros(1, 40, dtype=torch.bfloat16), torch.zeros(8, 40, dtype=torch.bfloat16))
+
+
+PLAIN_KERNELS_CHECK = """
+import torch
+from lit_lora.int8 import Int8Linear
+from lit_lora.row_kernels import row_kernels
+assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+kernels = row_kernels()
+assert kernels.bf16_rows is None  # the plain loop is built, not handed out
+torch.manual_seed(0)
+layer = Int8Linear.from_weight(torch.randn(70, 2080) * 0.02)
+x = torch.randn(3, 2080)
+exact = x.double() @ layer.dequantize(torch.float64).T
+int8_error = (kernels.int8_rows(x, layer.weight_int8, layer.scale).double() - exact).abs().max() / exact.abs().max()
+x16, w16 = x.bfloat16(), torch.randn(70, 2080).bfloat16()
+exact = x16.double() @ w16.double().T
+bf16_error = (torch.ops.lit_lora.bf16_rows(x16, w16).double() - exact).abs().max() / exact.abs().max()
+print(int8_error.item(), bf16_error.item())
+"""
+
+
+def test_kernels_without_avx2_build_their_plain_loops_and_agree():
+    """ATEN_CPU_CAPABILITY=default: lit_lora/row_kernels.cpp is built without vector instructions, so its
+    plain loops run; within float32 rounding (int8, with 16-bit activations) and bf16's (bf16)."""
+    if row_kernels() is None:
+        pytest.skip("the C++ decoding kernels could not be built here (a warning says why)")
+    done = subprocess.run([sys.executable, "-c", PLAIN_KERNELS_CHECK], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "ATEN_CPU_CAPABILITY": "default"},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    int8_error, bf16_error = map(float, done.stdout.split()[-2:])
+    assert int8_error < 1e-4 and bf16_error < 2 ** -8
+
+
+def test_kernels_that_cannot_be_built_warn_once_and_leave_the_other_paths(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension 'lit_lora_row_kernels'\n(pages of compiler output)")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match=r"could not be built \(RuntimeError: Error building extension 'lit_lora_row_kernels'\)"):
+        assert row_kernels.__wrapped__() is None  # the uncached function: the cached kernels stay
+
+
+def test_one_token_forms_send_a_few_bf16_rows_to_the_kernel_they_are_given():
+    """Given the kernel, up to MAX_ROWS bf16 rows with a multiple of 32 inputs go to it; other dtypes,
+    widths and longer inputs keep the reduction (one row) or the matrix product."""
+    kernel = bf16_rows_op()
+    generator = torch.Generator().manual_seed(4)
+    weight, rows = torch.randn(40, 64, generator=generator), torch.randn(MAX_ROWS + 1, 1, 64, generator=generator)
+    weight16, rows16 = weight.to(torch.bfloat16), rows.to(torch.bfloat16)
+    narrow_weight, narrow_row = weight16[:, :24], rows16[:1, :, :24]
+    with OneTokenForms(RowKernels(int8_rows=torch.ops.lit_lora.int8_rows, bf16_rows=kernel)):
+        for n in (1, 4, MAX_ROWS):
+            assert torch.equal(F.linear(rows16[:n], weight16), kernel(rows16[:n].reshape(n, 64), weight16).reshape(n, 1, 40))
+        assert torch.equal(F.linear(rows16, weight16), rows16 @ weight16.T)
+        assert torch.equal(F.linear(rows[:1], weight), matvec_as_reduction(rows[:1], weight))
+        assert torch.equal(F.linear(narrow_row, narrow_weight), matvec_as_reduction(narrow_row, narrow_weight))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_bf16_decoding_gives_the_eager_logits(batch):
+    """Inductor's graph around the bf16 kernel (where the CPU has AVX512-BF16; its own loops and matrix
+    products elsewhere) against the eager step, to bf16's rounding, for one prompt and a batch."""
+    from lit_lora.model import Config, Llama
+    from lit_lora.speed import CompiledDecoding
+
+    torch.manual_seed(0)
+    model = Llama(Config(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=64, intermediate_size=160))
+    model = model.to(torch.bfloat16).eval()
+    compiled = CompiledDecoding(model)
+    with torch.inference_mode():
+        idx, input_pos = torch.tensor([[9], [4], [50]])[:batch], torch.tensor([0])
+        model.set_kv_cache(batch, 16)
+        expected = model(idx, input_pos)  # (B, 1, 96)
+        model.set_kv_cache(batch, 16)
+        ours = compiled(idx, input_pos)
+    torch.testing.assert_close(ours.float(), expected.float(), rtol=3e-2, atol=3e-2 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("packed", [False, True])
