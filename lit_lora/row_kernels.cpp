@@ -23,8 +23,8 @@
 // float32 lanes.
 //
 // lit_lora/row_kernels.py compiles this file on first use (torch.utils.cpp_extension), with -mavx2
-// where the CPU has it and -mavx512bf16 where it has that too; elsewhere the plain loops below do the
-// same arithmetic.
+// where PyTorch runs its AVX2 or AVX512 code (ATEN_CPU_CAPABILITY can lower that) and -mavx512bf16
+// where the CPU also has AVX512-BF16; elsewhere the plain loops below do the same arithmetic.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

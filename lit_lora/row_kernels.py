@@ -3,8 +3,8 @@
     kernel      replaces                                       why it is faster
     int8_rows   x @ (q * scale[:, None]).T, a few rows x       reads 1 byte per weight and multiplies in
                 (lit_lora/int8.py)                             integers, without a float copy of W
-    bf16_rows   F.linear(x, W) of one bf16 row, compiled       one AVX512-BF16 instruction per 32 weights
-                (OneTokenForms in lit_lora/speed.py)           instead of widening each to float32
+    bf16_rows   F.linear(x, W) of up to 16 bf16 rows,          one AVX512-BF16 instruction per 32 weights
+                compiled (OneTokenForms, lit_lora/speed.py)    instead of widening each to float32
 
 Both exist to read the weights of a one-token decoding step at the speed of the memory; the .cpp file
 explains the arithmetic. torch.utils.cpp_extension compiles it with the instructions this CPU has, the

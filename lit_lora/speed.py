@@ -71,8 +71,7 @@ class OneTokenForms(TorchFunctionMode):
         if func is F.linear:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            kernel_rows = self.bf16_rows is not None and x.dtype == weight.dtype == torch.bfloat16 and weight.size(1) % 32 == 0
-            if bias is None and kernel_rows and x.numel() <= MAX_ROWS * x.size(-1):
+            if bias is None and self._kernel_applies(x, weight):
                 h = self.bf16_rows(x.reshape(-1, x.size(-1)), weight)  # (N, in) -> (N, out); the kernel's K step is 32
                 return h.reshape(*x.shape[:-1], weight.size(0))  # (..., out)
             if bias is None and x.numel() == x.size(-1):
@@ -85,6 +84,13 @@ class OneTokenForms(TorchFunctionMode):
             if plain and q.size(-2) == 1:
                 return one_query_attention(q, k, v, mask)
         return func(*args, **kwargs)
+
+    def _kernel_applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """`bf16_rows`: up to MAX_ROWS bf16 rows on a CPU, a multiple of 32 inputs (its loop step), and no
+        gradient to compute (the kernel has no backward)."""
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        return (self.bf16_rows is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16
+                and weight.size(1) % 32 == 0 and x.numel() <= MAX_ROWS * x.size(-1) and not needs_grad)
 
 
 def matvec_as_reduction(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

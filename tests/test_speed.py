@@ -137,18 +137,28 @@ def test_kernels_that_cannot_be_built_warn_once_and_leave_the_other_paths(monkey
 
 def test_one_token_forms_send_a_few_bf16_rows_to_the_kernel_they_are_given():
     """Given the kernel, up to MAX_ROWS bf16 rows with a multiple of 32 inputs go to it; other dtypes,
-    widths and longer inputs keep the reduction (one row) or the matrix product."""
+    widths, longer inputs and calls needing a gradient keep the reduction (one row) or the matrix product."""
     kernel = bf16_rows_op()
+    seen = []
+
+    def spy(x, weight):
+        seen.append(tuple(x.shape))
+        return kernel(x, weight)
+
     generator = torch.Generator().manual_seed(4)
     weight, rows = torch.randn(40, 64, generator=generator), torch.randn(MAX_ROWS + 1, 1, 64, generator=generator)
     weight16, rows16 = weight.to(torch.bfloat16), rows.to(torch.bfloat16)
     narrow_weight, narrow_row = weight16[:, :24], rows16[:1, :, :24]
-    with OneTokenForms(RowKernels(int8_rows=torch.ops.lit_lora.int8_rows, bf16_rows=kernel)):
+    trained = weight16.clone().requires_grad_()
+    with OneTokenForms(RowKernels(int8_rows=torch.ops.lit_lora.int8_rows, bf16_rows=spy)):
         for n in (1, 4, MAX_ROWS):
             assert torch.equal(F.linear(rows16[:n], weight16), kernel(rows16[:n].reshape(n, 64), weight16).reshape(n, 1, 40))
+        assert seen == [(1, 64), (4, 64), (MAX_ROWS, 64)]
         assert torch.equal(F.linear(rows16, weight16), rows16 @ weight16.T)
         assert torch.equal(F.linear(rows[:1], weight), matvec_as_reduction(rows[:1], weight))
         assert torch.equal(F.linear(narrow_row, narrow_weight), matvec_as_reduction(narrow_row, narrow_weight))
+        F.linear(rows16[:1], trained).sum().backward()  # a gradient to compute: not the kernel, which has no backward
+        assert len(seen) == 3 and trained.grad is not None
 
 
 @pytest.mark.parametrize("batch", [1, 3])
