@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from lit_lora.nf4 import DequantizedMatmul
-from lit_lora.row_kernels import MAX_ROWS, row_kernels
+from lit_lora.row_kernels import K_STEP, MAX_ROWS, row_kernels
 
 
 class Int8Linear(nn.Module):
@@ -78,9 +78,8 @@ class Int8Linear(nn.Module):
         scale = scale.to(self.scale.dtype).float()  # quantize against the scale the layer will multiply by
         self.weight_int8.copy_((weight / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).round().clamp(-127, 127))
         self.scale.copy_(scale)
-        multiple_of_32 = self.in_features % 32 == 0  # the kernel's loop step
-        kernels = row_kernels() if self.weight_int8.device.type == "cpu" and multiple_of_32 else None
-        self.rows_kernel = kernels.int8_rows if kernels is not None else None
+        kernel_fits = self.weight_int8.device.type == "cpu" and self.in_features % K_STEP == 0
+        self.rows_kernel = row_kernels().int8_rows if kernel_fits else None
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """W as a dense (out, in) tensor in `dtype` (default the compute dtype)."""

@@ -21,13 +21,14 @@ import torch
 
 
 MAX_ROWS = 16  # rows of x the callers hand the kernels: decoding up to 16 prompts; longer inputs are matrix products
+K_STEP = 32  # the kernels' loop step (kBlock in the .cpp): the inputs per row must be a multiple of it
 
 
 class RowKernels(NamedTuple):
-    """The built kernels as callables; `bf16_rows` is None where the CPU has no AVX512-BF16 (there,
-    inductor's own loop is as fast as a hand-written one)."""
+    """The built kernels as callables, None where they could not be built; `bf16_rows` is None too where
+    the CPU has no AVX512-BF16 (there, inductor's own loop is as fast as a hand-written one)."""
 
-    int8_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, q, scale) -> (N, O)
+    int8_rows: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]  # (x, q, scale) -> (N, O)
     bf16_rows: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]      # (x, w) -> (N, O)
 
 
@@ -43,10 +44,10 @@ def cpu_has_avx512_bf16() -> bool:
 
 
 @functools.cache
-def row_kernels() -> Optional[RowKernels]:
+def row_kernels() -> RowKernels:
     """`torch.ops.lit_lora.int8_rows` and `bf16_rows`, built from lit_lora/row_kernels.cpp for this CPU:
     with AVX2 where PyTorch uses it (its AVX512 level implies AVX2), with AVX512-BF16 where the CPU has it
-    and PyTorch uses AVX512. None, after one warning, where the file cannot be built."""
+    and PyTorch uses AVX512. Both None, after one warning, where the file cannot be built."""
     from torch.utils import cpp_extension  # imported here: it is slow to import and only the CPU needs it
 
     capability = torch.backends.cpu.get_cpu_capability()  # follows ATEN_CPU_CAPABILITY when it is set
@@ -65,7 +66,7 @@ def row_kernels() -> Optional[RowKernels]:
         first_line = (str(error).strip().splitlines() or [""])[0]
         warnings.warn(f"the decoding kernels lit_lora/row_kernels.cpp could not be built ({type(error).__name__}: "
                       f"{first_line}); int8 and bf16 decoding fall back to slower products")
-        return None
+        return RowKernels(int8_rows=None, bf16_rows=None)
 
     @torch.library.register_fake("lit_lora::int8_rows")
     def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # shapes for torch.compile

@@ -16,7 +16,7 @@ same-run ratios.
 """
 
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from lit_lora.generate import generate
 from lit_lora.model import Llama, cached_positions_and_mask, rope_cos_sin
-from lit_lora.row_kernels import MAX_ROWS, RowKernels, cpu_has_avx512_bf16, row_kernels
+from lit_lora.row_kernels import K_STEP, MAX_ROWS, cpu_has_avx512_bf16, row_kernels
 
 # ----------------------------------------------------------------------------------------------------
 # What the CPU can do, and compiled decoding
@@ -51,8 +51,8 @@ class OneTokenForms(TorchFunctionMode):
     one row by every weight of the model, so its time is reading the weights: oneDNN's matrix product for
     a single row read a 32k x 512 bf16 head at ~16 GB/s, the elementwise product and sum inductor
     generates (one vectorised pass over W per output block, both cores) at ~40 GB/s; float32 ~10 -> ~48.
-    In bf16 on a CPU with AVX512-BF16, rows go to the C++ kernel `bf16_rows` instead (given as `kernels`,
-    lit_lora/row_kernels.py), which multiplies 32 bf16 pairs per instruction where inductor's loop widens
+    In bf16 on a CPU with AVX512-BF16, rows go to the C++ kernel `bf16_rows` instead (when given; built
+    by lit_lora/row_kernels.py), which multiplies 32 bf16 pairs per instruction where inductor's loop widens
     every weight to float32 first (the bf16 step about a fifth faster on 2 cores), and which reads W once
     for up to 16 rows, one per prompt of a batch, where the matrix product for a few rows reads it at a
     fraction of the memory's speed. Wider inputs keep the matrix products.
@@ -62,9 +62,9 @@ class OneTokenForms(TorchFunctionMode):
     ~80 us per layer in bf16 for one query over a 160-slot cache, the two products ~7 us.
     """
 
-    def __init__(self, kernels: Optional[RowKernels] = None) -> None:
+    def __init__(self, bf16_rows: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> None:
         super().__init__()
-        self.bf16_rows = kernels.bf16_rows if kernels is not None else None
+        self.bf16_rows = bf16_rows
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -72,7 +72,7 @@ class OneTokenForms(TorchFunctionMode):
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if bias is None and self._kernel_applies(x, weight):
-                h = self.bf16_rows(x.reshape(-1, x.size(-1)), weight)  # (N, in) -> (N, out); the kernel's K step is 32
+                h = self.bf16_rows(x.reshape(-1, x.size(-1)), weight)  # (N, in) -> (N, out)
                 return h.reshape(*x.shape[:-1], weight.size(0))  # (..., out)
             if bias is None and x.numel() == x.size(-1):
                 return matvec_as_reduction(x, weight)
@@ -86,11 +86,11 @@ class OneTokenForms(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _kernel_applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        """`bf16_rows`: up to MAX_ROWS bf16 rows on a CPU, a multiple of 32 inputs (its loop step), and no
-        gradient to compute (the kernel has no backward)."""
+        """`bf16_rows`: up to MAX_ROWS bf16 rows on a CPU, a multiple of K_STEP inputs (its loop step), and
+        no gradient to compute (the kernel has no backward)."""
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         return (self.bf16_rows is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16
-                and weight.size(1) % 32 == 0 and x.numel() <= MAX_ROWS * x.size(-1) and not needs_grad)
+                and weight.size(1) % K_STEP == 0 and x.numel() <= MAX_ROWS * x.size(-1) and not needs_grad)
 
 
 def matvec_as_reduction(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,7 @@ class CompiledDecoding(torch.nn.Module):
         options = {"cpp_wrapper": True} if cpu and backend == "inductor" else None
         self.step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, backend=backend, options=options)
         bf16 = model.tok_embeddings.weight.dtype == torch.bfloat16
-        self.kernels = row_kernels() if cpu and bf16 else None  # for bf16 rows; built now, not while tracing
+        self.bf16_rows = row_kernels().bf16_rows if cpu and bf16 else None  # built now, not while tracing
         self.compiled_shapes = set()  # (shapes, dtype, device, padding, modes) of each step compiled so far
         self.rope_table: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
@@ -200,7 +200,7 @@ class CompiledDecoding(torch.nn.Module):
         cache_length = cos_table.size(0)
         positions, mask = cached_positions_and_mask(input_pos, cache_length, left_pad)  # mask (.., 1, S)
         cos, sin = cos_table[positions].unsqueeze(-3), sin_table[positions].unsqueeze(-3)  # (1, 1, hs) or (B, 1, 1, hs)
-        with OneTokenForms(self.kernels):
+        with OneTokenForms(self.bf16_rows):
             x = model.tok_embeddings(idx)  # (B, 1, C)
             for block in model.layers:
                 x = block(x, cos, sin, input_pos, mask)
