@@ -29,16 +29,17 @@ from typing import Dict, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from lit_lora.checkpoint import load_checkpoint, save_checkpoint
-from lit_lora.cli import run
-from lit_lora.convert import meta_intermediate_size, meta_to_rotate_half
-from lit_lora.hf_names import config_from_hf, config_to_hf, hf_to_lit_name, lit_to_hf_name
+from lit_lora.files.checkpoint import load_checkpoint, save_checkpoint
+from lit_lora.files.convert import meta_intermediate_size, meta_to_rotate_half
+from lit_lora.files.hf_names import config_from_hf, config_to_hf, hf_to_lit_name, lit_to_hf_name
 from lit_lora.model import Config, Llama
+from lit_lora.workflows.cli import run
+
 
 # Run in a fresh interpreter per measurement: `python -c CHILD <this file> <function> <json args>`.
 CHILD = r"""
 import json, runpy, sys, threading, time
-import torch, safetensors, lit_lora.convert
+import torch, safetensors, lit_lora.files.convert
 functions = runpy.run_path(sys.argv[1])  # this script's functions (main does not run)
 def status_mb(field):
     for line in open("/proc/self/status"):
@@ -126,21 +127,21 @@ def make_checkpoints(root: Path, config: Config, dtype: torch.dtype) -> Dict[str
 
 
 def lean_hf(source: str, output: str, dtype: Optional[str]) -> None:
-    from lit_lora.convert import convert_hf_checkpoint
-    from lit_lora.utils import parse_dtype
+    from lit_lora.files.convert import convert_hf_checkpoint
+    from lit_lora.files.utils import parse_dtype
 
     convert_hf_checkpoint(source, output, parse_dtype(dtype))
 
 
 def lean_meta(source: str, output: str, dtype: Optional[str]) -> None:
-    from lit_lora.convert import convert_meta_checkpoint
-    from lit_lora.utils import parse_dtype
+    from lit_lora.files.convert import convert_meta_checkpoint
+    from lit_lora.files.utils import parse_dtype
 
     convert_meta_checkpoint(source, output, parse_dtype(dtype))
 
 
 def lean_export(source: str, output: str, dtype: Optional[str]) -> None:
-    from lit_lora.convert import convert_lit_checkpoint
+    from lit_lora.files.convert import convert_lit_checkpoint
 
     convert_lit_checkpoint(source, output)
 

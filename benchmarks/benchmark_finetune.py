@@ -23,7 +23,7 @@ AdamW (lr 3e-4, betas 0.9/0.95) over the LoRA matrices (r=8, alpha=16 on q_proj 
           (is_trainable), `model(input_ids=..., labels=..., use_cache=False).loss`, in bf16 mode under
           torch.autocast("cpu", dtype=torch.bfloat16) with float32 weights (the standard recipe).
   theirs +malloc  theirs again, with the malloc setting our training loop makes on CPU
-          (`lit_lora.speed_training.keep_freed_memory_for_reuse`: freed large blocks stay in the heap instead of
+          (`lit_lora.speed.training.keep_freed_memory_for_reuse`: freed large blocks stay in the heap instead of
           going back to the kernel, so a step's big tensors do not fault in fresh zeroed pages). It helps
           theirs as much as ours; this row shows how much of "vs theirs" is the setting and how much the code.
 Both start from identical weights (base and LoRA A/B are written once, in each library's format) and
@@ -64,8 +64,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from lit_lora.cli import run
-from lit_lora.speed_training import keep_freed_memory_for_reuse
+from lit_lora.speed.training import keep_freed_memory_for_reuse
+from lit_lora.workflows.cli import run
+
 
 MICRO_BATCH, SEQ_LEN, PROMPT_LEN = 4, 256, 16
 TOKENS = MICRO_BATCH * SEQ_LEN  # per step
@@ -123,13 +124,13 @@ def vm_hwm_mb() -> float:
 
 def write_inputs(workdir: Path, seed: int, dropout: float) -> Dict[str, Any]:
     """Random base weights, LoRA A/B and one batch, in lit-lora's and in Hugging Face/PEFT's formats."""
-    from lit_lora.checkpoint import save_checkpoint, save_json, save_tensors
     from lit_lora.data import IGNORE_INDEX
-    from lit_lora.hf_names import config_to_hf, lit_to_hf_name
+    from lit_lora.files.checkpoint import save_checkpoint, save_json, save_tensors
+    from lit_lora.files.hf_names import config_to_hf, lit_to_hf_name
     from lit_lora.lora import LoRAConfig, add_lora, lora_state_dict
     from lit_lora.methods import save_weights
     from lit_lora.model import Config, Llama
-    from lit_lora.peft_interop import save_peft_adapter
+    from lit_lora.workflows.peft import save_peft_adapter
 
     config = Config.from_name("stories42M", tie_embeddings=False)
     torch.manual_seed(seed)
@@ -161,10 +162,10 @@ def write_inputs(workdir: Path, seed: int, dropout: float) -> Dict[str, Any]:
 
 def build_ours(workdir: Path, precision: str, fabric: bool, compile_model: bool = False):
     """lit-lora the way finetune/lora.py + lit_lora.train.fit train it (with --compile: compiled as fit compiles it)."""
-    from lit_lora.checkpoint import load_checkpoint
+    from lit_lora.data import BatchSampler
+    from lit_lora.files.checkpoint import load_checkpoint
     from lit_lora.lora import mark_only_lora_as_trainable
     from lit_lora.methods import apply_weights
-    from lit_lora.data import BatchSampler
     from lit_lora.train import PRECISION_DTYPES, Loop, TrainArgs, compiled_if_asked, loss_fn, setup_fabric, train_step
 
     model = load_checkpoint(workdir / "lit", dtype=PRECISION_DTYPES.get(precision, torch.float32))
@@ -202,15 +203,18 @@ def build_ours(workdir: Path, precision: str, fabric: bool, compile_model: bool 
     model.train()
 
     def plain_step() -> float:  # the same computation without Fabric
-        loss = loss_fn(model(batch["input_ids"]), batch["labels"])
-        loss.backward()
-        step_loss = loss.item()
-        torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return step_loss
+        return _backward_and_step(loss_fn(model(batch["input_ids"]), batch["labels"]), trainable, optimizer)
 
     return plain_step
+
+
+def _backward_and_step(loss: torch.Tensor, trainable: List[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> float:
+    """The optimizer step both plain sides take after their forward pass: backward, clip, AdamW, clear."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def build_theirs(workdir: Path, precision: str):
@@ -229,18 +233,13 @@ def build_theirs(workdir: Path, precision: str):
     def step() -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
-        loss.backward()
-        step_loss = loss.item()
-        torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return step_loss
+        return _backward_and_step(loss, trainable, optimizer)
 
     return step
 
 
 def _load_batch(workdir: Path) -> Dict[str, torch.Tensor]:
-    from lit_lora.checkpoint import load_tensors
+    from lit_lora.files.checkpoint import load_tensors
 
     return load_tensors(workdir / "batch.safetensors")[0]
 

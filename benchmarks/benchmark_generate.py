@@ -42,14 +42,15 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from lit_lora.cli import run
+from lit_lora.files.hf_names import config_to_hf, lit_to_hf_name
 from lit_lora.generate import generate
-from lit_lora.hf_names import config_to_hf, lit_to_hf_name
-from lit_lora.int8 import Int8Linear
 from lit_lora.model import Config, Llama
 from lit_lora.nf4 import Linear4bit
-from lit_lora.quantize import bits_per_parameter, quantize_model
-from lit_lora.speed import CompiledDecoding, cpu_supports_fast_bf16
+from lit_lora.speed.decoding import CompiledDecoding, cpu_supports_fast_bf16
+from lit_lora.speed.int8 import Int8Linear
+from lit_lora.speed.quantize import bits_per_parameter, quantize_model
+from lit_lora.workflows.cli import run
+
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "llama2-tokenizer" / "tokenizer.model"
 
@@ -216,7 +217,7 @@ def main(
         hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
         engines["transformers bf16"] = lambda p: timed_transformers(hf_bf16, p, new_tokens)
         models["bf16"] = copy.deepcopy(ours).to(torch.bfloat16)
-    if bf16 or chosen.type == "cpu":  # on a CPU int8 layers multiply float32 rows fast too (lit_lora/row_kernels.cpp)
+    if bf16 or chosen.type == "cpu":  # on a CPU int8 layers multiply float32 rows fast too (lit_lora/speed/row_kernels.cpp)
         models["int8"] = copy.deepcopy(models["bf16"] if bf16 else ours)
         quantize_model(models["int8"], mode="int8", skip=())
     if bf16:

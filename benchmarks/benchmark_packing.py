@@ -29,18 +29,18 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
-
-from lit_lora.cli import run
-from lit_lora.data import BatchSampler, PackedBatchSampler, load_prepared_split
-from lit_lora.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
-from lit_lora.model import Config, Llama
-from lit_lora.prepare import prepare_instruction_data
-from lit_lora.speed import cpu_supports_fast_bf16
-from lit_lora.train import PRECISION_DTYPES, Loop, TrainArgs, compiled_if_asked, setup_fabric, train_step
-
 # the same peak and FLOP count as the other benchmarks (run as a script, this folder is on sys.path)
 from benchmark_finetune import matmul_peak_gflops  # noqa: E402
 from gpu_check import training_flops_per_token  # noqa: E402
+
+from lit_lora.data import BatchSampler, PackedBatchSampler, load_prepared_split
+from lit_lora.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
+from lit_lora.model import Config, Llama
+from lit_lora.speed.decoding import cpu_supports_fast_bf16
+from lit_lora.train import PRECISION_DTYPES, Loop, TrainArgs, compiled_if_asked, setup_fabric, train_step
+from lit_lora.workflows.cli import run
+from lit_lora.workflows.prepare import prepare_instruction_data
+
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROWS = 4

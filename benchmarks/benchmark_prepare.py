@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from lit_lora.cli import run
-from lit_lora.prepare import prepare_instruction_data, read_examples
 from lit_lora.prompts import get_prompt_style
 from lit_lora.tokenizer import Tokenizer
+from lit_lora.workflows.cli import run
+from lit_lora.workflows.prepare import prepare_instruction_data, read_examples
 
 
 def main(

@@ -28,10 +28,11 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from lit_lora.checkpoint import atomic_path
-from lit_lora.cli import run
+from lit_lora.files.checkpoint import atomic_path
+from lit_lora.files.utils import count_parameters
 from lit_lora.model import Config, Llama
-from lit_lora.utils import count_parameters
+from lit_lora.workflows.cli import run
+
 
 TARGETS = {"lora_mem_24gb": 24e9, "qlora_mem_10gb": 10e9, "lora_mfu": 0.40}
 
@@ -80,7 +81,7 @@ def copy_bandwidth(device: torch.device, n_bytes: int, sync: Callable[[], None])
 def build(config: Config, device: torch.device, dtype: torch.dtype, quantize: Optional[str] = None) -> Llama:
     """A Llama of `config` with random N(0, 0.02) weights on `device`, built on the meta device; with
     `quantize`, its linear layers are quantized one at a time (the 16-bit model never exists)."""
-    from lit_lora.quantize import quantize_model
+    from lit_lora.speed.quantize import quantize_model
 
     with torch.device("meta"):
         model = Llama(config).to(dtype)
@@ -121,8 +122,8 @@ def finetune_row(name: str, config: Config, method: str, settings: Any, device: 
                  batch: int, seq_len: int, steps: int, quantize: Optional[str] = None, checkpointing: bool = False,
                  compile: bool = False, compile_backend: str = "inductor", row_seconds: float = 60.0) -> Row:
     """A few optimizer steps exactly as `fit` takes them (the registry's method, `train_step`)."""
-    from lit_lora.methods import get_method
     from lit_lora.data import BatchSampler
+    from lit_lora.methods import get_method
     from lit_lora.train import Loop, TrainArgs, parameter_groups, setup_fabric, train_step
 
     row = Row(name)
@@ -175,7 +176,7 @@ def finetune_row(name: str, config: Config, method: str, settings: Any, device: 
 def decode_row(name: str, config: Config, device: torch.device, sync, bandwidth: float, batch: int, new_tokens: int,
                compile: bool, compile_backend: str) -> Row:
     from lit_lora.generate import generate
-    from lit_lora.speed import CompiledDecoding
+    from lit_lora.speed.decoding import CompiledDecoding
 
     row = Row(name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -200,8 +201,8 @@ def parity_row(device: torch.device) -> Row:
     """Greedy tokens of lit-lora's `generate` and transformers' `generate` on the same small random model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from lit_lora.files.hf_names import config_from_hf, hf_to_lit_name
     from lit_lora.generate import generate
-    from lit_lora.hf_names import config_from_hf, hf_to_lit_name
 
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
@@ -246,8 +247,8 @@ def main(tiny: bool = False, out: Path = Path("out/gpu_check.json"), row_seconds
         row_seconds: a finetuning row whose first step took longer skips its timed steps (reported as such).
         total_seconds: rows not started by then are skipped (reported as such).
     """
-    from lit_lora.lora import LoRAConfig
     from lit_lora.adapter import AdapterConfig
+    from lit_lora.lora import LoRAConfig
 
     device, sync = device_and_sync(tiny)
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # the expected graph break at the KV cache's fill

@@ -8,9 +8,9 @@ from typing import Dict, Tuple
 
 import torch
 
-from lit_lora.cli import run
 from lit_lora.lora import LoRAConfig, add_lora, lora_state_dict, mark_only_lora_as_trainable
 from lit_lora.model import Config, Llama
+from lit_lora.workflows.cli import run
 
 
 def main(model_name: str = "7B", r: int = 8, alpha: float = 16.0, targets: Tuple[str, ...] = ("q", "v"),

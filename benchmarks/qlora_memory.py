@@ -6,7 +6,7 @@
 
 1. Weights. Each model is built on the meta device (no memory, no compute) in bf16, its projections
    swapped for `Linear4bit` shells by `quantize_model` (lm_head and the embedding stay bf16), and the
-   bytes of every tensor are added up by role (`lit_lora.quantize.quantized_storage`): 4-bit codes,
+   bytes of every tensor are added up by role (`lit_lora.speed.quantize.quantized_storage`): 4-bit codes,
    absmax scales (nf4) or their 8-bit codes + second-level scales (nf4-dq), and the 16-bit rest.
    LoRA's trainable parameters cost 16 bytes each in training: fp32 weight, fp32 gradient and AdamW's
    two fp32 moments.
@@ -32,21 +32,22 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from lit_lora.checkpoint import save_checkpoint
-from lit_lora.cli import run
+from lit_lora.files.checkpoint import save_checkpoint
 from lit_lora.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
 from lit_lora.model import Config, Llama
 from lit_lora.nf4 import NF4_MODES
-from lit_lora.quantize import bits_per_parameter, quantize_model, quantized_storage
+from lit_lora.speed.quantize import bits_per_parameter, quantize_model, quantized_storage
+from lit_lora.workflows.cli import run
+
 
 GB = 1e9
 
 # Run in a fresh interpreter: `python -c LOAD_CHILD <loader> <checkpoint_dir>`; prints the MB the load added.
 LOAD_CHILD = r"""
 import json, sys, torch
-from lit_lora.checkpoint import load_checkpoint
+from lit_lora.files.checkpoint import load_checkpoint
 from lit_lora.model import Config, Llama
-from lit_lora.quantize import load_checkpoint_quantized, quantize_model, quantized_storage
+from lit_lora.speed.quantize import load_checkpoint_quantized, quantize_model, quantized_storage
 def status_mb(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):

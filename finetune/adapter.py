@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, Dict, Literal, Optional
 
 from lit_lora.adapter import AdapterConfig
-from lit_lora.cli import run
 from lit_lora.methods import ADAPTER, finetune
 from lit_lora.train import TrainArgs
+from lit_lora.workflows.cli import run
 
 
 def main(

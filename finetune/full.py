@@ -10,9 +10,9 @@ shard it over several GPUs with FSDP. See howto/finetune_full.md.
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional
 
-from lit_lora.cli import run
 from lit_lora.methods import FULL, finetune
 from lit_lora.train import TrainArgs
+from lit_lora.workflows.cli import run
 
 
 def main(

@@ -8,11 +8,11 @@ See howto/finetune_lora.md for memory needs, multi-GPU runs and hyperparameter a
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional
 
-from lit_lora.cli import run
 from lit_lora.lora import LoRAConfig
 from lit_lora.methods import LORA, finetune
-from lit_lora.quantize import QLoRAMode
+from lit_lora.speed.quantize import QLoRAMode
 from lit_lora.train import TrainArgs
+from lit_lora.workflows.cli import run
 
 
 def main(

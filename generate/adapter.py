@@ -15,10 +15,10 @@ each when there are several); timing and memory go to stderr.
 from pathlib import Path
 from typing import List, Literal, Optional, Union
 
-from lit_lora.cli import run
 from lit_lora.generate import check_generation_settings
-from lit_lora.inference import answer_with_each, read_prompts_file
-from lit_lora.quantize import QuantizeMode
+from lit_lora.speed.quantize import QuantizeMode
+from lit_lora.workflows.cli import run
+from lit_lora.workflows.inference import answer_with_each, read_prompts_file
 
 
 def main(

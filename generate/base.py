@@ -12,11 +12,11 @@ from typing import List, Literal, Optional, Union
 
 import torch
 
-from lit_lora.cli import run
 from lit_lora.generate import check_generation_settings
-from lit_lora.inference import (NOT_COMPILED_IN_BATCHES, encode_prompts, generate_batches, generate_streaming,
-                                load_for_generation, read_prompts_file)
-from lit_lora.quantize import QuantizeMode
+from lit_lora.speed.quantize import QuantizeMode
+from lit_lora.workflows.cli import run
+from lit_lora.workflows.inference import (NOT_COMPILED_IN_BATCHES, encode_prompts, generate_batches, generate_streaming,
+                                          load_for_generation, read_prompts_file)
 
 
 def main(

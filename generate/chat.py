@@ -17,12 +17,13 @@ from typing import List, Optional
 
 import torch
 
-from lit_lora.chat import Chat
-from lit_lora.cli import run
 from lit_lora.generate import check_generation_settings
-from lit_lora.inference import TextStreamer, apply_adapter_file, encode_prompts, load_for_generation
 from lit_lora.prompts import LLAMA2_CHAT
-from lit_lora.quantize import QuantizeMode
+from lit_lora.speed.quantize import QuantizeMode
+from lit_lora.workflows.chat import Chat
+from lit_lora.workflows.cli import run
+from lit_lora.workflows.inference import TextStreamer, apply_adapter_file, encode_prompts, load_for_generation
+
 
 COMMANDS = "/reset starts afresh, /quit leaves"
 

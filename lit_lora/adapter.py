@@ -69,9 +69,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_lora.checkpoint import CheckpointError, check_keys_and_shapes
+from lit_lora.files.checkpoint import CheckpointError, check_keys_and_shapes  # a loaded adapter is checked key by key
+from lit_lora.files.utils import count_parameters  # the lesson counts what trains
 from lit_lora.model import CausalSelfAttention, Config, Llama
-from lit_lora.utils import count_parameters
+
 
 @dataclass
 class AdapterConfig:

@@ -29,8 +29,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from lit_lora.checkpoint import load_json, load_tensors, save_tensors
-from lit_lora.utils import PathLike, inside
+# The prepared sets are files like any checkpoint: read and written through lit_lora.files.
+from lit_lora.files.checkpoint import load_json, load_tensors, save_tensors
+from lit_lora.files.utils import PathLike, inside
+
 
 IGNORE_INDEX = -100  # the default `ignore_index` of torch.nn.functional.cross_entropy
 FORMAT_NAME = "lit-lora prepared instruction data"

@@ -29,7 +29,7 @@ tokens and/or to the smallest set whose probability reaches `top_p` (nucleus sam
 2019), and a token is drawn from the softmax.
 
 What the generate/*.py scripts add around this (device and dtype choice, loading, streaming text,
-timing) is in lit_lora/inference.py; faster decoding (compiled, int8 weights) in lit_lora/speed.py.
+timing) is in lit_lora/workflows/inference.py; faster decoding (compiled, int8 weights) in lit_lora/speed/decoding.py.
 """
 
 from typing import Callable, List, Optional, Sequence, Union
@@ -37,6 +37,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from lit_lora.model import Llama
+
 
 # ----------------------------------------------------------------------------------------------------
 # Sampling

@@ -91,10 +91,11 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from lit_lora.checkpoint import check_keys_and_shapes
 from lit_lora.dora import dora_merged_weight, dora_output, row_norms
+from lit_lora.files.checkpoint import check_keys_and_shapes  # a loaded adapter is checked key by key, shape by shape
+from lit_lora.files.utils import count_parameters, tied_parameters  # the lesson counts what trains, skips tied weights
 from lit_lora.model import Config, Llama
-from lit_lora.utils import count_parameters, tied_parameters
+
 
 # Llama target names -> the module names they select in lit_lora.model.Llama (glob patterns).
 LLAMA_TARGETS: Dict[str, str] = {
@@ -270,7 +271,7 @@ class LoRALinear(nn.Module):
             raise RuntimeError("cannot merge a disabled LoRA layer: re-enable it first")
         if is_quantized(self.base):
             raise RuntimeError("the base weight is quantized and cannot absorb B A in place: "
-                               "use lit_lora.quantize.merge_lora_quantized(model)")
+                               "use lit_lora.speed.quantize.merge_lora_quantized(model)")
         weight = self.base.weight
         if self.lora_magnitude is not None:
             self.merged_norm = dora_merged_weight(weight, self.delta_weight(), self.lora_magnitude)[1]
@@ -375,7 +376,7 @@ def merge_lora(model: nn.Module) -> List[str]:
     quantized = [name for name, layer in layers.items() if is_quantized(layer.base)]
     if quantized:  # checked before touching any layer, so a failure never leaves a half-merged model
         raise RuntimeError(f"{len(quantized)} LoRA layers (e.g. {quantized[0]}) have quantized base weights, which cannot "
-                           "absorb B A in place: use lit_lora.quantize.merge_lora_quantized(model)")
+                           "absorb B A in place: use lit_lora.speed.quantize.merge_lora_quantized(model)")
     merged = [name for name, layer in layers.items() if not layer.merged]
     for name in merged:
         layers[name].merge()

@@ -19,16 +19,17 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from lit_lora.adapter import (AdapterConfig, adapter_state_dict, adapter_state_shapes, add_adapter,
-                              load_adapter_state_dict, mark_only_adapter_as_trainable, remove_adapter)
-from lit_lora.checkpoint import (TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, MethodFile, check_keys_and_shapes, check_same_base,
-                                 load_checkpoint, load_config, read_method_file, refuse_to_overwrite, removed_on_failure,
-                                 save_checkpoint, save_method_file)
-from lit_lora.lora import (LoRAConfig, add_lora, load_lora_state_dict, lora_lr_scale, lora_state_dict,
+from lit_lora.adapter import (AdapterConfig, adapter_state_dict, adapter_state_shapes, add_adapter, load_adapter_state_dict,
+                              mark_only_adapter_as_trainable, remove_adapter)
+# Each method says how its file is saved, loaded and merged: the registry calls lit_lora.files for that.
+from lit_lora.files.checkpoint import (TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, MethodFile, check_keys_and_shapes,
+                                       check_same_base, load_checkpoint, load_config, read_method_file, refuse_to_overwrite,
+                                       removed_on_failure, save_checkpoint, save_method_file)
+from lit_lora.files.utils import PathLike
+from lit_lora.lora import (LLAMA_TARGETS, LoRAConfig, add_lora, load_lora_state_dict, lora_lr_scale, lora_state_dict,
                            lora_state_shapes, mark_only_lora_as_trainable, merge_lora, remove_lora, unmerge_lora)
 from lit_lora.model import Config, Llama
-from lit_lora.plots import lora_update_norms
-from lit_lora.utils import PathLike
+
 
 StateShapes = Dict[str, torch.Size]
 
@@ -95,6 +96,27 @@ def get_method(method: Union[str, Method]) -> Method:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
     return METHODS[method]
+
+
+def lora_update_norms(lora_config: LoRAConfig, model_config: Config, state: Mapping[str, torch.Tensor]
+                      ) -> Tuple[List[str], List[str], torch.Tensor]:
+    """Frobenius norm of each adapted weight's low-rank update, s ||B A|| (s = alpha / r, per layer, or
+    alpha / sqrt(r) with rsLoRA; with DoRA, the update of the direction), from an adapter's tensors.
+
+    Returns (projection names, layer names, norms of shape (n_projections, n_layers)); a projection a
+    layer does not adapt is NaN. ||B A|| is computed without forming the (out, in) matrix:
+    ||B A||_F^2 = trace(A^T B^T B A) = sum((B^T B) * (A A^T)), two r x r products."""
+    projections = [t for t in LLAMA_TARGETS if t in lora_config.targets and t != "head"]
+    norms = torch.full((len(projections), model_config.n_layer), float("nan"))
+    for row, target in enumerate(projections):
+        for layer in range(model_config.n_layer):
+            prefix = LLAMA_TARGETS[target].replace("*", str(layer))
+            if f"{prefix}.lora_A" not in state:
+                continue
+            a, b = state[f"{prefix}.lora_A"].double(), state[f"{prefix}.lora_B"].double()  # (r, in), (out, r)
+            squared = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0.0)
+            norms[row, layer] = lora_config.scaling(prefix) * squared.sqrt().item()
+    return [f"{p}_proj" for p in projections], [str(i) for i in range(model_config.n_layer)], norms
 
 
 LORA = register_method(Method(

@@ -128,7 +128,7 @@ def rope_cos_sin(positions: torch.Tensor, head_size: int, theta: float, dtype: t
 
     Layout: we pair feature i with feature i + hs/2 ("rotate half", the Hugging Face layout), so HF
     checkpoints and PEFT adapters load without any permutation. Meta's original checkpoints pair
-    neighbours (2i, 2i+1); `lit_lora/convert.py` (`meta_to_rotate_half`) permutes their q/k rows once, exactly.
+    neighbours (2i, 2i+1); `lit_lora/files/convert.py` (`meta_to_rotate_half`) permutes their q/k rows once, exactly.
 
     The tables are computed per forward pass (T x hs/2 sines, negligible next to the matmuls), so
     the model holds no buffers that would need rebuilding after meta-device initialisation.

@@ -65,7 +65,7 @@ a linear fraction in [0.1, 1], so it keeps a few significant digits over seven o
     NF4 + double quant      4            8 / 64 + 32 / (64*256) = 0.127  4.127  (saves 0.373 bits)
 
 For Llama-2-7B's 6.5 B quantized parameters double quantization saves ~0.3 GB. `bits_per_parameter`
-(lit_lora/quantize.py) gives the formula, `quantized_storage` measures real buffers
+(lit_lora/speed/quantize.py) gives the formula, `quantized_storage` measures real buffers
 (benchmarks/qlora_memory.py prints both).
 
 4. Dequantize in the forward pass, and in the backward pass again
@@ -88,7 +88,7 @@ longer the model that was evaluated during training; measure before shipping it)
 
 How to use it
 -------------
-This file holds the format and the layer; lit_lora/quantize.py applies it to whole models:
+This file holds the format and the layer; lit_lora/speed/quantize.py applies it to whole models:
 
     model = load_checkpoint_quantized(checkpoint_dir, mode="nf4-dq", dtype=torch.bfloat16)   # 7B: ~3.9 GB
     add_lora(model, LoRAConfig(r=8, alpha=16, targets=("q", "v")))
@@ -107,6 +107,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 NF4_MODES = ("nf4", "nf4-dq")
 NF4_BLOCK_SIZE = 64  # weights per absmax

@@ -12,7 +12,7 @@ lit_lora/methods.py), mark what trains, and hand over to `fit`, which runs this 
         every save_interval: resumable checkpoint (trainable weights, optimizer, step, data position, RNG)
 
 Lightning Fabric handles devices, precision and the distributed strategies (DDP, FSDP). Pieces of
-lit_lora/speed_training.py make it faster without changing what it computes: the cross entropy is taken a few
+lit_lora/speed/training.py make it faster without changing what it computes: the cross entropy is taken a few
 rows at a time (`chunked_cross_entropy`), a subclass of Fabric's own half-precision plugin keeps
 the logits in bf16 instead of copying them to float32, and `--compile` compiles the forward and backward
 passes (`compile_for_training`). With `--train.packing` the micro-batches are packed rows
@@ -36,21 +36,22 @@ from lightning.fabric.loggers import CSVLogger
 from lightning.fabric.strategies import FSDPStrategy
 from tqdm import tqdm
 
-from lit_lora.checkpoint import TOKENIZER_NAME, CheckpointError, check_keys_and_shapes, load_checkpoint, save_json
-from lit_lora.data import (IGNORE_INDEX, BatchSampler, PackedBatchSampler, check_same_tokenizer, collate,
-                           load_prepare_config, load_prepared_split)
+from lit_lora.data import (IGNORE_INDEX, BatchSampler, PackedBatchSampler, check_same_tokenizer, collate, load_prepare_config,
+                           load_prepared_split)
+# The loop saves, resumes and plots through lit_lora.files, and takes the faster loss, attention and quantized
+# loading from lit_lora.speed (each call below names the plain formula it stands for).
+from lit_lora.files.checkpoint import TOKENIZER_NAME, CheckpointError, check_keys_and_shapes, load_checkpoint, save_json
+from lit_lora.files.plots import plot_losses
+from lit_lora.files.run_dir import (CHECKPOINT_DIR_NAME, FINISHED_NAME, claim_out_dir, deferred_signals, find_resume_checkpoints,
+                                    remove_path, set_aside)
+from lit_lora.files.utils import PathLike, count_parameters, parameter_report, peak_memory
 from lit_lora.generate import generate
 from lit_lora.model import Block, Llama
-from lit_lora.plots import plot_losses
 from lit_lora.prompts import PromptStyle, get_prompt_style
-from lit_lora.quantize import load_checkpoint_quantized
-from lit_lora.run_dir import (CHECKPOINT_DIR_NAME, FINISHED_NAME, claim_out_dir, deferred_signals, find_resume_checkpoints,
-                              remove_path, set_aside)
-from lit_lora.speed_training import (HalfPrecisionKeepingOutputs, TrainingForms, chunked_cross_entropy,
-                                     compile_for_training, compiled_cross_entropy, keep_freed_memory_for_reuse)
+from lit_lora.speed.quantize import load_checkpoint_quantized
+from lit_lora.speed.training import (HalfPrecisionKeepingOutputs, TrainingForms, chunked_cross_entropy, compile_for_training,
+                                     compiled_cross_entropy, keep_freed_memory_for_reuse)
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import PathLike, count_parameters, parameter_report, peak_memory
-
 
 
 @dataclass
@@ -180,8 +181,8 @@ class RunSettings:
     num_nodes: int = 1
     strategy: str = "auto"
     accelerator: str = "auto"
-    quantize: Optional[str] = None  # QLoRA: the frozen base in 4 bits (lit_lora/quantize.py)
-    compile: bool = False  # torch.compile the forward and backward passes (speed_training.compile_for_training)
+    quantize: Optional[str] = None  # QLoRA: the frozen base in 4 bits (lit_lora/speed/quantize.py)
+    compile: bool = False  # torch.compile the forward and backward passes (speed.training.compile_for_training)
     resume: Optional[str] = None  # "auto" or the path of a resumable checkpoint
     overwrite: bool = False
 
@@ -201,7 +202,7 @@ class Run:
 
 def start_run(settings: RunSettings) -> Run:
     """Launch Fabric, load the base checkpoint in the training dtype (or in 4 bits with `quantize`,
-    see lit_lora/quantize.py) and the prepared data, with checks."""
+    see lit_lora/speed/quantize.py) and the prepared data, with checks."""
     if settings.quantize is not None and settings.strategy == "fsdp":
         raise ValueError("--quantize does not combine with --strategy fsdp: use ddp, or one device")
     precision = settings.precision or default_precision(settings.accelerator)
@@ -279,7 +280,7 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, compiled: bool = False) 
 
         F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
-    computed by `chunked_cross_entropy` (lit_lora/speed_training.py), which never copies the logits to float32,
+    computed by `chunked_cross_entropy` (lit_lora/speed/training.py), which never copies the logits to float32,
     or with `compiled` (training with --compile) by `compiled_cross_entropy`, the same in two compiled loops.
     """
     # Shift the labels, not the logits: slicing (B, T, V) logits would copy them, forward and backward.
@@ -520,7 +521,7 @@ def fit(fabric: L.Fabric, model: Llama, train_data: List[Dict[str, torch.Tensor]
     `save_weights(path, model)` writes what this method keeps (adapter weights only, or the full model)
     to `out_dir / weights_name` at the end. `sample(model)` answers a fixed instruction at each evaluation.
     `lr_scale(parameter name)` multiplies the learning rate of that parameter (LoRA+; 1 for all by default).
-    `compile_model` runs the forward and backward passes compiled (`speed_training.compile_for_training`).
+    `compile_model` runs the forward and backward passes compiled (`speed.training.compile_for_training`).
     """
     out_dir = Path(out_dir)
     if not train_data:

@@ -16,8 +16,8 @@ out_dir with --include. See howto/compare_lora_adapter.md.
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from lit_lora.cli import run
-from lit_lora.compare import LORA_SWEEP, compare_methods, parse_variant
+from lit_lora.evaluation.compare import LORA_SWEEP, compare_methods, parse_variant
+from lit_lora.workflows.cli import run
 
 
 def main(

@@ -9,8 +9,8 @@ copied bit for bit, so Hugging Face -> lit-lora -> Hugging Face gives back the o
 
 from pathlib import Path
 
-from lit_lora.cli import run
-from lit_lora.convert import convert_lit_checkpoint
+from lit_lora.files.convert import convert_lit_checkpoint
+from lit_lora.workflows.cli import run
 
 
 def main(checkpoint_dir: Path, output_dir: Path, overwrite: bool = False) -> Path:

@@ -11,9 +11,9 @@ download script puts it).
 from pathlib import Path
 from typing import Optional
 
-from lit_lora.cli import run
-from lit_lora.convert import convert_meta_checkpoint
-from lit_lora.utils import parse_dtype
+from lit_lora.files.convert import convert_meta_checkpoint
+from lit_lora.files.utils import parse_dtype
+from lit_lora.workflows.cli import run
 
 
 def main(checkpoint_dir: Path, output_dir: Optional[Path] = None, dtype: Optional[str] = None,

@@ -13,15 +13,11 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import huggingface_hub
-from huggingface_hub.utils import (  # where huggingface_hub >= 0.20 exports them
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-)
+from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError,  # where huggingface_hub >= 0.20 exports them
+                                   LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError)
 
-from lit_lora.cli import run
+from lit_lora.workflows.cli import run
+
 
 SIDE_FILES = ("config.json", "generation_config.json", "params.json", "tokenizer.model", "tokenizer.json",
               "tokenizer_config.json", "special_tokens_map.json")

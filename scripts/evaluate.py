@@ -15,11 +15,11 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-from lit_lora.checkpoint import TOKENIZER_NAME, atomic_path, save_json
-from lit_lora.cli import run
-from lit_lora.evaluate import INSTALL_HINT, perplexity_of_prepared, perplexity_of_text, results_table, run_tasks
-from lit_lora.inference import apply_adapter_file, load_for_generation
+from lit_lora.evaluation.evaluate import INSTALL_HINT, perplexity_of_prepared, perplexity_of_text, results_table, run_tasks
+from lit_lora.files.checkpoint import TOKENIZER_NAME, atomic_path, save_json
 from lit_lora.tokenizer import Tokenizer
+from lit_lora.workflows.cli import run
+from lit_lora.workflows.inference import apply_adapter_file, load_for_generation
 
 
 def main(

@@ -10,10 +10,10 @@ Only names change: lit-lora's rotary layout is Hugging Face's, so no tensor is p
 from pathlib import Path
 from typing import Optional
 
-from lit_lora.cli import run
+from lit_lora.files.checkpoint import refuse_to_overwrite
 from lit_lora.methods import read_weights
-from lit_lora.checkpoint import refuse_to_overwrite
-from lit_lora.peft_interop import PEFT_WEIGHTS_NAME, save_peft_adapter
+from lit_lora.workflows.cli import run
+from lit_lora.workflows.peft import PEFT_WEIGHTS_NAME, save_peft_adapter
 
 
 def main(lora_path: Path, output_dir: Path, base_model_name_or_path: Optional[str] = None, overwrite: bool = False) -> Path:

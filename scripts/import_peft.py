@@ -9,9 +9,9 @@ Llama layers q/k/v/o_proj, gate/up/down_proj or lm_head, in every layer, saved a
 
 from pathlib import Path
 
-from lit_lora.checkpoint import MethodFile, load_config, refuse_to_overwrite, save_method_file
-from lit_lora.cli import run
-from lit_lora.peft_interop import load_peft_adapter
+from lit_lora.files.checkpoint import MethodFile, load_config, refuse_to_overwrite, save_method_file
+from lit_lora.workflows.cli import run
+from lit_lora.workflows.peft import load_peft_adapter
 
 
 def main(peft_dir: Path, checkpoint_dir: Path, output_path: Path, overwrite: bool = False) -> Path:

@@ -9,9 +9,9 @@ result runs at exactly the base model's speed and loads like any other checkpoin
 
 from pathlib import Path
 
-from lit_lora.checkpoint import TOKENIZER_NAME
-from lit_lora.cli import run
+from lit_lora.files.checkpoint import TOKENIZER_NAME
 from lit_lora.methods import merge_into_checkpoint
+from lit_lora.workflows.cli import run
 
 
 def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, overwrite: bool = False) -> Path:

@@ -8,9 +8,9 @@ See howto/prepare_data.md for the template, the masking and the truncation polic
 from pathlib import Path
 from typing import Literal, Optional
 
-from lit_lora.cli import run
-from lit_lora.prepare import ALPACA_FIELDS, ALPACA_URL, download_if_missing, format_summary, \
-    prepare_instruction_data, resolve_tokenizer_path
+from lit_lora.workflows.cli import run
+from lit_lora.workflows.prepare import (ALPACA_FIELDS, ALPACA_URL, download_if_missing, format_summary, prepare_instruction_data,
+                                        resolve_tokenizer_path)
 
 
 def main(

@@ -12,9 +12,9 @@ fits. See howto/chat.md.
 from pathlib import Path
 from typing import Literal, Optional
 
-from lit_lora.cli import run
-from lit_lora.conversations import prepare_conversation_data
-from lit_lora.prepare import format_summary, resolve_tokenizer_path
+from lit_lora.workflows.cli import run
+from lit_lora.workflows.conversations import prepare_conversation_data
+from lit_lora.workflows.prepare import format_summary, resolve_tokenizer_path
 
 
 def main(

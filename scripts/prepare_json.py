@@ -9,8 +9,8 @@ See howto/prepare_data.md for the expected records, the template, masking and tr
 from pathlib import Path
 from typing import Literal, Optional
 
-from lit_lora.cli import run
-from lit_lora.prepare import Fields, format_summary, prepare_instruction_data, resolve_tokenizer_path
+from lit_lora.workflows.cli import run
+from lit_lora.workflows.prepare import Fields, format_summary, prepare_instruction_data, resolve_tokenizer_path
 
 
 def main(

@@ -5,13 +5,13 @@ finetuned with LoRA, DoRA and LLaMA-Adapter on the same budget, and scored on he
 
     1. a synthetic world: a corpus and Alpaca-format instructions (train, and held-out test)
     2. a SentencePiece tokenizer and a ~1M-parameter Llama pretrained on the corpus (reused by reruns)
-    3. the instructions prepared exactly like Alpaca (lit_lora.prepare)
+    3. the instructions prepared exactly like Alpaca (lit_lora.workflows.prepare)
     4. LoRA, DoRA and LLaMA-Adapter finetuned exactly as finetune/lora.py and finetune/adapter.py do
     5. held-out exact-match accuracy of the base model and of each finetuned one
     6. the side-by-side table (comparison.md) and plots (loss_curves.png, lora_ and dora_update_heatmap.png)
     7. LoRA merged into the base (as scripts/merge_lora.py does), and an instruction answered (as generate/lora.py does)
 
-howto/compare_lora_adapter.md explains the numbers; lit_lora/synthetic.py how the world is made.
+howto/compare_lora_adapter.md explains the numbers; lit_lora/evaluation/synthetic.py how the world is made.
 """
 
 import time
@@ -22,21 +22,22 @@ from typing import Any, Dict
 import torch
 
 from lit_lora.adapter import AdapterConfig
-from lit_lora.checkpoint import WEIGHTS_NAME, load_checkpoint, load_json, save_json
-from lit_lora.cli import run
-from lit_lora.compare import (RunResult, Variant, exact_match, finetune, load_eval_records, load_finetuned,
-                              plot_update, release_memory, write_report)
+from lit_lora.evaluation.compare import (RunResult, Variant, exact_match, finetune, load_eval_records, load_finetuned,
+                                         plot_update, release_memory, write_report)
+from lit_lora.evaluation.synthetic import (PRETRAIN_ARGS, TINY_BASE, WEIGHTS_DIR_NAME, WorldConfig, build_world, fingerprint,
+                                           pretrain, tokenizer_texts, train_tokenizer, write_world)
+from lit_lora.files.checkpoint import WEIGHTS_NAME, load_checkpoint, load_json, save_json
+from lit_lora.files.plots import plot_loss_curves
 from lit_lora.generate import generate
-from lit_lora.inference import answer_with_each
 from lit_lora.lora import LoRAConfig
 from lit_lora.methods import merge_into_checkpoint
-from lit_lora.plots import plot_loss_curves
-from lit_lora.prepare import format_summary, prepare_instruction_data
 from lit_lora.prompts import get_prompt_style
-from lit_lora.synthetic import (PRETRAIN_ARGS, TINY_BASE, WEIGHTS_DIR_NAME, WorldConfig, build_world, fingerprint,
-                                pretrain, tokenizer_texts, train_tokenizer, write_world)
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train import TrainArgs, default_precision
+from lit_lora.workflows.cli import run
+from lit_lora.workflows.inference import answer_with_each
+from lit_lora.workflows.prepare import format_summary, prepare_instruction_data
+
 
 STEPS = 7
 # Step 4's contestants, each with its own directory and learning rate. LoRA and DoRA on every linear layer
@@ -105,7 +106,7 @@ def main(
         save_json({"settings": settings, "val_loss": pretrained["val_loss"]}, stamp)
     tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
 
-    banner(3, "the instructions prepared like Alpaca (lit_lora.prepare.prepare_instruction_data)")
+    banner(3, "the instructions prepared like Alpaca (lit_lora.workflows.prepare.prepare_instruction_data)")
     data_dir = out_dir / "data"
     prepared = prepare_instruction_data(paths["train"], data_dir, tokenizer.model_path,
                                         max_seq_length=TINY_BASE.block_size, val_size=len(world.train) // 10, seed=seed)

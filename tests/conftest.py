@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_lora.checkpoint import save_checkpoint
-from lit_lora.hf_names import config_from_hf, hf_to_lit_name
+from lit_lora.files.checkpoint import save_checkpoint
+from lit_lora.files.hf_names import config_from_hf, hf_to_lit_name
 from lit_lora.model import Config, Llama
-from lit_lora.prepare import prepare_instruction_data
+from lit_lora.workflows.prepare import prepare_instruction_data
+
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -2,14 +2,14 @@ import math
 
 import pytest
 import torch
-
 from conftest import assert_greedy_tokens, lit_from_hf, make_hf_llama
+
 from lit_lora.adapter import (AdapterConfig, AdaptionPrompt, adapter_state_dict, add_adapter, load_adapter_state_dict,
                               mark_only_adapter_as_trainable, remove_adapter)
-from lit_lora.checkpoint import CheckpointError, MethodFile, save_method_file
+from lit_lora.files.checkpoint import CheckpointError, MethodFile, save_method_file
+from lit_lora.files.utils import count_parameters
 from lit_lora.methods import apply_weights, read_weights, save_weights
 from lit_lora.model import Config, Llama
-from lit_lora.utils import count_parameters
 
 
 def randomise_adapters(model, seed=1):

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_greedy_tokens
 from sentencepiece import SentencePieceProcessor
 
-from conftest import assert_greedy_tokens
-from lit_lora.checkpoint import load_checkpoint
-from lit_lora.conversations import prepare_conversation_data
 from lit_lora.data import IGNORE_INDEX, load_prepared_split
+from lit_lora.files.checkpoint import load_checkpoint
 from lit_lora.generate import generate
 from lit_lora.prompts import LLAMA2_CHAT, encode_dialog
 from lit_lora.tokenizer import Tokenizer
+from lit_lora.workflows.conversations import prepare_conversation_data
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,7 +238,7 @@ def test_chat_refuses_format_tags_and_warns_before_the_context_is_full(tiny_run,
 
 
 def test_generate_refuses_a_cache_that_does_not_fit_and_chat_refuses_a_full_context(tiny_run):
-    from lit_lora.chat import Chat
+    from lit_lora.workflows.chat import Chat
 
     model = load_checkpoint(tiny_run / "base").eval()
     prompt = torch.randint(0, 32000, (10,))

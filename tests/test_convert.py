@@ -9,20 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_hf_llama
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import make_hf_llama
-from lit_lora.checkpoint import CheckpointError, load_checkpoint
-from lit_lora.convert import (
-    convert_hf_checkpoint,
-    convert_lit_checkpoint,
-    convert_meta_checkpoint,
-    meta_intermediate_size,
-    meta_to_rotate_half,
-    save_tensors_streaming,
-)
+from lit_lora.files.checkpoint import CheckpointError, load_checkpoint
+from lit_lora.files.convert import (convert_hf_checkpoint, convert_lit_checkpoint, convert_meta_checkpoint,
+                                    meta_intermediate_size, meta_to_rotate_half, save_tensors_streaming)
 from lit_lora.model import apply_rope, rope_cos_sin
+
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 TOKENIZER_BYTES = b"not a real sentencepiece model, only copied along"
@@ -160,7 +155,7 @@ def make_meta_checkpoint(directory: Path, n_layers=2, dim=64, n_heads=4, n_kv_he
     torch.manual_seed(0)
     full = {name: torch.empty(shape).uniform_(0.5, 1.5) if len(shape) == 1 else torch.randn(shape) / math.sqrt(shape[-1])
             for name, shape in shapes.items()}
-    # Which dim Meta's model-parallel layers split: written out here independently of lit_lora.convert.
+    # Which dim Meta's model-parallel layers split: written out here independently of lit_lora.files.convert.
     row_parallel = ("attention.wo", "feed_forward.w2", "tok_embeddings")
     shards = [{"rope.freqs": torch.zeros(hs // 2)} for _ in range(ranks)]
     for name, tensor in full.items():
@@ -300,7 +295,7 @@ def test_meta_checkpoint_errors(tmp_path):
 
 
 def test_failure_while_writing_removes_only_what_the_run_created(tmp_path, monkeypatch):
-    import lit_lora.convert as convert
+    import lit_lora.files.convert as convert
 
     source = save_hf(make_hf_llama(), tmp_path / "hf")
 
@@ -406,7 +401,7 @@ def test_download_failures_are_one_line_errors(download_script, monkeypatch, cap
     argv = ["download.py", "--repo_id", "meta-llama/Llama-2-7b-hf"] + (["--access_token", token] if token else [])
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.delenv("LIT_LORA_DEBUG", raising=False)
-    from lit_lora.cli import run
+    from lit_lora.workflows.cli import run
 
     with pytest.raises(SystemExit) as exit_info:
         run(download_script["main"])

@@ -1,7 +1,7 @@
 """Instruction data: the prompt template, preparation (Alpaca, Dolly, any JSON/JSONL), and batching.
 
 The expected token ids are computed here with SentencePiece directly and the Stanford Alpaca template
-typed out again, so a mistake in lit_lora/prompts.py or lit_lora/prepare.py cannot hide in both sides.
+typed out again, so a mistake in lit_lora/prompts.py or lit_lora/workflows/prepare.py cannot hide in both sides.
 "Encode" below means: [BOS] + sp.encode(prompt) + sp.encode(response) + [EOS] (prompt and response
 tokenized separately, ids concatenated: see lit_lora/prompts.py).
 """
@@ -22,12 +22,13 @@ import torch
 from safetensors.torch import save_file
 from sentencepiece import SentencePieceProcessor
 
-from lit_lora.checkpoint import save_tensors
-from lit_lora.data import (IGNORE_INDEX, BatchSampler, check_same_tokenizer, collate, load_prepare_config,
-                           load_prepared, save_prepared)
-from lit_lora.prepare import (DOLLY_FIELDS, choose_val_positions, download_if_missing,
-                              fit_sample, prepare_instruction_data, read_examples)
+from lit_lora.data import (IGNORE_INDEX, BatchSampler, check_same_tokenizer, collate, load_prepare_config, load_prepared,
+                           save_prepared)
+from lit_lora.files.checkpoint import save_tensors
 from lit_lora.prompts import PROMPT_STYLES, PromptStyle, get_prompt_style, register_prompt_style
+from lit_lora.workflows.prepare import (DOLLY_FIELDS, choose_val_positions, download_if_missing, fit_sample,
+                                        prepare_instruction_data, read_examples)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "

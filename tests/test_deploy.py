@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import assert_greedy_tokens
-from lit_lora.checkpoint import load_checkpoint, save_checkpoint
+
+from lit_lora.files.checkpoint import load_checkpoint, save_checkpoint
 from lit_lora.generate import generate
 from lit_lora.lora import LoRAConfig, add_lora, lora_layers
 from lit_lora.methods import apply_weights, save_weights
 from lit_lora.model import Config, Llama
+
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_CPP_DIR = Path(os.environ.get("LLAMA_CPP_DIR", "llama.cpp"))

@@ -7,17 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_hf_llama
-from lit_lora.checkpoint import load_checkpoint
+
+from lit_lora.files.checkpoint import load_checkpoint
 from lit_lora.tokenizer import Tokenizer
+
 
 lm_eval = pytest.importorskip("lm_eval", reason='the optional extra: pip install -e ".[eval]"')
 pytest.importorskip("google.protobuf", reason="transformers reads tokenizer.model through protobuf")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from lit_lora.lm_eval_model import LitLM  # noqa: E402
+from lit_lora.evaluation.lm_eval_model import LitLM  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def twin_models(tmp_path_factory, llama2_tokenizer_path):
     """A tiny random Hugging Face Llama with the real tokenizer, and its lit-lora conversion."""
     import transformers
 
-    from lit_lora.convert import convert_hf_checkpoint
+    from lit_lora.files.convert import convert_hf_checkpoint
 
     root = tmp_path_factory.mktemp("evaluate")
     hf = make_hf_llama(n_layer=2, vocab_size=32000, hidden_size=64)
@@ -94,7 +95,7 @@ def test_an_offline_local_task_scores_the_same_as_the_harness_hf_model(twin_mode
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from lit_lora.evaluate import main_metric, run_tasks
+    from lit_lora.evaluation.evaluate import main_metric, run_tasks
 
     hf, hf_tokenizer, checkpoint = twin_models
     tasks = local_task(tmp_path)
@@ -124,7 +125,7 @@ def test_lora_merged_and_unmerged_score_alike_and_the_adapter_changes_the_scores
 
 
 def test_perplexity_equals_exp_of_the_validation_loss_training_reports(tiny_run, tmp_path):
-    from lit_lora.evaluate import perplexity_of_prepared
+    from lit_lora.evaluation.evaluate import perplexity_of_prepared
     from lit_lora.lora import LoRAConfig
     from lit_lora.methods import apply_weights, finetune
     from lit_lora.train import TrainArgs
@@ -158,7 +159,7 @@ def test_the_script_writes_results_and_says_what_is_missing(twin_models, llama2_
 
 
 def test_compare_adds_perplexity_and_task_columns(tiny_run, tmp_path):
-    from lit_lora.compare import compare_methods, parse_variant
+    from lit_lora.evaluation.compare import compare_methods, parse_variant
 
     budget = dict(max_steps=2, global_batch_size=8, micro_batch_size=4, warmup_steps=1, eval_interval=1000,
                   eval_iters=1, seed=1, save_interval=100)

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_lora.checkpoint import load_tensors
+from lit_lora.files.checkpoint import load_tensors
 from lit_lora.model import Config, Llama
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +130,7 @@ def _lora_config():
 DDP_SCRIPT = """
 import sys
 from pathlib import Path
-from lit_lora.checkpoint import save_tensors
+from lit_lora.files.checkpoint import save_tensors
 from lit_lora.lora import LoRAConfig, add_lora, lora_state_dict, mark_only_lora_as_trainable
 from lit_lora.methods import save_weights
 from lit_lora.train import RunSettings, TrainArgs, fit, start_run
@@ -229,7 +230,7 @@ def test_loss_fn_matches_cross_entropy(dtype, shape):
 
 def test_bf16_true_training_keeps_the_logits_in_bf16(tmp_path):
     """Fabric would cast the model's outputs to float32 (a full copy of the logits); setup_fabric's plugin does not."""
-    from lit_lora.speed_training import HalfPrecisionKeepingOutputs
+    from lit_lora.speed.training import HalfPrecisionKeepingOutputs
     from lit_lora.train import loss_fn, setup_fabric
 
     fabric = setup_fabric(tmp_path, "bf16-true", devices=1, num_nodes=1, strategy="auto", accelerator="cpu",
@@ -298,7 +299,7 @@ def test_compile_traces_every_method_and_keeps_its_losses(tiny_run, variant, mon
     checks the tracing in seconds; the test above runs inductor's kernels."""
     import torch._dynamo.utils
 
-    import lit_lora.speed_training as speed_training
+    import lit_lora.speed.training as speed_training
     from lit_lora.adapter import AdapterConfig
     from lit_lora.lora import LoRAConfig
 

@@ -8,19 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import assert_greedy_tokens, lit_from_hf, make_hf_llama
+
 from lit_lora.adapter import AdapterConfig, add_adapter
-from lit_lora.checkpoint import load_checkpoint, save_checkpoint
+from lit_lora.files.checkpoint import load_checkpoint, save_checkpoint
+from lit_lora.files.hf_names import lit_to_hf_name
 from lit_lora.generate import generate, sample_next_token, top_k_filter, top_p_filter
-from lit_lora.inference import TextStreamer, choose_dtype
-from lit_lora.speed import cpu_supports_fast_bf16
-from lit_lora.hf_names import lit_to_hf_name
 from lit_lora.lora import LoRAConfig, add_lora, lora_layers, merge_lora, remove_lora
 from lit_lora.methods import apply_weights, save_weights
 from lit_lora.model import Config, Llama
 from lit_lora.prompts import get_prompt_style
+from lit_lora.speed.decoding import cpu_supports_fast_bf16
 from lit_lora.tokenizer import Tokenizer
+from lit_lora.workflows.inference import TextStreamer, choose_dtype
+
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 64
@@ -269,9 +270,9 @@ def test_bad_settings_are_clear_errors():
 
 def test_dtype_choice_detects_bf16_at_run_time(monkeypatch):
     assert choose_dtype(torch.device("cpu"), "float32") == torch.float32
-    monkeypatch.setattr("lit_lora.inference.cpu_supports_fast_bf16", lambda: False)
+    monkeypatch.setattr("lit_lora.workflows.inference.cpu_supports_fast_bf16", lambda: False)
     assert choose_dtype(torch.device("cpu")) == torch.float32
-    monkeypatch.setattr("lit_lora.inference.cpu_supports_fast_bf16", lambda: True)
+    monkeypatch.setattr("lit_lora.workflows.inference.cpu_supports_fast_bf16", lambda: True)
     assert choose_dtype(torch.device("cpu")) == torch.bfloat16
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else None
     if flags is not None:
@@ -426,7 +427,7 @@ def test_base_script_continues_the_prompt_and_refuses_a_prompt_too_long(tiny_che
 def test_lora_script_on_a_4bit_base(tiny_checkpoint, capsys):
     """QLoRA inference: generate/lora.py --quantize nf4-dq keeps the adapter beside the 4-bit base."""
     from lit_lora.nf4 import Linear4bit
-    from lit_lora.quantize import load_checkpoint_quantized
+    from lit_lora.speed.quantize import load_checkpoint_quantized
 
     path = tiny_checkpoint / "lora1.safetensors"
     model = load_checkpoint_quantized(tiny_checkpoint / "base", mode="nf4-dq", dtype=torch.float32).eval()
@@ -445,8 +446,8 @@ def test_lora_script_on_a_4bit_base(tiny_checkpoint, capsys):
 
 def test_base_script_with_int8_weights_and_compiled(tiny_checkpoint, capsys):
     """--quantize int8 answers like an int8 model built here; --compile true gives the same greedy tokens."""
-    from lit_lora.int8 import Int8Linear
-    from lit_lora.quantize import load_checkpoint_quantized
+    from lit_lora.speed.int8 import Int8Linear
+    from lit_lora.speed.quantize import load_checkpoint_quantized
 
     model = load_checkpoint_quantized(tiny_checkpoint / "base", mode="int8", dtype=torch.bfloat16, skip=()).eval()
     assert isinstance(model.lm_head, Int8Linear)
@@ -464,7 +465,7 @@ def test_base_script_with_int8_weights_and_compiled(tiny_checkpoint, capsys):
 def test_compiled_decoding_gives_the_greedy_tokens_of_eager_decoding():
     """`CompiledDecoding` (one fixed-shape graph over the whole cache) against the plain `generate` lesson:
     one prompt, and prompts of different lengths in one left-padded batch, float32, with GQA."""
-    from lit_lora.speed import CompiledDecoding
+    from lit_lora.speed.decoding import CompiledDecoding
 
     hf = make_hf_llama(n_kv_heads=2)
     ours = lit_from_hf(hf)
@@ -480,7 +481,7 @@ def test_compiled_decoding_gives_the_greedy_tokens_of_eager_decoding():
 
 
 def test_a_failing_compile_is_a_one_line_error(tiny_checkpoint, monkeypatch):
-    from lit_lora.speed import compile_for_decoding
+    from lit_lora.speed.decoding import compile_for_decoding
 
     def broken_compile(step, **kwargs):
         def compiled(*args, **kwargs):

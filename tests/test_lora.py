@@ -7,17 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import lit_from_hf, make_hf_llama
-from lit_lora.checkpoint import (CheckpointError, MethodFile, load_checkpoint, save_checkpoint, save_json, save_method_file,
-                                 save_tensors)
-from lit_lora.hf_names import hf_to_lit_name, lit_to_hf_name
-from lit_lora.lora import (LoRAConfig, LoRALinear, add_lora, load_lora_state_dict, lora_disabled, lora_layers,
-                           lora_state_dict, mark_only_lora_as_trainable, merge_lora, remove_lora)
+
+from lit_lora.files.checkpoint import (CheckpointError, MethodFile, load_checkpoint, save_checkpoint, save_json, save_method_file,
+                                       save_tensors)
+from lit_lora.files.hf_names import hf_to_lit_name, lit_to_hf_name
+from lit_lora.files.utils import parameter_report
+from lit_lora.lora import (LoRAConfig, LoRALinear, add_lora, load_lora_state_dict, lora_disabled, lora_layers, lora_state_dict,
+                           mark_only_lora_as_trainable, merge_lora, remove_lora)
 from lit_lora.methods import apply_weights, read_weights, save_weights
 from lit_lora.model import Config, Llama
-from lit_lora.peft_interop import load_peft_adapter
-from lit_lora.utils import parameter_report
+from lit_lora.workflows.peft import load_peft_adapter
+
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_TARGETS = ("q", "k", "v", "o", "mlp", "head")
@@ -275,7 +276,7 @@ def test_kv_cache_decoding_with_lora_equals_full_forward():
 
 
 def test_lora_on_4bit_base_layers():
-    from lit_lora.quantize import quantize_model
+    from lit_lora.speed.quantize import quantize_model
 
     model = tiny_llama().to(torch.bfloat16)
     quantize_model(model, mode="nf4-dq")  # every Linear but lm_head becomes 4-bit

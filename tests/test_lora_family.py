@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-
 from conftest import lit_from_hf, make_hf_llama
-from lit_lora.hf_names import hf_to_lit_name, lit_to_hf_name
+
+from lit_lora.files.hf_names import hf_to_lit_name, lit_to_hf_name
 from lit_lora.lora import LoRAConfig, add_lora, lora_layers, lora_lr_scale, mark_only_lora_as_trainable, merge_lora
 from lit_lora.methods import apply_weights, save_weights
 from lit_lora.model import Config, Llama
+
 
 HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
             "down": "down_proj"}
@@ -99,7 +100,7 @@ def test_adapters_with_these_options_round_trip_through_peft(tmp_path, variant):
 
     from peft import PeftModel
 
-    from lit_lora.checkpoint import save_checkpoint
+    from lit_lora.files.checkpoint import save_checkpoint
     from lit_lora.methods import read_weights
 
     root = Path(__file__).resolve().parents[1]
@@ -203,7 +204,7 @@ def test_dora_on_a_4bit_base_finetunes(tiny_run, tmp_path):
 
 def test_dora_details_magnitudes_stay_float32_unmerge_and_quantized_merge_round_trip():
     from lit_lora.lora import LoRALinear
-    from lit_lora.quantize import merge_lora_quantized, quantize_model
+    from lit_lora.speed.quantize import merge_lora_quantized, quantize_model
 
     ours, _, _ = twins(2, ("q", "v"), "dora")
     ours.to(torch.bfloat16)  # as Fabric's bf16-true does: DoRA's magnitudes stay float32, where updates register

@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lit_lora.checkpoint import CheckpointError, check_keys_and_shapes, load_checkpoint
-from lit_lora.compare import RunResult, Variant, compare_methods, load_finetuned, parse_variant
+from lit_lora.evaluation.compare import RunResult, Variant, compare_methods, load_finetuned, parse_variant
+from lit_lora.files.checkpoint import CheckpointError, check_keys_and_shapes, load_checkpoint
 from lit_lora.methods import METHODS, Method, apply_weights, read_weights, register_method, save_weights, take_off
 from lit_lora.model import Llama
+
 
 # ---- the toy method's own code: a trainable bias on the logits ------------------------------------------
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from lit_lora.data import IGNORE_INDEX, BatchSampler, PackedBatchSampler, load_prepared_split
 from lit_lora.lora import LoRAConfig, add_lora
 from lit_lora.model import Config, Llama, packed_positions_and_mask
-from lit_lora.prepare import prepare_instruction_data
+from lit_lora.workflows.prepare import prepare_instruction_data
 
 
 def _samples(lengths, vocab_size, seed=0):

@@ -1,4 +1,4 @@
-"""QLoRA (lit_lora/quantize.py) against independent references: the QLoRA paper's NF4 table, bitsandbytes'
+"""QLoRA (lit_lora/speed/quantize.py) against independent references: the QLoRA paper's NF4 table, bitsandbytes'
 quantize_4bit / dequantize_4bit (bit for bit, double quantization included), and float models."""
 
 import copy
@@ -13,16 +13,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_lora.checkpoint import WEIGHTS_NAME, CheckpointError, save_checkpoint
-from lit_lora.int8 import Int8Linear
+from lit_lora.files.checkpoint import WEIGHTS_NAME, CheckpointError, save_checkpoint
 from lit_lora.lora import LoRAConfig, LoRALinear, add_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
 from lit_lora.methods import apply_weights, save_weights
 from lit_lora.model import Config, Llama
 from lit_lora.nf4 import (DYNAMIC_8BIT_CODE, NF4_CODE, Linear4bit, dequantize_absmax, dequantize_nf4, quantize_absmax,
                           quantize_blockwise, quantize_nf4)
-from lit_lora.quantize import (bits_per_parameter, dequantize_model, load_checkpoint_quantized, merge_lora_quantized,
-                               quantize_model, quantized_storage)
-from lit_lora.row_kernels import MAX_ROWS, row_kernels
+from lit_lora.speed.int8 import Int8Linear
+from lit_lora.speed.quantize import (bits_per_parameter, dequantize_model, load_checkpoint_quantized, merge_lora_quantized,
+                                     quantize_model, quantized_storage)
+from lit_lora.speed.row_kernels import MAX_ROWS, row_kernels
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,7 +211,7 @@ def test_qlora_memory_script_prints_the_7b_figures():
 LOAD_CHILD = r"""
 import json, sys, torch
 from lit_lora.model import Config, Llama
-from lit_lora.quantize import load_checkpoint_quantized, quantize_model, quantized_storage
+from lit_lora.speed.quantize import load_checkpoint_quantized, quantize_model, quantized_storage
 def status_mb(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
@@ -441,7 +442,7 @@ def test_bitsandbytes_backend_layer_holds_the_same_format_and_takes_lora():
     """The optional backend's layer (CUDA in use; bitsandbytes' CPU kernels here): the same packed codes
     and scales as ours, wrapped by LoRA and merged by merge_lora_quantized like ours."""
     pytest.importorskip("bitsandbytes")
-    from lit_lora.quantize import _bitsandbytes_linear, dequantized_weight, is_quantized_linear
+    from lit_lora.speed.quantize import _bitsandbytes_linear, dequantized_weight, is_quantized_linear
 
     weight = make_weight((64, 128), "random", torch.float32)
     layer = _bitsandbytes_linear(weight, "nf4", device="cpu")
@@ -475,7 +476,7 @@ def test_int8_rounds_each_row_to_its_own_scale():
     weight[3, 7] = 0.5  # an outlier coarsens its own row only
     weight[5] = 0.0  # an all-zero row stays exactly zero
     layer = Int8Linear.from_weight(weight)
-    scale = weight.abs().amax(dim=1) / 127  # the definition, section 6 of lit_lora/quantize.py
+    scale = weight.abs().amax(dim=1) / 127  # the definition, section 6 of lit_lora/speed/quantize.py
     torch.testing.assert_close(layer.scale, scale)
     assert layer.weight_int8.dtype == torch.int8 and layer.weight_int8.abs().max() == 127
     error = (layer.dequantize() - weight).abs()
@@ -503,7 +504,7 @@ def int8_kernel():
 @pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_rows_kernel_equals_the_dequantized_matmul(shape, rows, dtype):
-    """`int8_rows` of lit_lora/row_kernels.cpp (int16 activations, integer products) against float64 with the
+    """`int8_rows` of lit_lora/speed/row_kernels.cpp (int16 activations, integer products) against float64 with the
     dequantized weight: within float32 rounding plus the activations' 16-bit rounding, or bf16's rounding
     of the output."""
     kernel = int8_kernel()

@@ -1,5 +1,5 @@
 """The quickstart (scripts/quickstart.py) end to end in its reduced `--fast` form, and the library pieces
-it stands on: the synthetic world (lit_lora/synthetic.py) and the comparison tools (lit_lora/compare.py)."""
+it stands on: the synthetic world (lit_lora/evaluation/synthetic.py) and the comparison tools (lit_lora/evaluation/compare.py)."""
 
 import importlib.util
 import json
@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_lora.compare import RunResult, Variant, comparison_rows, exact_match, markdown_table, parse_variant
+from lit_lora.evaluation.compare import RunResult, Variant, comparison_rows, exact_match, markdown_table, parse_variant
+from lit_lora.evaluation.synthetic import (TASKS, WorldConfig, build_world, pack_corpus, quiz_document, tokenizer_texts,
+                                           train_tokenizer)
 from lit_lora.lora import LoRAConfig, add_lora, lora_layers
-from lit_lora.plots import lora_update_norms
-from lit_lora.methods import read_weights, save_weights
+from lit_lora.methods import lora_update_norms, read_weights, save_weights
 from lit_lora.model import Config, Llama
 from lit_lora.prompts import get_prompt_style
-from lit_lora.synthetic import (TASKS, WorldConfig, build_world, pack_corpus, quiz_document, tokenizer_texts,
-                                train_tokenizer)
 from lit_lora.tokenizer import Tokenizer
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_WORLD = WorldConfig(seed=3, corpus_rounds=300, keys_per_task=40)

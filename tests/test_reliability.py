@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from lit_lora.checkpoint import (CheckpointError, MethodFile, atomic_path, load_checkpoint, load_tensors, save_checkpoint,
-                                 save_json, save_method_file, save_tensors)
-from lit_lora.cli import run
+from lit_lora.files.checkpoint import (CheckpointError, MethodFile, atomic_path, load_checkpoint, load_tensors, save_checkpoint,
+                                       save_json, save_method_file, save_tensors)
+from lit_lora.files.run_dir import lock_out_dir
 from lit_lora.lora import LoRAConfig
 from lit_lora.methods import finetune, read_weights
 from lit_lora.model import Config, Llama
-from lit_lora.run_dir import lock_out_dir
 from lit_lora.train import TrainArgs
+from lit_lora.workflows.cli import run
 
 
 def train_args(**overrides):
@@ -155,9 +155,8 @@ def test_a_second_run_into_the_same_out_dir_is_refused(tiny_run, tmp_path):
     ({"lora_alpha": "16"}, "lora_alpha must be a number, got '16'"),
 ])
 def test_peft_adapters_lit_lora_cannot_compute_are_refused(tmp_path, change, expected):
-    from lit_lora.peft_interop import load_peft_adapter, save_peft_adapter
-
     from lit_lora.lora import lora_state_shapes
+    from lit_lora.workflows.peft import load_peft_adapter, save_peft_adapter
 
     config = Config.from_name("tiny", vocab_size=128)
     lora = LoRAConfig(r=2, alpha=4, targets=("q", "v"))
@@ -178,8 +177,8 @@ def test_peft_adapters_lit_lora_cannot_compute_are_refused(tmp_path, change, exp
 # ---- 5, 6. names inside inputs, and prepared data that belongs together ----------------------------------
 
 def test_file_names_inside_inputs_must_stay_inside_their_directory(tiny_run, tmp_path):
-    from lit_lora.convert import hf_weight_files
     from lit_lora.data import load_prepared_split
+    from lit_lora.files.convert import hf_weight_files
 
     (tmp_path / "hf").mkdir()
     (tmp_path / "secret.safetensors").write_bytes(b"x")
@@ -203,7 +202,7 @@ def test_file_names_inside_inputs_must_stay_inside_their_directory(tiny_run, tmp
 def test_a_prepared_directory_with_files_from_two_preparations_is_refused(tiny_run, tmp_path, shared_data,
                                                                          llama2_tokenizer_path):
     from lit_lora.data import load_prepared_split
-    from lit_lora.prepare import prepare_instruction_data
+    from lit_lora.workflows.prepare import prepare_instruction_data
 
     data = tmp_path / "data"
     shutil.copytree(tiny_run / "data", data)
@@ -257,13 +256,13 @@ def no_space(*args, **kwargs):
 
 def test_a_full_disk_is_one_line_in_merge_export_and_prepare(tiny_run, tmp_path, monkeypatch, capsys, shared_data,
                                                              llama2_tokenizer_path):
-    from lit_lora.methods import save_weights
     from lit_lora.lora import add_lora
+    from lit_lora.methods import save_weights
 
     model = load_checkpoint(tiny_run / "base")
     add_lora(model, LoRAConfig(r=2, alpha=4))
     lora_path = save_weights(tmp_path / "lora.safetensors", model, "lora", LoRAConfig(r=2, alpha=4))
-    monkeypatch.setattr("lit_lora.checkpoint.save_file", no_space)
+    monkeypatch.setattr("lit_lora.files.checkpoint.save_file", no_space)
     line = one_line_error(script_main("scripts/merge_lora.py"), ["--checkpoint_dir", tiny_run / "base", "--lora_path",
                           lora_path, "--output_dir", tmp_path / "merged"], monkeypatch, capsys)
     assert f"could not write {tmp_path / 'merged' / 'lit_model.safetensors'}" in line and "No space left" in line
@@ -355,7 +354,7 @@ def test_nonsense_training_settings_are_one_line_on_the_command_line(monkeypatch
 
 
 def test_without_validation_data_the_metrics_stay_valid_json(tiny_run, tmp_path, shared_data, llama2_tokenizer_path):
-    from lit_lora.prepare import prepare_instruction_data
+    from lit_lora.workflows.prepare import prepare_instruction_data
 
     prepare_instruction_data(shared_data / "alpaca" / "alpaca_data_sample.json", tmp_path / "data",
                              llama2_tokenizer_path, max_seq_length=128, val_size=0, seed=42)
@@ -378,9 +377,9 @@ def test_resuming_with_another_batch_size_says_so(tiny_run, tmp_path, capsys):
 # ---- 11, 14. one line, not a traceback ----------------------------------------------------------------------
 
 def test_malformed_configs_and_inputs_are_one_line_errors(tmp_path):
+    from lit_lora.files.hf_names import config_from_hf
     from lit_lora.generate import check_generation_settings
-    from lit_lora.hf_names import config_from_hf
-    from lit_lora.inference import choose_device
+    from lit_lora.workflows.inference import choose_device
 
     with pytest.raises(ValueError, match="Config.n_head must be a positive integer, got 0"):
         Config(n_head=0)
@@ -414,7 +413,7 @@ def test_malformed_configs_and_inputs_are_one_line_errors(tmp_path):
     ('{\n  "instruction": "a",\n  "output": "b"\n}\n', "expected a JSON list of records, found a JSON object"),
 ])
 def test_unusable_data_files_are_one_line_errors(tmp_path, llama2_tokenizer_path, text, expected):
-    from lit_lora.prepare import prepare_instruction_data
+    from lit_lora.workflows.prepare import prepare_instruction_data
 
     (tmp_path / "data.json").write_text(text)
     with pytest.raises(ValueError, match=expected):
@@ -422,7 +421,7 @@ def test_unusable_data_files_are_one_line_errors(tmp_path, llama2_tokenizer_path
 
 
 def test_a_record_with_a_lone_surrogate_is_skipped_not_fatal(tmp_path, llama2_tokenizer_path):
-    from lit_lora.prepare import prepare_instruction_data
+    from lit_lora.workflows.prepare import prepare_instruction_data
 
     records = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(6)]
     text = json.dumps(records)[:-1] + ', {"instruction": "broken \\ud800", "output": "x"}]'
@@ -433,7 +432,7 @@ def test_a_record_with_a_lone_surrogate_is_skipped_not_fatal(tmp_path, llama2_to
 
 
 def test_a_legacy_format_bin_checkpoint_converts(tmp_path, hf_llama_factory):
-    from lit_lora.convert import convert_hf_checkpoint
+    from lit_lora.files.convert import convert_hf_checkpoint
 
     hf = hf_llama_factory(n_layer=2)
     hf.config.save_pretrained(tmp_path / "hf")
@@ -454,7 +453,7 @@ def test_overwrite_removes_the_old_finished_run_before_training(tiny_run, tmp_pa
 
 
 def test_a_third_signal_stops_a_step_that_never_finishes():
-    from lit_lora.run_dir import deferred_signals
+    from lit_lora.files.run_dir import deferred_signals
 
     with pytest.raises(KeyboardInterrupt):
         with deferred_signals() as received:
@@ -481,7 +480,7 @@ def test_outputs_of_other_commands_are_not_replaced_without_overwrite(tiny_run, 
 
 
 def test_names_inside_inputs_may_be_symbolic_links_within_the_directory(tmp_path):
-    from lit_lora.utils import inside
+    from lit_lora.files.utils import inside
 
     (tmp_path / "blobs").mkdir()
     (tmp_path / "blobs" / "abc").write_bytes(b"x")
@@ -492,7 +491,7 @@ def test_names_inside_inputs_may_be_symbolic_links_within_the_directory(tmp_path
 
 
 def test_evaluation_without_the_harness_says_how_to_install_it(tiny_run, monkeypatch):
-    from lit_lora.evaluate import run_tasks
+    from lit_lora.evaluation.evaluate import run_tasks
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     with pytest.raises(ValueError, match=r'lm-eval is not installed: pip install -e "\.\[eval\]"'):

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from lit_lora.data import IGNORE_INDEX
 from lit_lora.model import naive_attention
-from lit_lora.row_kernels import MAX_ROWS, RowKernels, row_kernels
-from lit_lora.speed import OneTokenForms, matvec_as_reduction, one_query_attention
-from lit_lora.speed_training import TrainingForms, compiled_cross_entropy
+from lit_lora.speed.decoding import OneTokenForms, matvec_as_reduction, one_query_attention
+from lit_lora.speed.row_kernels import MAX_ROWS, RowKernels, row_kernels
+from lit_lora.speed.training import TrainingForms, compiled_cross_entropy
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -94,8 +94,8 @@ def test_bf16_rows_kernel_refuses_what_it_cannot_multiply():
 
 PLAIN_KERNELS_CHECK = """
 import torch
-from lit_lora.int8 import Int8Linear
-from lit_lora.row_kernels import row_kernels
+from lit_lora.speed.int8 import Int8Linear
+from lit_lora.speed.row_kernels import row_kernels
 assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
 kernels = row_kernels()
 assert kernels.bf16_rows is None  # the plain loop is built, not handed out
@@ -112,7 +112,7 @@ print(int8_error.item(), bf16_error.item())
 
 
 def test_kernels_without_avx2_build_their_plain_loops_and_agree():
-    """ATEN_CPU_CAPABILITY=default: lit_lora/row_kernels.cpp is built without vector instructions, so its
+    """ATEN_CPU_CAPABILITY=default: lit_lora/speed/row_kernels.cpp is built without vector instructions, so its
     plain loops run; within float32 rounding (int8, with 16-bit activations) and bf16's (bf16)."""
     if row_kernels().int8_rows is None:
         pytest.skip("the C++ decoding kernels could not be built here (a warning says why)")
@@ -166,7 +166,7 @@ def test_compiled_bf16_decoding_gives_the_eager_logits(batch):
     """Inductor's graph around the bf16 kernel (where the CPU has AVX512-BF16; its own loops and matrix
     products elsewhere) against the eager step, to bf16's rounding, for one prompt and a batch."""
     from lit_lora.model import Config, Llama
-    from lit_lora.speed import CompiledDecoding
+    from lit_lora.speed.decoding import CompiledDecoding
 
     torch.manual_seed(0)
     model = Llama(Config(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=64, intermediate_size=160))
@@ -240,7 +240,7 @@ def test_compiled_decoding_skips_guards_only_for_steps_it_has_compiled():
     eager model's logits."""
     from lit_lora.generate import generate
     from lit_lora.model import Config, Llama
-    from lit_lora.speed import CompiledDecoding
+    from lit_lora.speed.decoding import CompiledDecoding
 
     torch.manual_seed(0)
     model = Llama(Config(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32, intermediate_size=64)).eval()

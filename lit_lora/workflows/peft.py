@@ -10,7 +10,7 @@ A PEFT LoRA adapter for a Llama is a directory:
 PEFT computes exactly what LoRALinear computes, h = W x + s B A x with dropout on the LoRA input
 (s = lora_alpha / r, or / sqrt(r) with use_rslora; DoRA's magnitude is `lora_magnitude_vector`; per-layer
 ranks and alphas are rank_pattern / alpha_pattern), so converting is a renaming: "base_model.model." +
-the Hugging Face module name (from lit_lora.hf_names) + ".lora_A.weight". No tensor is transposed or permuted: A and B are stored as
+the Hugging Face module name (from lit_lora.files.hf_names) + ".lora_A.weight". No tensor is transposed or permuted: A and B are stored as
 (r, in) and (out, r) on both sides, and lit-lora's rotary layout is Hugging Face's (rotate-half, see
 `model.rope_cos_sin`), so the q_proj/k_proj rows, and hence the rows of their B, mean the same thing.
 """
@@ -22,11 +22,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from lit_lora.checkpoint import (CheckpointError, check_keys_and_shapes, load_json, load_tensors, removed_on_failure,
-                                 save_json, save_tensors)
-from lit_lora.hf_names import hf_to_lit_name, lit_to_hf_name
+from lit_lora.files.checkpoint import (CheckpointError, check_keys_and_shapes, load_json, load_tensors, removed_on_failure,
+                                       save_json, save_tensors)
+from lit_lora.files.hf_names import hf_to_lit_name, lit_to_hf_name
 from lit_lora.lora import LLAMA_TARGETS, LoRAConfig, lora_state_shapes
 from lit_lora.model import Config
+
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"

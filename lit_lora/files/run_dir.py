@@ -25,7 +25,8 @@ from typing import IO, Any, Dict, Iterator, List, Optional
 
 import lightning as L
 
-from lit_lora.checkpoint import save_json
+from lit_lora.files.checkpoint import save_json
+
 
 CHECKPOINT_DIR_NAME = "checkpoints"
 FINISHED_NAME = "final_metrics.json"

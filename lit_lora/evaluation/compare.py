@@ -10,7 +10,7 @@
     method that can measure its update (LoRA), a heatmap of its size ||(alpha / r) B A|| per layer
 
 `compare_methods` runs it all; scripts/compare.py is its command line, and scripts/quickstart.py runs
-the same pieces on the synthetic world (lit_lora/synthetic.py).
+the same pieces on the synthetic world (lit_lora/evaluation/synthetic.py).
 """
 
 import gc
@@ -24,18 +24,20 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from lit_lora.checkpoint import TOKENIZER_NAME, TRAINING_NAME, atomic_path, load_checkpoint, load_json, save_json
 from lit_lora.data import load_prepare_config
+from lit_lora.files.checkpoint import TOKENIZER_NAME, TRAINING_NAME, atomic_path, load_checkpoint, load_json, save_json
+from lit_lora.files.plots import plot_loss_curves, plot_update_heatmap
+from lit_lora.files.run_dir import FINISHED_NAME
+from lit_lora.files.utils import PathLike
 from lit_lora.generate import generate
 from lit_lora.lora import LoRAConfig
-from lit_lora.methods import METHODS, apply_weights, finetune as finetune_method, get_method, read_weights
+from lit_lora.methods import METHODS, apply_weights
+from lit_lora.methods import finetune as finetune_method
+from lit_lora.methods import get_method, read_weights
 from lit_lora.model import Llama
-from lit_lora.plots import plot_loss_curves, plot_update_heatmap
 from lit_lora.prompts import PromptStyle, get_prompt_style
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.run_dir import FINISHED_NAME
 from lit_lora.train import TrainArgs
-from lit_lora.utils import PathLike
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -389,7 +391,7 @@ def compare_methods(checkpoint_dir: PathLike, data_dir: PathLike, out_dir: PathL
     `include`; score every model (the base too) on `eval_file` by exact match; write comparison.md,
     comparison.json, loss_curves.png and the update heatmaps to `out_dir`. A run directory holding an earlier
     run is refused unless `overwrite`. With `tasks`, every model is also scored on those lm-eval tasks
-    (lit_lora/evaluate.py; `task_limit` examples each), one column per task. `compile_model` trains every
+    (lit_lora/evaluation/evaluate.py; `task_limit` examples each), one column per task. `compile_model` trains every
     variant compiled (finetune --compile). Returns the report."""
     learning_rates = dict(learning_rates or {})
     names = [variant.name for variant in variants] + [str(path) for path in include]
@@ -430,7 +432,7 @@ def compare_methods(checkpoint_dir: PathLike, data_dir: PathLike, out_dir: PathL
                 print(f"{result.name}: {100 * result.accuracy.accuracy:.1f} % exact match "
                       f"({result.accuracy.correct}/{result.accuracy.total})", flush=True)
             if tasks:
-                from lit_lora.evaluate import main_metric, run_tasks  # the optional harness, only when asked
+                from lit_lora.evaluation.evaluate import main_metric, run_tasks  # the optional harness, only when asked
 
                 scores = run_tasks(model, tokenizer, tasks, limit=task_limit, include_path=include_path)
                 result.task_scores = {task: main_metric(scores, task) for task in tasks}

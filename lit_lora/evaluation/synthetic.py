@@ -46,12 +46,13 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import sentencepiece as spm
 import torch
 
-from lit_lora.checkpoint import atomic_path, save_checkpoint, save_json
+from lit_lora.files.checkpoint import atomic_path, save_checkpoint, save_json
+from lit_lora.files.utils import PathLike
 from lit_lora.model import Config, Llama
 from lit_lora.prompts import PromptStyle
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train import TrainArgs, answer_sampler, fit, setup_fabric
-from lit_lora.utils import PathLike
+
 
 # ----------------------------------------------------------------------------------------------------
 # The tasks

@@ -21,11 +21,12 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import numpy as np
 import torch
 
-from lit_lora.checkpoint import atomic_path, removed_on_failure, save_json
 from lit_lora.data import FORMAT_NAME, FORMAT_VERSION, IGNORE_INDEX, PREPARE_CONFIG_NAME, file_sha256, save_prepared
+from lit_lora.files.checkpoint import atomic_path, removed_on_failure, save_json
+from lit_lora.files.utils import PathLike
 from lit_lora.prompts import get_prompt_style
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import PathLike
+
 
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 DOLLY_URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"

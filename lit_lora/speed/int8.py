@@ -12,7 +12,7 @@ A quarter of float32's bytes, half of bf16's, and a rounding error of at most sc
 Unlike NF4 it is meant for inference (`generate/*.py --quantize int8`); it quantizes the output head
 too: 39 % of the weights a 60M model with a 32k vocabulary reads per token. Three ways to multiply, the
 first that applies:
-  - up to 16 rows on a CPU (decoding), float32 or bf16: `int8_rows` of lit_lora/row_kernels.py, a
+  - up to 16 rows on a CPU (decoding), float32 or bf16: `int8_rows` of lit_lora/speed/row_kernels.py, a
     small C++ kernel compiled on first use. It rounds each activation row to 16-bit integers with
     a scale of its own (an error 258x below the weights' rounding) and multiplies in integers, two
     products per instruction, so two cores keep up with the memory;
@@ -21,7 +21,7 @@ first that applies:
 
 Replaces: `F.linear(x, W)` with a bf16 or float32 W. Why it is faster: decoding streams every weight
 once per token, and int8 halves bf16's bytes; the kernels multiply without materialising W.
-Loaded with `generate/*.py --quantize int8` (lit_lora/quantize.py builds the layers).
+Loaded with `generate/*.py --quantize int8` (lit_lora/speed/quantize.py builds the layers).
 """
 
 from typing import Optional, Union
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from lit_lora.nf4 import DequantizedMatmul
-from lit_lora.row_kernels import K_STEP, MAX_ROWS, row_kernels
+from lit_lora.speed.row_kernels import K_STEP, MAX_ROWS, row_kernels
 
 
 class Int8Linear(nn.Module):
@@ -95,7 +95,7 @@ class Int8Linear(nn.Module):
         return DequantizedMatmul.apply(x, self)  # (..., in) -> (..., out)
 
     def _rows_kernel_applies(self, x: torch.Tensor) -> bool:
-        """`int8_rows` (lit_lora/row_kernels.cpp): up to `MAX_ROWS` rows on a CPU in the compute dtype
+        """`int8_rows` (lit_lora/speed/row_kernels.cpp): up to `MAX_ROWS` rows on a CPU in the compute dtype
         (float32 or bf16), no gradient."""
         return (x.device.type == "cpu" and x.dtype == self.scale.dtype and x.dtype in (torch.float32, torch.bfloat16)
                 and x.numel() <= MAX_ROWS * self.in_features and not (x.requires_grad and torch.is_grad_enabled()))

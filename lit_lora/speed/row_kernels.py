@@ -1,10 +1,10 @@
-"""The C++ decoding kernels (lit_lora/row_kernels.cpp), built on first use: speed machinery.
+"""The C++ decoding kernels (lit_lora/speed/row_kernels.cpp), built on first use: speed machinery.
 
     kernel      replaces                                       why it is faster
     int8_rows   x @ (q * scale[:, None]).T, a few rows x       reads 1 byte per weight and multiplies in
-                (lit_lora/int8.py)                             integers, without a float copy of W
+                (lit_lora/speed/int8.py)                             integers, without a float copy of W
     bf16_rows   F.linear(x, W) of up to 16 bf16 rows,          one AVX512-BF16 instruction per 32 weights
-                compiled (OneTokenForms, lit_lora/speed.py)    instead of widening each to float32
+                compiled (OneTokenForms, lit_lora/speed/decoding.py)    instead of widening each to float32
 
 Both exist to read the weights of a one-token decoding step at the speed of the memory; the .cpp file
 explains the arithmetic. torch.utils.cpp_extension compiles it with the instructions this CPU has, the
@@ -45,7 +45,7 @@ def cpu_has_avx512_bf16() -> bool:
 
 @functools.cache
 def row_kernels() -> RowKernels:
-    """`torch.ops.lit_lora.int8_rows` and `bf16_rows`, built from lit_lora/row_kernels.cpp for this CPU:
+    """`torch.ops.lit_lora.int8_rows` and `bf16_rows`, built from lit_lora/speed/row_kernels.cpp for this CPU:
     with AVX2 where PyTorch uses it (its AVX512 level implies AVX2), with AVX512-BF16 where the CPU has it
     and PyTorch uses AVX512. Both None, after one warning, where the file cannot be built."""
     from torch.utils import cpp_extension  # imported here: it is slow to import and only the CPU needs it
@@ -64,7 +64,7 @@ def row_kernels() -> RowKernels:
                            extra_ldflags=["-fopenmp"], is_python_module=False)  # OpenMP: at::parallel_for's threads
     except Exception as error:  # a missing compiler is pages of build log: keep its first line
         first_line = (str(error).strip().splitlines() or [""])[0]
-        warnings.warn(f"the decoding kernels lit_lora/row_kernels.cpp could not be built ({type(error).__name__}: "
+        warnings.warn(f"the decoding kernels lit_lora/speed/row_kernels.cpp could not be built ({type(error).__name__}: "
                       f"{first_line}); int8 and bf16 decoding fall back to slower products")
         return RowKernels(int8_rows=None, bf16_rows=None)
 

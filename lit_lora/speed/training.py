@@ -9,7 +9,7 @@ or in less memory; lit_lora/train.py calls them and names the plain formula besi
     keep_freed_memory_for_reuse    glibc's default malloc thresholds (CPU)         no fresh zeroed pages per step
     compile_for_training           the eager forward and backward                  fused elementwise work, tuned GEMMs
 
-The decoding half is lit_lora/speed.py. benchmarks/benchmark_finetune.py prints the same-run ratios.
+The decoding half is lit_lora/speed/decoding.py. benchmarks/benchmark_finetune.py prints the same-run ratios.
 """
 
 import ctypes
@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from lit_lora.data import IGNORE_INDEX
 from lit_lora.model import naive_attention
+
 
 # ----------------------------------------------------------------------------------------------------
 # The loss without a float32 copy of the logits

@@ -4,7 +4,7 @@ into quantized layers, merging LoRA into a quantized base, and measuring what it
     scheme   layer                      bits per weight     for
     nf4      Linear4bit (lit_lora/nf4)  4.5                 QLoRA: a frozen 4-bit base under LoRA
     nf4-dq   Linear4bit (lit_lora/nf4)  4.127               the same with double-quantized scales
-    int8     Int8Linear (lit_lora/int8) 8, plus a row scale fast decoding on CPUs
+    int8     Int8Linear (lit_lora/speed/int8) 8, plus a row scale fast decoding on CPUs
 
 How NF4 works is taught in lit_lora/nf4.py; this file only applies a scheme to a model. A new scheme
 is one `Scheme` entry in `SCHEMES` plus the file of its layer. Every quantized layer keeps one small
@@ -26,12 +26,12 @@ from typing import Callable, Dict, Literal, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from lit_lora.checkpoint import load_checkpoint
-from lit_lora.int8 import Int8Linear
+from lit_lora.files.checkpoint import load_checkpoint
+from lit_lora.files.utils import PathLike, tied_parameters
 from lit_lora.lora import lora_layers
 from lit_lora.model import Llama
 from lit_lora.nf4 import NF4_BLOCK_SIZE, NF4_MODES, SCALE_BLOCK_SIZE, Linear4bit
-from lit_lora.utils import PathLike, tied_parameters
+from lit_lora.speed.int8 import Int8Linear
 
 
 @dataclass(frozen=True)

@@ -42,23 +42,13 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lit_lora.checkpoint import (
-    CONFIG_NAME,
-    TOKENIZER_NAME,
-    WEIGHTS_NAME,
-    CheckpointError,
-    atomic_path,
-    check_keys_and_shapes,
-    load_config,
-    load_json,
-    model_state_shapes,
-    refuse_to_overwrite,
-    removed_on_failure,
-    save_json,
-)
-from lit_lora.hf_names import config_from_hf, config_to_hf, hf_to_lit_name, lit_to_hf_name
+from lit_lora.files.checkpoint import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, atomic_path,
+                                       check_keys_and_shapes, load_config, load_json, model_state_shapes, refuse_to_overwrite,
+                                       removed_on_failure, save_json)
+from lit_lora.files.hf_names import config_from_hf, config_to_hf, hf_to_lit_name, lit_to_hf_name
+from lit_lora.files.utils import PathLike, inside
 from lit_lora.model import Config, Llama
-from lit_lora.utils import PathLike, inside
+
 
 HF_CONFIG_NAME = "config.json"
 HF_WEIGHTS_NAME = "model.safetensors"

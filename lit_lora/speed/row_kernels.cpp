@@ -1,8 +1,8 @@
-// The decoding kernels of lit_lora/row_kernels.py: a few activation rows times a weight matrix, for the
+// The decoding kernels of lit_lora/speed/row_kernels.py: a few activation rows times a weight matrix, for the
 // one-token steps of decoding, where every weight is read once per token and the time is the bytes read.
 // Both read each weight row once and multiply it into the rows of x, which stay in the L1 cache.
 //
-// int8_rows (lit_lora/int8.py), weights stored as int8 with one float scale per output row:
+// int8_rows (lit_lora/speed/int8.py), weights stored as int8 with one float scale per output row:
 //
 //     out[n, o] = scale[o] * sum_i x[n, i] * q[o, i]        x (N, K), q (O, K) int8, scale (O,)
 //
@@ -12,7 +12,7 @@
 // in pairs, half the instructions of widening every weight to float32, which is what lets two cores
 // read the weights as fast as the memory delivers them.
 //
-// bf16_rows (lit_lora/speed.py, compiled decoding in bf16):
+// bf16_rows (lit_lora/speed/decoding.py, compiled decoding in bf16):
 //
 //     out[n, o] = sum_i x[n, i] * w[o, i]                   x (N, K), w (O, K), both bf16
 //
@@ -22,7 +22,7 @@
 // 16 weights); one AVX512-BF16 instruction (dpbf16) multiplies 32 bf16 pairs and adds them into
 // float32 lanes.
 //
-// lit_lora/row_kernels.py compiles this file on first use (torch.utils.cpp_extension), with -mavx2
+// lit_lora/speed/row_kernels.py compiles this file on first use (torch.utils.cpp_extension), with -mavx2
 // where PyTorch runs its AVX2 or AVX512 code (ATEN_CPU_CAPABILITY can lower that) and -mavx512bf16
 // where the CPU also has AVX512-BF16; elsewhere the plain loops below do the same arithmetic.
 

@@ -9,6 +9,7 @@ from typing import Any, Dict
 
 from lit_lora.model import Config
 
+
 # lit-lora parameter name pattern -> Hugging Face parameter name pattern ({} is the layer index).
 _LIT_TO_HF = {
     "tok_embeddings.weight": "model.embed_tokens.weight",

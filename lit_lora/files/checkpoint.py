@@ -34,8 +34,9 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lit_lora.files.utils import PathLike
 from lit_lora.model import Config, Llama
-from lit_lora.utils import PathLike
+
 
 WEIGHTS_NAME = "lit_model.safetensors"
 CONFIG_NAME = "model_config.json"
@@ -220,7 +221,7 @@ def load_checkpoint(checkpoint_dir: PathLike, dtype: Optional[torch.dtype] = Non
     the weights, in `dtype` (default: as stored) on `device` (default: CPU).
 
     `prepare(model)` may change the meta model before the weights arrive, e.g. swap its Linear layers for
-    empty quantized layers (lit_lora/quantize.py): the changed model is then allocated on `device` up
+    empty quantized layers (lit_lora/speed/quantize.py): the changed model is then allocated on `device` up
     front, and a module with a `load_weight` method receives its tensor through it.
     """
     checkpoint_dir = Path(checkpoint_dir)

@@ -1,18 +1,16 @@
 """The plots lit-lora writes: loss curves of one run or of several, and where an adapter changed the model
-(with `lora_update_norms`, the size of LoRA's update per layer, for the heatmap).
+(the heatmap of the size of LoRA's update per layer, from `lit_lora.methods.lora_update_norms`).
 
 Every figure is written to a temporary name and renamed into place, like every other file.
 """
 
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Sequence
 
 import torch
 
-from lit_lora.checkpoint import atomic_path
-from lit_lora.lora import LLAMA_TARGETS, LoRAConfig
-from lit_lora.model import Config
-from lit_lora.utils import PathLike
+from lit_lora.files.checkpoint import atomic_path
+from lit_lora.files.utils import PathLike
 
 
 def _pyplot():
@@ -77,7 +75,7 @@ def plot_update_heatmap(projections: Sequence[str], layers: Sequence[str], norms
                         title: str = "Size of the LoRA update per layer and projection",
                         label: str = "s ||B A||_F (s = alpha / r, or alpha / sqrt(r))") -> Path:
     """Heatmap of an update's size per layer (columns) and projection (rows), e.g. LoRA's (alpha / r)
-    ||B A||_F from `lora_update_norms` below: where finetuning changed the model. NaN cells stay empty."""
+    ||B A||_F from `lit_lora.methods.lora_update_norms`: where finetuning changed the model. NaN cells stay empty."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(layers) + 2.5), 0.55 * len(projections) + 1.8))
     image = ax.imshow(norms.numpy(), cmap="viridis", aspect="auto")
@@ -97,24 +95,3 @@ def plot_update_heatmap(projections: Sequence[str], layers: Sequence[str], norms
     fig.tight_layout()
     _save_figure(fig, Path(path))
     return Path(path)
-
-
-def lora_update_norms(lora_config: LoRAConfig, model_config: Config, state: Mapping[str, torch.Tensor]
-                      ) -> Tuple[List[str], List[str], torch.Tensor]:
-    """Frobenius norm of each adapted weight's low-rank update, s ||B A|| (s = alpha / r, per layer, or
-    alpha / sqrt(r) with rsLoRA; with DoRA, the update of the direction), from an adapter's tensors.
-
-    Returns (projection names, layer names, norms of shape (n_projections, n_layers)); a projection a
-    layer does not adapt is NaN. ||B A|| is computed without forming the (out, in) matrix:
-    ||B A||_F^2 = trace(A^T B^T B A) = sum((B^T B) * (A A^T)), two r x r products."""
-    projections = [t for t in LLAMA_TARGETS if t in lora_config.targets and t != "head"]
-    norms = torch.full((len(projections), model_config.n_layer), float("nan"))
-    for row, target in enumerate(projections):
-        for layer in range(model_config.n_layer):
-            prefix = LLAMA_TARGETS[target].replace("*", str(layer))
-            if f"{prefix}.lora_A" not in state:
-                continue
-            a, b = state[f"{prefix}.lora_A"].double(), state[f"{prefix}.lora_B"].double()  # (r, in), (out, r)
-            squared = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0.0)
-            norms[row, layer] = lora_config.scaling(prefix) * squared.sqrt().item()
-    return [f"{p}_proj" for p in projections], [str(i) for i in range(model_config.n_layer)], norms

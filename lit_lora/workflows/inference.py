@@ -12,16 +12,17 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
 import torch
 
-from lit_lora.checkpoint import TOKENIZER_NAME, check_same_base, load_checkpoint, load_config
+from lit_lora.files.checkpoint import TOKENIZER_NAME, check_same_base, load_checkpoint, load_config
+from lit_lora.files.utils import DTYPES, PathLike, parse_dtype, peak_memory
 from lit_lora.generate import check_prompt_fits, generate
 from lit_lora.lora import is_quantized
 from lit_lora.methods import MethodWeights, apply_weights, get_method, read_weights, take_off
 from lit_lora.model import Llama
 from lit_lora.prompts import get_prompt_style
-from lit_lora.quantize import load_checkpoint_quantized
-from lit_lora.speed import compile_for_decoding, cpu_supports_fast_bf16
+from lit_lora.speed.decoding import compile_for_decoding, cpu_supports_fast_bf16
+from lit_lora.speed.quantize import load_checkpoint_quantized
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import DTYPES, PathLike, parse_dtype, peak_memory
+
 
 DEFAULT_PROMPT_STYLE = "alpaca"  # for adapters written before files recorded their prompt style
 NOT_COMPILED_IN_BATCHES = "note: --compile applies to one prompt at a time; a file of prompts is generated eagerly"
@@ -134,7 +135,7 @@ def encode_prompts(checkpoint_dir: PathLike, prompts: Sequence[str], max_new_tok
 def load_for_generation(checkpoint_dir: PathLike, device: str = "auto", dtype: str = "auto",
                         quantize: Optional[str] = None) -> Llama:
     """The model of a lit-lora checkpoint directory in eval mode on the chosen device and dtype, its linear
-    layers quantized with `quantize` (a scheme of lit_lora/quantize.py: nf4, nf4-dq or int8)."""
+    layers quantized with `quantize` (a scheme of lit_lora/speed/quantize.py: nf4, nf4-dq or int8)."""
     chosen_device = choose_device(device)
     chosen_dtype = choose_dtype(chosen_device, dtype)
     if quantize is None:

@@ -1,5 +1,5 @@
 """The speed room, decoding half: each piece does what a plain line of PyTorch does, only faster; the
-teaching files (generate.py) stay plain and lit_lora/inference.py calls these where they measurably help.
+teaching files (generate.py) stay plain and lit_lora/workflows/inference.py calls these where they measurably help.
 
     piece                          replaces                                        why it is faster
     cpu_supports_fast_bf16         assuming bf16 is fast                           bf16 only where the CPU has it
@@ -7,11 +7,11 @@ teaching files (generate.py) stay plain and lit_lora/inference.py calls these wh
                                                                                    kernels, no per-op dispatch,
                                                                                    no guard checks per token
     OneTokenForms                  F.linear on one row, attention of one query     loops a compiler streams, or
-                                                                                   lit_lora/row_kernels.py's bf16
+                                                                                   lit_lora/speed/row_kernels.py's bf16
                                                                                    kernel (inside CompiledDecoding)
 
-Int8 weight-only decoding (`Int8Linear`) is a quantization scheme and lives in lit_lora/int8.py; the
-training half of this room is lit_lora/speed_training.py. benchmarks/benchmark_generate.py prints the
+Int8 weight-only decoding (`Int8Linear`) is a quantization scheme and lives in lit_lora/speed/int8.py; the
+training half of this room is lit_lora/speed/training.py. benchmarks/benchmark_generate.py prints the
 same-run ratios.
 """
 
@@ -24,7 +24,8 @@ from torch.overrides import TorchFunctionMode
 
 from lit_lora.generate import generate
 from lit_lora.model import Llama, cached_positions_and_mask, rope_cos_sin
-from lit_lora.row_kernels import K_STEP, MAX_ROWS, cpu_has_avx512_bf16, row_kernels
+from lit_lora.speed.row_kernels import K_STEP, MAX_ROWS, cpu_has_avx512_bf16, row_kernels
+
 
 # ----------------------------------------------------------------------------------------------------
 # What the CPU can do, and compiled decoding
@@ -52,7 +53,7 @@ class OneTokenForms(TorchFunctionMode):
     a single row read a 32k x 512 bf16 head at ~16 GB/s, the elementwise product and sum inductor
     generates (one vectorised pass over W per output block, both cores) at ~40 GB/s; float32 ~10 -> ~48.
     In bf16 on a CPU with AVX512-BF16, rows go to the C++ kernel `bf16_rows` instead (when given; built
-    by lit_lora/row_kernels.py), which multiplies 32 bf16 pairs per instruction where inductor's loop widens
+    by lit_lora/speed/row_kernels.py), which multiplies 32 bf16 pairs per instruction where inductor's loop widens
     every weight to float32 first (the bf16 step about a fifth faster on 2 cores), and which reads W once
     for up to 16 rows, one per prompt of a batch, where the matrix product for a few rows reads it at a
     fraction of the memory's speed. Wider inputs keep the matrix products.

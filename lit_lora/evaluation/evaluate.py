@@ -5,7 +5,7 @@
 `perplexity_of_prepared` takes the tokens training learns (the responses of a prepared validation set),
 token-weighted as training's validation loss is; `perplexity_of_text` a plain text file, in
 windows of the model's context. `run_tasks` hands the model to EleutherAI's harness
-(lit_lora/lm_eval_model.py), an optional extra: `pip install -e ".[eval]"`.
+(lit_lora/evaluation/lm_eval_model.py), an optional extra: `pip install -e ".[eval]"`.
 """
 
 import math
@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from lit_lora.data import IGNORE_INDEX, BatchSampler, collate, load_prepared_split
+from lit_lora.files.utils import PathLike
 from lit_lora.model import Llama
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import PathLike
+
 
 INSTALL_HINT = 'lm-eval is not installed: pip install -e ".[eval]" (or pip install lm-eval)'
 
@@ -73,7 +74,7 @@ def run_tasks(model: Llama, tokenizer: Tokenizer, tasks: Sequence[str], num_fews
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise ValueError(INSTALL_HINT) from None
-    from lit_lora.lm_eval_model import LitLM  # imports the harness
+    from lit_lora.evaluation.lm_eval_model import LitLM  # imports the harness
 
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [task for task in tasks if not manager.match_tasks([task])]

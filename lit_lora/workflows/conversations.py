@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from lit_lora.data import IGNORE_INDEX
-from lit_lora.prepare import (MAX_LISTED_PROBLEMS, choose_val_positions, describe_inputs, length_percentiles,
-                              read_records, write_prepared_set)
+from lit_lora.files.utils import PathLike
 from lit_lora.prompts import LLAMA2_CHAT, check_dialog, encode_dialog
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import PathLike
+from lit_lora.workflows.prepare import (MAX_LISTED_PROBLEMS, choose_val_positions, describe_inputs, length_percentiles,
+                                        read_records, write_prepared_set)
+
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 Messages = List[Dict[str, str]]

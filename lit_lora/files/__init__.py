@@ -1,0 +1,14 @@
+"""The files lit-lora reads and writes, beneath the teaching path.
+
+    checkpoint.py   self-describing checkpoints and method files (safetensors + JSON), cheap loading
+                    (meta device, memory-mapped, assign), atomic writes, key and shape checks
+    convert.py      Hugging Face and Meta weights in and out, one tensor at a time
+    hf_names.py     Hugging Face's parameter names and config.json beside lit-lora's
+    run_dir.py      a training run's folder: claiming it, its resumable checkpoints, deferred signals
+    plots.py        the PNG figures (loss curves, update heatmaps), written atomically
+    utils.py        path and dtype names, parameter counts, memory
+
+May import: `lit_lora.model` only (and the standard library, torch, safetensors, matplotlib). The teaching
+files build on this package (they save and load through it), so nothing here may import them; that is
+why PEFT's adapter format, which needs LoRA's own settings, lives in `lit_lora.workflows.peft`.
+"""
