@@ -13,10 +13,11 @@ from typing import List, Literal, Optional, Union
 import torch
 
 from lit_lora.generate import check_generation_settings
+from lit_lora.prompts import get_prompt_style
 from lit_lora.speed.quantize import QuantizeMode
 from lit_lora.workflows.cli import run
-from lit_lora.workflows.inference import (NOT_COMPILED_IN_BATCHES, encode_prompts, generate_batches, generate_streaming,
-                                          load_for_generation, read_prompts_file)
+from lit_lora.workflows.inference import (NOT_COMPILED_IN_BATCHES, blame_weights, encode_prompts, generate_batches,
+                                          generate_streaming, load_for_generation, read_prompts_file, recorded_prompt_style)
 
 
 def main(
@@ -33,6 +34,7 @@ def main(
     compile: bool = False,
     prompts_file: Optional[Path] = None,
     batch_size: int = 8,
+    prompt_style: Optional[str] = None,
 ) -> Union[str, List[str]]:
     """Generate a continuation of `prompt` with a lit-lora checkpoint.
 
@@ -52,25 +54,36 @@ def main(
         prompts_file: continue every prompt of this file instead (one per line, or a JSON list of strings),
             `batch_size` at a time in one batch each; the answers go to stdout under `### prompt N` lines.
         batch_size: prompts generated together with --prompts_file.
+        prompt_style: lay each prompt out in this instruction template (lit_lora/prompts.py) and print only the
+            answer; default: the style a merged or fully finetuned checkpoint records in its training.json,
+            else none (plain continuation). "none" continues the prompt as it is.
     """
     check_generation_settings(max_new_tokens, temperature, top_k, top_p)
     torch.manual_seed(seed)
-    if prompts_file is not None:
-        texts = read_prompts_file(prompts_file)
-        tokenizer, prompts = encode_prompts(checkpoint_dir, texts, max_new_tokens)
-        model = load_for_generation(checkpoint_dir, device, dtype, quantize)
-        if compile:
-            print(NOT_COMPILED_IN_BATCHES, file=sys.stderr)
-        answers, stats = generate_batches(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
-                                          temperature=temperature, top_k=top_k, top_p=top_p, continuation=True)
-        print(stats, file=sys.stderr)
-        return [text + answer for text, answer in zip(texts, answers)]
-    tokenizer, [prompt_ids] = encode_prompts(checkpoint_dir, [prompt], max_new_tokens)
+    style_name = prompt_style or recorded_prompt_style(checkpoint_dir)
+    style = None if style_name in (None, "none") else get_prompt_style(style_name)
+    if style is not None and prompt_style is None:
+        print(f"note: {checkpoint_dir} was finetuned with the {style.name!r} prompt style: each prompt is laid out in it "
+              "(--prompt_style none continues the text as it is)", file=sys.stderr)
+    texts = read_prompts_file(prompts_file) if prompts_file is not None else [prompt]
+    formatted = [style.format(text, "") for text in texts] if style is not None else texts
+    tokenizer, prompts = encode_prompts(checkpoint_dir, formatted, max_new_tokens)
     model = load_for_generation(checkpoint_dir, device, dtype, quantize)
-    text, stats = generate_streaming(model, tokenizer, prompt_ids, max_new_tokens, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, compile=compile, echo=prompt)  # the continuation right behind it
+    continuation = style is None  # an answer to an instruction starts afresh; a continuation keeps its joining space
+    with blame_weights(checkpoint_dir):
+        if prompts_file is not None:
+            if compile:
+                print(NOT_COMPILED_IN_BATCHES, file=sys.stderr)
+            answers, stats = generate_batches(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
+                                              temperature=temperature, top_k=top_k, top_p=top_p, continuation=continuation)
+        else:
+            answer, stats = generate_streaming(model, tokenizer, prompts[0], max_new_tokens, temperature=temperature,
+                                               top_k=top_k, top_p=top_p, continuation=continuation, compile=compile,
+                                               echo=prompt if continuation else "")  # the continuation right behind it
+            answers = [answer]
     print(stats, file=sys.stderr)
-    return prompt + text
+    joined = [text + answer for text, answer in zip(texts, answers)] if continuation else answers
+    return joined if prompts_file is not None else joined[0]
 
 
 if __name__ == "__main__":

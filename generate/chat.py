@@ -17,12 +17,12 @@ from typing import List, Optional
 
 import torch
 
-from lit_lora.generate import check_generation_settings
+from lit_lora.generate import NonFiniteLogits, check_generation_settings
 from lit_lora.prompts import LLAMA2_CHAT
 from lit_lora.speed.quantize import QuantizeMode
 from lit_lora.workflows.chat import Chat
 from lit_lora.workflows.cli import run
-from lit_lora.workflows.inference import TextStreamer, apply_adapter_file, encode_prompts, load_for_generation
+from lit_lora.workflows.inference import TextStreamer, apply_adapter_file, blame_weights, encode_prompts, load_for_generation
 
 
 COMMANDS = "/reset starts afresh, /quit leaves"
@@ -59,6 +59,11 @@ def main(
         quantize: keep the linear layers in 4 bits (nf4, nf4-dq) or 8 bits (int8).
     """
     check_generation_settings(max_new_tokens, temperature, top_k, top_p)
+    if sys.stdin is None or sys.stdin.closed:
+        raise ValueError("the chat reads your turns from standard input, which is closed: run it in a terminal or "
+                         "pipe the turns in, one per line")
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused below, not a crash
+        sys.stdin.reconfigure(errors="surrogateescape")
     tokenizer, _ = encode_prompts(checkpoint_dir, [], max_new_tokens)
     model = load_for_generation(checkpoint_dir, device, dtype, quantize)
     weights = apply_adapter_file(model, lora_path, adapter_path)
@@ -74,10 +79,14 @@ def main(
     while True:
         try:
             text = input("You: " if interactive else "").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # end of input, or Ctrl-C at the prompt: leave
+            print(file=sys.stderr)
             break
         if text in ("/quit", "/exit"):
             break
+        if not is_utf8(text):
+            print("note: that line is not UTF-8 text; type it again", file=sys.stderr)
+            continue
         if text == "/reset":
             chat.reset()
             print("(the conversation starts afresh)", file=sys.stderr)
@@ -88,7 +97,13 @@ def main(
         if interactive:
             print("Model: ", end="", flush=True)
         try:
-            turn = chat.respond(text, on_token=streamer)
+            with blame_weights(checkpoint_dir, lora_path, adapter_path):
+                turn = chat.respond(text, on_token=streamer)
+        except KeyboardInterrupt:  # Ctrl-C while answering: this answer stops and is forgotten
+            print("\n(interrupted: that answer is dropped; /quit to leave)", file=sys.stderr)
+            continue
+        except NonFiniteLogits:  # the weights overflow: every turn would, so stop with the files named
+            raise
         except ValueError as problem:  # a tag of the format in the text, or a full context
             print(f"note: {problem}", file=sys.stderr)
             continue
@@ -100,6 +115,15 @@ def main(
             print(f"note: the context is nearly full ({turn.room_left} positions left): /reset to start afresh",
                   file=sys.stderr)
     return answers
+
+
+def is_utf8(text: str) -> bool:
+    """Whether a line read with errors="surrogateescape" was valid UTF-8 (its bad bytes become surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

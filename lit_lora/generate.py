@@ -167,6 +167,7 @@ def generate(model: Llama, prompt_ids: Union[torch.Tensor, Sequence[torch.Tensor
         # Prefill: the prompt (what the cache does not hold yet) in one forward pass fills the cache;
         # only the last position's logits matter, they score the first new token.
         logits = model(tokens[:, start:T], torch.arange(start, T, device=device), left_pad=left_pad)[:, -1]  # (B, V)
+        check_finite_logits(logits)  # once per call, not per token: the decoding loop waits for nothing more
         length = T
         input_pos = torch.tensor([T], device=device)  # where the next token goes; advanced in place
         while length < total:
@@ -190,6 +191,19 @@ def generate(model: Llama, prompt_ids: Union[torch.Tensor, Sequence[torch.Tensor
         return [row[int(pad):length][: own_length(row[int(pad):length], len(ids), eos_id)]
                 for row, pad, ids in zip(tokens, left_pad, prompt_ids)]
     return tokens[:, :length] if prompt_ids.dim() == 2 else tokens[0, :length]
+
+
+class NonFiniteLogits(ValueError):
+    """The model scored the next token with NaN or infinite logits: its weights overflow in this dtype."""
+
+
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """A `NonFiniteLogits` error unless every logit is finite. Weights that are finite in their file can
+    still overflow once multiplied (a huge LoRA update, a large weight in float16): greedy decoding would
+    then print garbage and sampling fail deep inside torch.multinomial."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits("the model's logits are NaN or infinite: its weights overflow when used (in float16, "
+                              "--dtype float32 may help) or are damaged")
 
 
 def own_length(ids: torch.Tensor, prompt_length: int, eos_id: Optional[int]) -> int:

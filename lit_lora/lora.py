@@ -86,7 +86,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -120,7 +120,7 @@ class LoRAConfig:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
-    targets: Tuple[str, ...] = ("q", "v")
+    targets: Union[Tuple[str, ...], str] = ("q", "v")  # one name alone too: --lora.targets all
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
     use_dora: bool = False  # learn each output row's length apart from its direction (lit_lora/dora.py)
     rank_pattern: Dict[str, int] = field(default_factory=dict)  # {module name glob: rank} for some layers

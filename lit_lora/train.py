@@ -40,7 +40,8 @@ from lit_lora.data import (IGNORE_INDEX, BatchSampler, PackedBatchSampler, check
                            load_prepared_split)
 # The loop saves, resumes and plots through lit_lora.files, and takes the faster loss, attention and quantized
 # loading from lit_lora.speed (each call below names the plain formula it stands for).
-from lit_lora.files.checkpoint import TOKENIZER_NAME, CheckpointError, check_keys_and_shapes, load_checkpoint, save_json
+from lit_lora.files.checkpoint import (TOKENIZER_NAME, CheckpointError, check_finite, check_keys_and_shapes, load_checkpoint,
+                                       save_json)
 from lit_lora.files.plots import plot_losses
 from lit_lora.files.run_dir import (CHECKPOINT_DIR_NAME, FINISHED_NAME, claim_out_dir, deferred_signals, find_resume_checkpoints,
                                     remove_path, set_aside)
@@ -273,6 +274,39 @@ def rank_batches(sampler: Sampler, epoch: int, fabric: L.Fabric) -> List[Any]:
     return batches[fabric.global_rank : usable : fabric.world_size]
 
 
+def check_one_step_fits(batches_per_epoch: int, accumulation: int, samples: int, args: TrainArgs, world_size: int) -> None:
+    """A one-line error unless an epoch holds the micro-batches of one optimizer step: the loop ends an
+    epoch at its last whole step, so a step larger than the data would never come.
+
+    Why refuse instead of shrinking the accumulation to fit: the global batch size sets the scale of each
+    update (and, with the learning rate, the recipe); a run that quietly trained with another one would
+    not be the run asked for, nor comparable to one on more data."""
+    if batches_per_epoch >= accumulation:
+        return
+    unit = "packed rows" if args.packing else "samples"
+    per_batch = args.micro_batch_size * world_size
+    fits = batches_per_epoch * per_batch
+    fix = (f"lower --train.global_batch_size to {fits} or less" if fits else
+           f"lower --train.micro_batch_size (and --train.global_batch_size) to {samples // world_size} or less")
+    raise ValueError(f"one optimizer step needs {args.global_batch_size} {unit} (global_batch_size; {accumulation} "
+                     f"micro-batches of {args.micro_batch_size}{f' on {world_size} devices' if world_size > 1 else ''}), "
+                     f"but the {samples} training samples make only {batches_per_epoch} micro-batches per epoch: "
+                     f"{fix}, or prepare more data")
+
+
+def small_data_notes(val_data: List[Dict[str, torch.Tensor]], total_steps: int, args: TrainArgs) -> List[str]:
+    """What a small dataset or a short run quietly changes, said once at the start."""
+    notes = []
+    if not val_data:
+        notes.append("the prepared data has no validation samples: no validation loss or perplexity will be "
+                     "reported (prepare it with --val_size N to hold some records out)")
+    if args.warmup_steps > total_steps:
+        peak = lr_at(total_steps - 1, total_steps, args)
+        notes.append(f"--train.warmup_steps {args.warmup_steps} is more than this run's {total_steps} steps: the "
+                     f"learning rate only reaches {peak:.3g} of {args.learning_rate:g} (lower --train.warmup_steps)")
+    return notes
+
+
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, compiled: bool = False) -> torch.Tensor:
     """Next-token cross entropy: position t predicts token t+1; IGNORE_INDEX labels (prompt, padding) don't count.
 
@@ -336,10 +370,41 @@ class Loop:
         """The resumable checkpoints in out_dir, newest first."""
         return sorted((self.out_dir / CHECKPOINT_DIR_NAME).glob("step-*.ckpt"), reverse=True)
 
-    def diverged(self, what: str, step: int) -> FloatingPointError:
+    def loss_before(self, checkpoint: Path) -> Optional[float]:
+        """The mean training loss of the few steps up to a checkpoint's step (None if unknown)."""
+        step = checkpoint_step(checkpoint)
+        losses = [h["train_loss"] for h in self.progress["history"]
+                  if "train_loss" in h and step - LOSS_WINDOW < h["step"] <= step and math.isfinite(h["train_loss"])]
+        return sum(losses) / len(losses) if losses else None
+
+    def good_checkpoint(self) -> Optional[Path]:
+        """The checkpoint saved before the training loss started to climb: the newest one, unless an older
+        one kept had a clearly lower loss (a run that diverges slowly saves weights that are already drifting)."""
         kept = self.checkpoints()
-        return FloatingPointError(f"{what} at step {step}; training stopped. Last good checkpoint: "
-                                  f"{kept[0] if kept else 'none'}. Lower the learning rate or check the data.")
+        scored = [(loss, checkpoint) for checkpoint in kept if (loss := self.loss_before(checkpoint)) is not None]
+        if not scored:
+            return kept[0] if kept else None
+        lowest, best = min(scored, key=lambda pair: pair[0])
+        newest_loss = self.loss_before(kept[0])
+        return best if newest_loss is not None and newest_loss > CLIMB * lowest else kept[0]
+
+    def diverged(self, what: str, step: int) -> FloatingPointError:
+        kept, good = self.checkpoints(), self.good_checkpoint()
+        where = f"{good if good else 'none'}"
+        if good is not None and kept and good != kept[0]:
+            where += (f" (step {checkpoint_step(good)}, training loss {self.loss_before(good):.4g}; the loss climbed to "
+                      f"{self.loss_before(kept[0]):.4g} by {kept[0].name}: resume from {good.name}, not the newer ones)")
+        return FloatingPointError(f"{what} at step {step}; training stopped. Last good checkpoint: {where}. "
+                                  "Lower the learning rate or check the data.")
+
+
+LOSS_WINDOW = 5  # training steps averaged to score a checkpoint
+CLIMB = 1.25  # an older checkpoint is the good one when the newest one's loss is this much higher
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step of `checkpoints/step-NNNNNN.ckpt`."""
+    return int(checkpoint.name.split("-")[1].split(".")[0])
 
 
 def compiled_if_asked(fabric: L.Fabric, model: Llama, compile_model: bool) -> torch.nn.Module:
@@ -360,13 +425,20 @@ def resume_from(loop: Loop, candidates: List[Path]) -> Path:
         try:
             if checkpoint.is_file():
                 saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-                check_keys_and_shapes(loop.trainable_shapes, saved.get("model", {}), str(checkpoint))
+                try:
+                    check_keys_and_shapes(loop.trainable_shapes, saved.get("model", {}), str(checkpoint))
+                except CheckpointError as error:  # readable, but written by another method or other settings
+                    raise CheckpointError(f"{error} (a checkpoint of another method or other settings: resume it with "
+                                          "the finetune script and settings that wrote it)") from None
+                check_finite(saved.get("model", {}), str(checkpoint))
             state = loop.state()
             loop.fabric.load(checkpoint, state, strict=False, weights_only=True)
+        except CheckpointError:  # it says what the checkpoint is: not a truncated or corrupt file
+            raise
         except (RuntimeError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as error:
             problem = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             message = f"{checkpoint} is not a readable checkpoint (truncated or corrupt?): {problem}"
-            if index + 1 == len(candidates) or isinstance(error, CheckpointError):
+            if index + 1 == len(candidates):
                 raise CheckpointError(message) from None
             if loop.fabric.global_rank == 0:
                 set_aside(checkpoint)
@@ -377,9 +449,11 @@ def resume_from(loop: Loop, candidates: List[Path]) -> Path:
         torch.set_rng_state(loop.progress["rng"])
         loop.fabric.print(f"resumed from {checkpoint} at step {loop.progress['step']}")
         saved_batch, batch = loop.progress.get("batch"), batch_settings(loop)
-        if saved_batch is not None and saved_batch != batch:
-            loop.fabric.print(f"note: this run's batch settings {batch} differ from the checkpoint's {saved_batch}: the "
-                              "data order and the learning-rate schedule continue from a different run")
+        if saved_batch is not None and {"packing": False, **saved_batch} != batch:  # older checkpoints: no packing
+            loop.fabric.print(f"note: this run's batch settings {batch} differ from the checkpoint's {saved_batch}: its "
+                              f"data position (micro-batch {loop.progress['batch_in_epoch']} of epoch "
+                              f"{loop.progress['epoch']}) counts other batches, so part of the epoch is repeated or "
+                              "skipped, and the data order and the learning-rate schedule continue from a different run")
         loop.progress["batch"] = batch
         return checkpoint
     raise FileNotFoundError("--resume: no checkpoint to resume from")
@@ -387,12 +461,13 @@ def resume_from(loop: Loop, candidates: List[Path]) -> Path:
 
 def batch_settings(loop: Loop) -> Dict[str, int]:
     return {"global_batch_size": loop.args.global_batch_size, "micro_batch_size": loop.args.micro_batch_size,
-            "devices": loop.fabric.world_size}
+            "devices": loop.fabric.world_size, "packing": loop.args.packing}
 
 
 def save_resumable(loop: Loop) -> Path:
     """Write `checkpoints/step-NNNNNN.ckpt` (to a temporary name, then renamed), and delete all but this
-    one and the one before it (a full-model checkpoint can be tens of GB). Weights that are not all
+    one, the one before it and, while the training loss climbs, the last one from before it did (a
+    full-model checkpoint can be tens of GB). Weights that are not all
     finite are never saved: every checkpoint is one that training can resume from."""
     finite = torch.tensor(float(all(bool(torch.isfinite(p).all()) for p in loop.model.parameters() if p.requires_grad)))
     if not loop.fabric.all_reduce(finite.to(loop.fabric.device), reduce_op="min"):  # each FSDP rank sees its shard
@@ -412,8 +487,10 @@ def save_resumable(loop: Loop) -> Path:
             raise OSError(f"could not write {path}: {error} (is the disk full?)") from None
         raise
     if loop.fabric.global_rank == 0:
+        good = loop.good_checkpoint()  # kept too: the one to go back to if the loss is climbing
         for old in loop.checkpoints()[2:]:
-            remove_path(old)
+            if old != good:
+                remove_path(old)
     return path
 
 
@@ -528,7 +605,10 @@ def fit(fabric: L.Fabric, model: Llama, train_data: List[Dict[str, torch.Tensor]
         raise ValueError("the training split is empty: prepare more data or lower --val_size")
     accumulation = args.accumulation_steps(fabric.world_size)
     sampler = make_sampler(train_data, args)
+    check_one_step_fits(len(rank_batches(sampler, 0, fabric)), accumulation, len(train_data), args, fabric.world_size)
     total_steps = args.max_steps or args.epochs * max(1, len(rank_batches(sampler, 0, fabric)) // accumulation)
+    for note in small_data_notes(val_data, total_steps, args):
+        fabric.print(f"note: {note}")
 
     with claim_out_dir(fabric, out_dir, resume, overwrite, weights_name, hyperparameters):
         model.activation_checkpointing = args.activation_checkpointing and not isinstance(fabric.strategy, FSDPStrategy)
@@ -558,6 +638,8 @@ def fit(fabric: L.Fabric, model: Llama, train_data: List[Dict[str, torch.Tensor]
                 progress = loop.progress
                 batches = rank_batches(sampler, progress["epoch"], fabric)
                 if progress["batch_in_epoch"] + accumulation > len(batches):  # a partial window ends the epoch
+                    if progress["batch_in_epoch"] == 0:  # an epoch (of packed rows) too short for one step: never loop
+                        check_one_step_fits(len(batches), accumulation, len(train_data), args, fabric.world_size)
                     progress["epoch"], progress["batch_in_epoch"] = progress["epoch"] + 1, 0
                     continue
                 step_start = time.perf_counter()

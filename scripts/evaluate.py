@@ -19,7 +19,7 @@ from lit_lora.evaluation.evaluate import INSTALL_HINT, perplexity_of_prepared, p
 from lit_lora.files.checkpoint import TOKENIZER_NAME, atomic_path, save_json
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.workflows.cli import run
-from lit_lora.workflows.inference import apply_adapter_file, load_for_generation
+from lit_lora.workflows.inference import apply_adapter_file, blame_weights, load_for_generation
 
 
 def main(
@@ -65,8 +65,9 @@ def main(
     scores: Dict[str, float] = {}
     if perplexity is not None:
         perplexity = Path(perplexity)
-        scores["perplexity"] = (perplexity_of_prepared(model, perplexity, batch_size=batch_size) if perplexity.is_dir()
-                                else perplexity_of_text(model, tokenizer, perplexity))
+        with blame_weights(checkpoint_dir, lora_path, adapter_path):
+            scores["perplexity"] = (perplexity_of_prepared(model, perplexity, batch_size=batch_size) if perplexity.is_dir()
+                                    else perplexity_of_text(model, tokenizer, perplexity))
         print(f"perplexity on {perplexity}: {scores['perplexity']:.4f}")
     if tasks:
         results = run_tasks(model, tokenizer, tasks, num_fewshot, limit, batch_size, include_path)
@@ -79,6 +80,7 @@ def main(
                        if isinstance(metrics.get("acc,none"), float)})
     if scores:
         save_json(scores, Path(out_dir) / "scores.json")
+        print(f"wrote {Path(out_dir) / 'scores.json'}")
     return scores
 
 

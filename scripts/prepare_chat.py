@@ -14,7 +14,7 @@ from typing import Literal, Optional
 
 from lit_lora.workflows.cli import run
 from lit_lora.workflows.conversations import prepare_conversation_data
-from lit_lora.workflows.prepare import format_summary, resolve_tokenizer_path
+from lit_lora.workflows.prepare import context_note, format_summary, resolve_tokenizer_path
 
 
 def main(
@@ -43,6 +43,7 @@ def main(
         seed: seeds the train/val split.
         strict: stop at the first unusable conversation instead of skipping and counting it.
     """
+    context_note(checkpoint_dir, max_seq_length)
     config = prepare_conversation_data(
         data_file, destination_path, resolve_tokenizer_path(checkpoint_dir, tokenizer_path), file_format=file_format,
         max_seq_length=max_seq_length, val_split_fraction=val_split_fraction, val_size=val_size, seed=seed,

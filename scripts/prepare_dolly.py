@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from lit_lora.workflows.cli import run
-from lit_lora.workflows.prepare import (DOLLY_FIELDS, DOLLY_URL, download_if_missing, format_summary, prepare_instruction_data,
-                                        resolve_tokenizer_path)
+from lit_lora.workflows.prepare import (DOLLY_FIELDS, DOLLY_URL, context_note, download_if_missing, format_summary,
+                                        prepare_instruction_data, resolve_tokenizer_path)
 
 
 def main(
@@ -49,6 +49,7 @@ def main(
     """
     if data_file is None:
         data_file = download_if_missing(data_url, destination_path / "databricks-dolly-15k.jsonl")
+    context_note(checkpoint_dir, max_seq_length)
     config = prepare_instruction_data(
         data_file, destination_path, resolve_tokenizer_path(checkpoint_dir, tokenizer_path), fields=DOLLY_FIELDS,
         max_seq_length=max_seq_length, val_split_fraction=val_split_fraction, val_size=val_size, seed=seed,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from lit_lora.workflows.cli import run
-from lit_lora.workflows.prepare import Fields, format_summary, prepare_instruction_data, resolve_tokenizer_path
+from lit_lora.workflows.prepare import Fields, context_note, format_summary, prepare_instruction_data, resolve_tokenizer_path
 
 
 def main(
@@ -52,6 +52,7 @@ def main(
             to fit, EOS kept ("truncate_response").
         strict: stop at the first malformed record instead of skipping and counting it.
     """
+    context_note(checkpoint_dir, max_seq_length)
     config = prepare_instruction_data(
         data_file, destination_path, resolve_tokenizer_path(checkpoint_dir, tokenizer_path),
         fields=Fields(instruction=instruction_key, input=input_key, output=output_key), file_format=file_format,

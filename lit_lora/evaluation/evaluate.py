@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from lit_lora.data import IGNORE_INDEX, BatchSampler, collate, load_prepared_split
 from lit_lora.files.utils import PathLike
+from lit_lora.generate import NonFiniteLogits
 from lit_lora.model import Llama
 from lit_lora.tokenizer import Tokenizer
 
@@ -33,6 +34,15 @@ def summed_loss(model: Llama, input_ids: torch.Tensor, labels: torch.Tensor) -> 
     return float(total), int((targets != IGNORE_INDEX).sum())
 
 
+def finite_perplexity(nll: float, count: int) -> float:
+    """exp(mean -log P), or a `NonFiniteLogits` error when the model's scores were NaN or infinite (weights
+    that overflow when used): a perplexity of NaN is no measurement."""
+    if not math.isfinite(nll):
+        raise NonFiniteLogits("the model's logits are NaN or infinite, so there is no perplexity: its weights "
+                              "overflow when used (in float16, --dtype float32 may help) or are damaged")
+    return math.exp(nll / max(count, 1))
+
+
 def perplexity_of_prepared(model: Llama, prepared_dir: PathLike, split: str = "val", batch_size: int = 4) -> float:
     """Perplexity over the learned tokens of a prepared split (the labels training counts)."""
     samples = load_prepared_split(prepared_dir, split, model.config.vocab_size)
@@ -44,7 +54,7 @@ def perplexity_of_prepared(model: Llama, prepared_dir: PathLike, split: str = "v
         batch = collate([samples[i] for i in indices])
         batch_nll, batch_count = summed_loss(model, batch["input_ids"], batch["labels"])
         nll, count = nll + batch_nll, count + batch_count
-    return math.exp(nll / max(count, 1))
+    return finite_perplexity(nll, count)
 
 
 def perplexity_of_text(model: Llama, tokenizer: Tokenizer, path: PathLike) -> float:
@@ -53,7 +63,11 @@ def perplexity_of_text(model: Llama, tokenizer: Tokenizer, path: PathLike) -> fl
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text file not found: {path}")
-    ids = tokenizer.encode(path.read_text(encoding="utf-8"), bos=True)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (bad byte at offset {error.start}): save it as UTF-8") from None
+    ids = tokenizer.encode(text, bos=True)
     if len(ids) < 2:
         raise ValueError(f"{path} holds no text to measure perplexity on")
     nll, count = 0.0, 0
@@ -62,7 +76,7 @@ def perplexity_of_text(model: Llama, tokenizer: Tokenizer, path: PathLike) -> fl
         window = ids[start : start + size][None]  # (1, T): predicts its tokens 1..T-1, each token exactly once
         window_nll, window_count = summed_loss(model, window, window)
         nll, count = nll + window_nll, count + window_count
-    return math.exp(nll / max(count, 1))
+    return finite_perplexity(nll, count)
 
 
 def run_tasks(model: Llama, tokenizer: Tokenizer, tasks: Sequence[str], num_fewshot: Optional[int] = None,

@@ -43,7 +43,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lit_lora.files.checkpoint import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, atomic_path,
-                                       check_keys_and_shapes, load_config, load_json, model_state_shapes, refuse_to_overwrite,
+                                       check_finite, check_keys_and_shapes, load_config, load_json, model_state_shapes, refuse_to_overwrite,
                                        removed_on_failure, save_json)
 from lit_lora.files.hf_names import config_from_hf, config_to_hf, hf_to_lit_name, lit_to_hf_name
 from lit_lora.files.utils import PathLike, inside
@@ -76,7 +76,8 @@ def save_tensors_streaming(path: PathLike, layout: Layout, tensors: Iterable[Tup
         header = {"__metadata__": {...}, name: {"dtype": "BF16", "shape": [..], "data_offsets": [begin, end]}}
 
     Offsets count from the end of the header, so the header can be written before any tensor exists:
-    at most one tensor is in memory at a time. `tensors` must yield exactly the plan, in order.
+    at most one tensor is in memory at a time. `tensors` must yield exactly the plan, in order, and be
+    finite (a NaN or infinite value stops the writing with a `CheckpointError`; no file is left).
     """
     header: Dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -97,6 +98,7 @@ def save_tensors_streaming(path: PathLike, layout: Layout, tensors: Iterable[Tup
             planned = next(plan, None)
             if planned != (name, (tuple(tensor.shape), tensor.dtype)):
                 raise RuntimeError(f"{path}: tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not follow the plan {planned}")
+            check_finite({name: tensor}, f"the checkpoint converted to {path}")  # a converted NaN would look fine until used
             # A byte view of the (contiguous) tensor: written without another copy.
             out.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
             del tensor  # before the next one is made: one tensor in memory, not two

@@ -40,6 +40,11 @@ class Chat:
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, system: Optional[str] = None, max_new_tokens: int = 512,
                  temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None) -> None:
+        if system:  # refused now, not at every turn
+            try:
+                check_dialog([{"role": "system", "content": system}, {"role": "user", "content": "?"}], ends_with="user")
+            except ValueError as problem:
+                raise ValueError(f"the system message cannot be used: {problem}") from None
         self.model, self.tokenizer, self.system = model, tokenizer, system
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.max_new_tokens = max_new_tokens
@@ -65,6 +70,11 @@ class Chat:
         conversation so far and this turn no longer fit the model's context (then `reset()`)."""
         ids = self.prompt_ids(text)
         if len(ids) >= self.block_size:
+            alone = encode_dialog(self.tokenizer, [*self.messages[:1], {"role": "user", "content": text}] if self.system
+                                  else [{"role": "user", "content": text}], check=False)[0]
+            if len(alone) >= self.block_size:  # starting afresh cannot help
+                raise ValueError(f"this message alone takes {len(alone)} of the model's {self.block_size} context "
+                                 "positions (with the system message, if any): shorten it")
             raise ValueError(f"the conversation would take {len(ids)} of the model's {self.block_size} context "
                              "positions: start afresh (/reset)")
         cached = 0

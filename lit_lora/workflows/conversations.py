@@ -4,7 +4,8 @@ train/val files.
 
 Two record shapes are read, from a JSON list or JSON Lines, and give identical samples:
 
-    OpenAI     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    OpenAI     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}  (or content as a
+               list of parts, [{"type": "text", "text": "..."}, ...]: their text, joined)
     ShareGPT   {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}
 
 A usable conversation is an optional system message, then user and assistant turns alternating, ending
@@ -37,12 +38,12 @@ def to_messages(record: Any) -> Messages:
         raise ValueError(f"expected a JSON object, found {type(record).__name__}")
     if isinstance(record.get("messages"), list):
         turns = record["messages"]
-        messages = [{"role": t.get("role"), "content": t.get("content")} if isinstance(t, dict) else {"role": None}
+        messages = [{"role": t.get("role"), "content": text_of(t.get("content"))} if isinstance(t, dict) else {"role": None}
                     for t in turns]
     elif isinstance(record.get("conversations"), list):
         turns = record["conversations"]
-        messages = [{"role": SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
-                    if isinstance(t, dict) else {"role": None} for t in turns]
+        messages = [{"role": SHAREGPT_ROLES.get(t.get("from"), t.get("from")) if isinstance(t.get("from"), str) else None,
+                     "content": t.get("value")} if isinstance(t, dict) else {"role": None} for t in turns]
     else:
         raise ValueError("expected a 'messages' list (OpenAI) or a 'conversations' list (ShareGPT)")
     for message in messages:
@@ -56,16 +57,27 @@ def to_messages(record: Any) -> Messages:
     return messages
 
 
+def text_of(content: Any) -> Any:
+    """OpenAI content as text: a string as it is; a list of parts, the text of its text parts joined (a part
+    of another type, e.g. an image, leaves the message without usable content)."""
+    if not isinstance(content, list):
+        return content
+    texts = [part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None for part in content]
+    return "".join(texts) if texts and all(isinstance(text, str) for text in texts) else None
+
+
 def fit_dialog(tokenizer: Tokenizer, messages: Messages, max_seq_length: int) -> Tuple[Optional[List[int]], Optional[List[bool]], int]:
     """(ids, learned, exchanges dropped) of the longest prefix of whole exchanges within `max_seq_length`;
-    (None, None, all of them) when not even the first exchange fits."""
-    system = 1 if messages[0]["role"] == "system" else 0
-    exchanges = (len(messages) - system) // 2
-    for kept in range(exchanges, 0, -1):
-        ids, learned = encode_dialog(tokenizer, messages[: system + 2 * kept])
-        if len(ids) <= max_seq_length:
-            return ids, learned, exchanges - kept
-    return None, None, exchanges
+    (None, None, all of them) when not even the first exchange fits.
+
+    The dialog is encoded once: each exchange is tokenized on its own (lit_lora/prompts.py), so the ids of a
+    prefix of exchanges are a prefix of the ids, ending where an exchange's learned answer and EOS end."""
+    ids, learned = encode_dialog(tokenizer, messages)
+    ends = [i + 1 for i in range(len(ids)) if learned[i] and (i + 1 == len(ids) or not learned[i + 1])]
+    fitting = [end for end in ends if end <= max_seq_length]
+    if not fitting:
+        return None, None, len(ends)
+    return ids[: fitting[-1]], learned[: fitting[-1]], len(ends) - len(fitting)
 
 
 def prepare_conversation_data(data_file: PathLike, destination_path: PathLike, tokenizer_path: PathLike, *,
@@ -95,8 +107,8 @@ def prepare_conversation_data(data_file: PathLike, destination_path: PathLike, t
             problems.append(f"{where}: {problem}")
             counts["dropped_malformed"] += 1
             continue
-        lengths.append(len(encode_dialog(tokenizer, messages)[0]))
         ids, learned, dropped = fit_dialog(tokenizer, messages, max_seq_length)
+        lengths.append(len(encode_dialog(tokenizer, messages)[0]) if dropped else len(ids))
         if ids is None:
             counts["dropped_too_long"] += 1
             continue

@@ -6,15 +6,17 @@ streaming the text as it is produced, and timing it. The lesson itself is lit_lo
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, TextIO, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple, Union
 
 import torch
 
-from lit_lora.files.checkpoint import TOKENIZER_NAME, check_same_base, load_checkpoint, load_config
+from lit_lora.files.checkpoint import (TOKENIZER_NAME, TRAINING_NAME, WEIGHTS_NAME, check_same_base, load_checkpoint, load_config,
+                                       load_json)
 from lit_lora.files.utils import DTYPES, PathLike, parse_dtype, peak_memory
-from lit_lora.generate import check_prompt_fits, generate
+from lit_lora.generate import NonFiniteLogits, check_prompt_fits, generate
 from lit_lora.lora import is_quantized
 from lit_lora.methods import MethodWeights, apply_weights, get_method, read_weights, take_off
 from lit_lora.model import Llama
@@ -165,6 +167,28 @@ def apply_adapter_file(model: Llama, lora_path: Optional[PathLike] = None, adapt
     return weights
 
 
+@contextmanager
+def blame_weights(checkpoint_dir: PathLike, *adapter_paths: Optional[PathLike]) -> Iterator[None]:
+    """For the block: NaN or infinite logits (`generate.NonFiniteLogits`) become a one-line error that names
+    the weights files the model was loaded from."""
+    try:
+        yield
+    except NonFiniteLogits as error:
+        files = [Path(checkpoint_dir) / WEIGHTS_NAME, *(Path(p) for p in adapter_paths if p is not None)]
+        raise NonFiniteLogits(f"{' + '.join(map(str, files))}: {error}") from None
+
+
+def recorded_prompt_style(checkpoint_dir: PathLike) -> Optional[str]:
+    """The prompt style a merged or fully finetuned checkpoint records in its training.json (None for a
+    base model)."""
+    path = Path(checkpoint_dir) / TRAINING_NAME
+    if not path.is_file():
+        return None
+    training = load_json(path)
+    style = training.get("prompt_style") if isinstance(training, dict) else None
+    return style if isinstance(style, str) else None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Streaming and timing one answer
 # ----------------------------------------------------------------------------------------------------
@@ -256,15 +280,15 @@ def generate_batches(model: Llama, tokenizer: Tokenizer, prompts: Sequence[torch
                      top_p: Optional[float] = None, continuation: bool = False,
                      file: Optional[TextIO] = None) -> Tuple[List[str], str]:
     """Answer many prompts, `batch_size` at a time (`generate` with a list: left padding, each row stopping
-    at its own EOS); every answer is printed to `file` (stdout) under a `### prompt N` line as its batch
-    ends. Prompts of similar length share a batch (less padding); the answers come back in the prompts'
-    order. `continuation`: as in `generate_streaming` (the answer keeps the space joining it to the prompt).
+    at its own EOS); every answer is printed to `file` (stdout) under a `### prompt N` line, in the
+    prompts' order, as soon as it and those before it are done. Prompts of similar length share a batch
+    (less padding); the answers come back in the prompts' order. `continuation`: as in `generate_streaming` (the answer keeps the space joining it to the prompt).
     Returns (the answers, a line of statistics)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: Dict[int, str] = {}
-    start, new_tokens = time.perf_counter(), 0
+    start, new_tokens, printed = time.perf_counter(), 0, 0
     for first in range(0, len(order), batch_size):
         chunk = order[first:first + batch_size]
         outputs = generate(model, [prompts[i] for i in chunk], max_new_tokens, temperature=temperature, top_k=top_k,
@@ -274,7 +298,9 @@ def generate_batches(model: Llama, tokenizer: Tokenizer, prompts: Sequence[torch
             new_tokens += len(new)
             answers[i] = decode_new(tokenizer, new[:-1] if new and new[-1] == tokenizer.eos_id else new,
                                     prompts[i] if continuation else None)
-            print(f"### prompt {i + 1}\n{answers[i]}", file=file or sys.stdout, flush=True)
+        while printed in answers:  # in the file's order: each answer as soon as those before it are printed
+            print(f"### prompt {printed + 1}\n{answers[printed]}", file=file or sys.stdout, flush=True)
+            printed += 1
     seconds = time.perf_counter() - start
     stats = (f"{len(prompts)} prompts in batches of up to {batch_size}: {new_tokens} new tokens in {seconds:.2f} s, "
              f"{new_tokens / seconds:.1f} tokens/s; {peak_memory(model.tok_embeddings.weight.device)}")
@@ -327,16 +353,19 @@ def answer_with_each(checkpoint_dir: PathLike, paths: Sequence[PathLike], method
         if len(paths) > 1:
             print(f"### {path}", flush=True)
         torch.manual_seed(seed)
-        if len(file_prompts) == 1:
-            answer, stats = generate_streaming(model, tokenizer, file_prompts[0], max_new_tokens, temperature=temperature,
-                                               top_k=top_k, top_p=top_p, continuation=False, compile=compile)
-            answers.append(answer)
-        else:
-            if compile:
-                print(NOT_COMPILED_IN_BATCHES, file=sys.stderr)
-            batch_answers, stats = generate_batches(model, tokenizer, file_prompts, max_new_tokens, batch_size=batch_size,
-                                                    temperature=temperature, top_k=top_k, top_p=top_p)
-            answers += batch_answers
+        with blame_weights(checkpoint_dir, path):
+            if len(file_prompts) == 1:
+                answer, stats = generate_streaming(model, tokenizer, file_prompts[0], max_new_tokens,
+                                                   temperature=temperature, top_k=top_k, top_p=top_p, continuation=False,
+                                                   compile=compile)
+                answers.append(answer)
+            else:
+                if compile:
+                    print(NOT_COMPILED_IN_BATCHES, file=sys.stderr)
+                batch_answers, stats = generate_batches(model, tokenizer, file_prompts, max_new_tokens,
+                                                        batch_size=batch_size, temperature=temperature, top_k=top_k,
+                                                        top_p=top_p)
+                answers += batch_answers
         print(stats, file=sys.stderr)
         take_off(model, found)
     return answers

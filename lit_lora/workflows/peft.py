@@ -179,6 +179,11 @@ def load_peft_adapter(peft_dir: Union[str, Path], model_config: Config) -> Tuple
         state[name] = tensor
         modules.append(name.rsplit(".", 1)[0])
     targets = tuple(t for t in LLAMA_TARGETS if any(fnmatchcase(m, LLAMA_TARGETS[t]) for m in modules))
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(adapter_config.get(key) or {}, dict):
+            raise CheckpointError(f"{config_path}: {key} must be a JSON object mapping module name patterns to "
+                                  f"{'ranks' if key == 'rank_pattern' else 'alphas'}, got a JSON "
+                                  f"{type(adapter_config[key]).__name__}")
     rank_pattern, alpha_pattern = {}, {}  # PEFT's patterns resolved to the adapted modules' names
     for module in dict.fromkeys(modules):
         rank_key = _peft_pattern_key(adapter_config.get("rank_pattern") or {}, _hf_module(module))

@@ -13,6 +13,7 @@ prompt and response are tokenized separately.
 """
 
 import json
+import sys
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from lit_lora.data import FORMAT_NAME, FORMAT_VERSION, IGNORE_INDEX, PREPARE_CONFIG_NAME, file_sha256, save_prepared
-from lit_lora.files.checkpoint import atomic_path, removed_on_failure, save_json
+from lit_lora.files.checkpoint import CONFIG_NAME, atomic_path, removed_on_failure, save_json
 from lit_lora.files.utils import PathLike
 from lit_lora.prompts import get_prompt_style
 from lit_lora.tokenizer import Tokenizer
@@ -83,6 +84,24 @@ def resolve_tokenizer_path(checkpoint_dir: PathLike, tokenizer_path: Optional[Pa
     return path
 
 
+def context_note(checkpoint_dir: PathLike, max_seq_length: int) -> Optional[str]:
+    """A note, printed to stderr and returned, when `max_seq_length` is above the context of the model in
+    `checkpoint_dir` (when it holds a model config): finetuning would refuse samples longer than that."""
+    config_path = Path(checkpoint_dir) / CONFIG_NAME
+    if not config_path.is_file():
+        return None
+    try:
+        block_size = json.loads(config_path.read_text()).get("block_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(block_size, int) or max_seq_length <= block_size:
+        return None
+    note = (f"note: --max_seq_length {max_seq_length} is above the context of the model in {checkpoint_dir} "
+            f"({block_size} tokens): finetuning refuses samples longer than that; use --max_seq_length {block_size}")
+    print(note, file=sys.stderr)
+    return note
+
+
 def _json_type(value: Any) -> str:
     names = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
@@ -112,10 +131,20 @@ def _one_multiline_object(text: str) -> bool:
         return False
 
 
+def _one_json_document(text: str) -> bool:
+    """Whether `text` parses as one JSON document (a `.json` file holding it is read as JSON, not JSON Lines)."""
+    try:
+        json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+    return True
+
+
 def _parse_records(path: Path, text: str, file_format: str) -> List[Tuple[str, Any, Optional[str]]]:
     """(where, record, parse error) per record; `where` names it for messages: "record 3" or "line 3"."""
     if file_format == "auto":
-        file_format = "json" if text.lstrip().startswith("[") or _one_multiline_object(text) else "jsonl"
+        file_format = ("json" if text.lstrip().startswith("[") or _one_multiline_object(text)
+                       or (path.suffix.lower() == ".json" and _one_json_document(text)) else "jsonl")
     if file_format == "json":
         try:
             records = json.loads(text)
