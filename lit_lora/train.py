@@ -24,6 +24,7 @@ import math
 import os
 import pickle
 import signal
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -569,6 +570,9 @@ def finish(loop: Loop, metrics: Dict[str, Any], total_steps: int, step_times: Li
         # the first step includes one-off work (compiling with --compile, allocator warm-up): reported apart
         "first_step_seconds": step_times[0] if step_times else None,
         "seconds_per_step": sum(later_steps) / max(1, len(later_steps)),
+        # one step is a noisy sample: the median and the range of all of them rank methods reliably
+        "step_seconds": ({"median": statistics.median(later_steps), "min": min(later_steps), "max": max(later_steps),
+                          "steps": len(later_steps)} if later_steps else None),
         "trainable_parameters": trainable_count, "total_parameters": total_count,
         "peak_memory": peak_memory(loop.fabric.device),
     }

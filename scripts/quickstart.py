@@ -22,8 +22,8 @@ from typing import Any, Dict
 import torch
 
 from lit_lora.adapter import AdapterConfig
-from lit_lora.evaluation.compare import (RunResult, Variant, exact_match, finetune, load_eval_records, load_finetuned,
-                                         plot_update, release_memory, write_report)
+from lit_lora.evaluation.compare import (PEAK_MEMORY_NOTE, STEP_SECONDS_NOTE, RunResult, Variant, exact_match, finetune,
+                                         load_eval_records, load_finetuned, plot_update, release_memory, write_report)
 from lit_lora.evaluation.synthetic import (PRETRAIN_ARGS, TINY_BASE, WEIGHTS_DIR_NAME, WorldConfig, build_world, fingerprint,
                                            pretrain, tokenizer_texts, train_tokenizer, write_world)
 from lit_lora.files.checkpoint import WEIGHTS_NAME, load_checkpoint, load_json, save_json
@@ -140,8 +140,7 @@ def main(
              f"(seed {seed}); learning rate " + ", ".join(f"{rate:g} ({variant.name.split(' ')[0]})"
                                                            for _, variant, rate in CONTESTANTS),
              f"the right answer in the wrong format (e.g. \"15.\" for \"15\"; counted as wrong): {misformatted}",
-             "peak memory: " + ("GPU memory allocated" if device.type == "cuda"
-                                else "resident set size of the whole process (Python and libraries included)"),
+             PEAK_MEMORY_NOTE[device.type == "cuda"], STEP_SECONDS_NOTE,
              f"base model: a {TINY_BASE.n_layer}-layer Llama, n_embd {TINY_BASE.n_embd}, {TINY_BASE.vocab_size}-piece "
              f"tokenizer, pretrained for {pretrain_args.max_steps} steps on the synthetic corpus"]
     print(write_report(results, out_dir, "LoRA vs DoRA vs LLaMA-Adapter on the synthetic world", notes))

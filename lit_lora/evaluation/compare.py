@@ -15,6 +15,7 @@ the same pieces on the synthetic world (lit_lora/evaluation/synthetic.py).
 
 import gc
 import json
+import multiprocessing
 import re
 import resource
 from contextlib import contextmanager
@@ -147,12 +148,60 @@ def parse_variant(spec: str) -> Variant:
                                                      lr_ratio=16.0 if "plus" in options else None)})
 
 
+def _finetune_measured(method: str, arguments: Dict[str, Any], device_type: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """In a fresh process: (the run's metrics, its peak memory over what the process held before it began)."""
+    device = torch.device(device_type)
+    before_gb = (_resident_peak_kb() or 0) / 1e6 if device.type == "cpu" else 0.0  # Python, torch, Lightning
+    with measure_peak_memory(device) as peak:
+        metrics = finetune_method(method, arguments)
+    peak["gb"] = max(0.0, peak["gb"] - before_gb)
+    return metrics, peak
+
+
+def _finetune_in_child(connection: Any, method: str, arguments: Dict[str, Any], device_type: str) -> None:
+    """The child's side: send ("done", (metrics, peak)) or ("error", the exception) back to the parent."""
+    try:
+        connection.send(("done", _finetune_measured(method, arguments, device_type)))
+    except BaseException as error:  # the parent raises it (a one-line error stays one line)
+        try:
+            connection.send(("error", error))
+        except Exception:  # an exception that does not pickle
+            connection.send(("error", RuntimeError(f"{type(error).__name__}: {error}")))
+    finally:
+        connection.close()
+
+
+PEAK_MEMORY_NOTE = ("peak memory: each method trained in a fresh process of its own; the peak resident set size "
+                    "less what that process held before training (Python and libraries)",
+                    "peak memory: GPU memory allocated, each method trained in a fresh process of its own")
+STEP_SECONDS_NOTE = "s / step: the median over the steps after the first, and their range (min-max)"
+
+
 def finetune(variant: Variant, out_dir: PathLike, device: torch.device, **arguments: Any) -> RunResult:
     """Finetune `variant` as its finetune script would, with `arguments` (checkpoint_dir, data_dir, train,
-    overwrite, ...), and measure its peak memory; returns the run's metrics and loss history."""
+    overwrite, ...), and measure its peak memory; returns the run's metrics and loss history.
+
+    The run happens in a child process of its own, so the peak is this method's alone: in one process,
+    every run would report the peak of the largest run before it (CPU memory freed by a run stays with
+    the process, see speed.training.keep_freed_memory_for_reuse). On a CPU it is the child's peak resident
+    memory less what the child held before training (the interpreter and libraries)."""
     out_dir = Path(out_dir)
-    with measure_peak_memory(device) as peak:
-        metrics = finetune_method(variant.method, {"out_dir": out_dir, **variant.settings, **arguments})
+    arguments = {"out_dir": out_dir, **variant.settings, **arguments}
+    context = multiprocessing.get_context("spawn")  # a fresh process, not a copy of this one
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_finetune_in_child, args=(sender, variant.method, arguments, device.type))
+    child.start()
+    sender.close()  # the child holds the only writing end: a child that dies ends the pipe
+    try:
+        kind, value = receiver.recv()
+    except EOFError:
+        kind, value = "error", RuntimeError(f"{variant.name}: the training process died (exit code "
+                                            f"{child.join() or child.exitcode}) before it reported")
+    finally:
+        child.join()
+    if kind == "error":
+        raise value
+    metrics, peak = value
     if not metrics.get("finished"):
         raise RuntimeError(f"{variant.name}: training stopped at step {metrics['steps']} of {metrics['total_steps']}")
     history = json.loads((out_dir / "history.json").read_text())["history"]
@@ -294,6 +343,15 @@ def _size(n_bytes: Optional[int]) -> str:
     return f"{n_bytes} B"
 
 
+def _step_seconds(metrics: Dict[str, Any]) -> str:
+    """The median seconds per step and their range (min-max) over the steps after the first, or the mean
+    where a run recorded only that."""
+    if "step_seconds" not in metrics:
+        return f"{metrics['seconds_per_step']:.3f}"
+    median, low, high = (metrics["step_seconds"][key] for key in ("median", "min", "max"))
+    return f"{median:.3f} ({low:.3f}-{high:.3f})"
+
+
 def comparison_rows(results: Sequence[RunResult]) -> List[Dict[str, str]]:
     """One dict of formatted cells per run (the table's rows, also saved as JSON)."""
     rows = []
@@ -307,7 +365,7 @@ def comparison_rows(results: Sequence[RunResult]) -> List[Dict[str, str]]:
             "% of total": f"{100 * m['trainable_parameters'] / m['total_parameters']:.2f} %" if trained else "0 %",
             "adapter file": _size(result.weights_bytes()) if trained else "-",
             "peak memory": f"{result.peak_memory['gb']:.2f} GB {result.peak_memory['kind']}" if result.peak_memory else "-",
-            "s / step": f"{m['seconds_per_step']:.3f}" if trained else "-",
+            "s / step": _step_seconds(m) if trained else "-",
             "final val loss": f"{m['val_loss']:.4f}" if "val_loss" in m else "-",
             "val perplexity": f"{m['val_ppl']:.2f}" if "val_ppl" in m else "-",
             "accuracy": (f"{100 * accuracy.accuracy:.1f} % ({accuracy.correct}/{accuracy.total})"
@@ -445,6 +503,7 @@ def compare_methods(checkpoint_dir: PathLike, data_dir: PathLike, out_dir: PathL
              "method trained here"]
     notes.append(f"accuracy: exact match on {len(records)} instructions of {eval_file}, greedy decoding"
                  if records is not None else "no --eval_file: compare the final validation loss")
+    notes += [PEAK_MEMORY_NOTE[device.type == "cuda"], STEP_SECONDS_NOTE]
     report = write_report(results, out_dir, f"Finetuning methods compared on {Path(checkpoint_dir).name}", notes)
     plot_loss_curves(results, out_dir / "loss_curves.png")
     for result in results:
