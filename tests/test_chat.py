@@ -249,6 +249,8 @@ def test_generate_refuses_a_cache_that_does_not_fit_and_chat_refuses_a_full_cont
         generate(model, prompt, 5, temperature=0.0, cached=4)  # the cache is too short
     model.clear_kv_cache()
     chat = Chat(model, Tokenizer(tiny_run / "base" / "tokenizer.model"), max_new_tokens=4)
-    with pytest.raises(ValueError, match=r"would take \d+ of the model's 256 context positions: start afresh"):
+    with pytest.raises(ValueError, match=r"this message alone takes \d+ of the model's 256 context positions"):
         chat.respond("word " * 300)
     assert chat.respond("Hello").generated <= 4  # the conversation goes on after a refused turn
+    with pytest.raises(ValueError, match=r"would take \d+ of the model's 256 context positions: start afresh"):
+        chat.respond("word " * 120) and chat.respond("word " * 120)  # fits alone, not after the turn before

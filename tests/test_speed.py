@@ -124,15 +124,18 @@ def test_kernels_without_avx2_build_their_plain_loops_and_agree():
     assert int8_error < 1e-4 and bf16_error < 2 ** -8
 
 
-def test_kernels_that_cannot_be_built_warn_once_and_leave_the_other_paths(monkeypatch):
-    from torch.utils import cpp_extension
+def test_kernels_that_cannot_be_built_say_so_in_one_line_and_leave_the_other_paths(monkeypatch, tmp_path, capsys):
+    import lit_lora.speed.row_kernels as module
 
-    def no_compiler(**kwargs):
-        raise RuntimeError("Error building extension 'lit_lora_row_kernels'\n(pages of compiler output)")
+    def failed_build(name, source, flags):
+        return "RuntimeError: Error building extension 'lit_lora_row_kernels'"  # the child's last line, not pages
 
-    monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    with pytest.warns(UserWarning, match=r"could not be built \(RuntimeError: Error building extension 'lit_lora_row_kernels'\)"):
-        assert row_kernels.__wrapped__() == RowKernels(int8_rows=None, bf16_rows=None)  # uncached: the built ones stay
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing cached there
+    monkeypatch.setattr(module, "build_in_child", failed_build)
+    assert row_kernels.__wrapped__() == RowKernels(int8_rows=None, bf16_rows=None)  # uncached: the built ones stay
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "building the decoding kernels (first use, ~40 s)" and len(err) == 2
+    assert "could not be built (RuntimeError: Error building extension 'lit_lora_row_kernels')" in err[1]
 
 
 def test_one_token_forms_send_a_few_bf16_rows_to_the_kernel_they_are_given():
