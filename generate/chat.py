@@ -7,8 +7,8 @@
 
 Answers stream as they are generated. The conversation's keys and values stay in the KV cache between
 turns, so each turn feeds the model only its new tokens (the count goes to stderr). Type /reset to start
-afresh and /quit (or end the input) to leave; a note warns when the context is nearly full. See
-howto/chat.md.
+afresh and /quit (or end the input, or Ctrl-C at the prompt) to leave; Ctrl-C while it answers drops that
+answer. A note warns when the context is nearly full. See howto/chat.md.
 """
 
 import sys
