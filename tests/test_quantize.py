@@ -496,7 +496,7 @@ def int8_product_reference(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
 
 def int8_kernel():
     if row_kernels().int8_rows is None:
-        pytest.skip("the C++ decoding kernels could not be built here (a warning says why)")
+        pytest.skip("the C++ decoding kernels could not be built here (a line on stderr says why)")
     return row_kernels().int8_rows
 
 
@@ -535,7 +535,7 @@ def test_int8_layer_takes_the_kernel_for_few_rows_and_matrix_products_for_many()
     torch.manual_seed(0)
     layer = Int8Linear.from_weight((torch.randn(96, 64) * 0.02).to(torch.bfloat16))
     if layer.rows_kernel is None:
-        pytest.skip("the int8 kernel could not be built here (a warning says why)")
+        pytest.skip("the int8 kernel could not be built here (a line on stderr says why)")
     few, many = torch.randn(2, 8, 64).to(torch.bfloat16), torch.randn(2, MAX_ROWS, 64).to(torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(layer(few), layer.rows_kernel(few.reshape(16, 64), layer.weight_int8, layer.scale).view(2, 8, 96))

@@ -65,7 +65,7 @@ def bf16_rows_op():
     """The kernel as built here: every build has it (AVX512-BF16 instructions, or the plain loop, which
     `row_kernels()` does not hand out because inductor's loop is as fast)."""
     if row_kernels().int8_rows is None:
-        pytest.skip("the C++ decoding kernels could not be built here (a warning says why)")
+        pytest.skip("the C++ decoding kernels could not be built here (a line on stderr says why)")
     return torch.ops.lit_lora.bf16_rows
 
 
@@ -115,7 +115,7 @@ def test_kernels_without_avx2_build_their_plain_loops_and_agree():
     """ATEN_CPU_CAPABILITY=default: lit_lora/speed/row_kernels.cpp is built without vector instructions, so its
     plain loops run; within float32 rounding (int8, with 16-bit activations) and bf16's (bf16)."""
     if row_kernels().int8_rows is None:
-        pytest.skip("the C++ decoding kernels could not be built here (a warning says why)")
+        pytest.skip("the C++ decoding kernels could not be built here (a line on stderr says why)")
     done = subprocess.run([sys.executable, "-c", PLAIN_KERNELS_CHECK], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], env={**os.environ, "ATEN_CPU_CAPABILITY": "default"},
                           timeout=300)
