@@ -1,7 +1,9 @@
-"""Llama 2 in one file, written to be read top to bottom.
+"""Llama 2 in one file, written to be read top to bottom; Llama 3.x and SmolLM2 are the same model.
 
 Llama 2 (Touvron et al. 2023) is a decoder-only transformer: token embeddings, a stack of
-pre-norm blocks, a final norm and a linear head that scores the next token.
+pre-norm blocks, a final norm and a linear head that scores the next token. Llama 3.1/3.2 and SmolLM2
+differ only by `Config` values: a larger `rope_theta`, `rope_scaling` (see `rope_frequencies`), tied
+embeddings, grouped-query attention. Their tokenizers differ more (lit_lora/tokenizer.py).
 
     idx ─► tok_embeddings ─► [ Block ] x n_layer ─► RMSNorm ─► lm_head ─► logits
 
@@ -34,7 +36,7 @@ import torch.utils.checkpoint
 
 @dataclass
 class Config:
-    """Architecture hyperparameters. Everything a Hugging Face `LlamaConfig` of the Llama 2 family sets."""
+    """Architecture hyperparameters: what a Hugging Face `LlamaConfig` sets for Llama 2, Llama 3.x and SmolLM2."""
 
     name: str = ""
     block_size: int = 4096  # context length: the longest sequence the model is used with
@@ -44,7 +46,8 @@ class Config:
     n_embd: int = 4096
     n_kv_heads: Optional[int] = None  # < n_head means grouped-query attention; None means n_head
     intermediate_size: Optional[int] = None  # SwiGLU hidden size; None derives Meta's default
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE's base: Llama 2 10000, SmolLM2 100000, Llama 3 500000 (longer wavelengths)
+    rope_scaling: Optional[Dict[str, Any]] = None  # Hugging Face's dict: {"rope_type": "linear" | "llama3", ...}
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # lm_head shares the embedding matrix (small models do this)
 
@@ -59,6 +62,9 @@ class Config:
             self.n_kv_heads = self.n_head
         if self.n_head % self.n_kv_heads:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        kind = (self.rope_scaling or {}).get("rope_type", "default")
+        if kind not in ROPE_SCALING_KEYS or not set(ROPE_SCALING_KEYS[kind]) <= set(self.rope_scaling or {}):
+            raise ValueError(f"rope_scaling {self.rope_scaling} is not one of {ROPE_SCALING_KEYS} with its keys")
         if self.intermediate_size is None:
             # Meta's rule: 2/3 of 4 * C (SwiGLU has three matrices instead of two), rounded up to 256.
             self.intermediate_size = 256 * math.ceil(int(2 * 4 * self.n_embd / 3) / 256)
@@ -85,6 +91,12 @@ class Config:
         return cls(**values)
 
 
+ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+LLAMA3 = dict(block_size=131072, vocab_size=128256, n_kv_heads=8, rope_theta=500000.0, rope_scaling=dict(
+    rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192))
+SMOLLM2 = dict(tie_embeddings=True, block_size=8192, vocab_size=49152, rope_theta=100000.0)
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     # Llama 2 (Touvron et al. 2023, Table 1). 70B uses grouped-query attention with 8 key/value heads.
     "7B": dict(n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008),
@@ -96,6 +108,15 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "stories15M": dict(tie_embeddings=True, block_size=256, n_layer=6, n_head=6, n_embd=288, intermediate_size=768),
     "stories42M": dict(tie_embeddings=True, block_size=1024, n_layer=8, n_head=8, n_embd=512, intermediate_size=1376),
     "stories110M": dict(tie_embeddings=True, block_size=1024, n_layer=12, n_head=12, n_embd=768, intermediate_size=2048),
+    # Llama 3.1/3.2 (Meta 2024): a 128,256-token vocabulary, 8 key/value heads, 131,072 positions.
+    "Llama-3.2-1B": dict(LLAMA3, tie_embeddings=True, n_layer=16, n_head=32, n_embd=2048, intermediate_size=8192),
+    "Llama-3.2-3B": dict(LLAMA3, tie_embeddings=True, n_layer=28, n_head=24, n_embd=3072, intermediate_size=8192),
+    "Llama-3.1-8B": dict(LLAMA3, rope_scaling={**LLAMA3["rope_scaling"], "factor": 8.0}, n_layer=32, n_head=32,
+                         n_embd=4096, intermediate_size=14336),
+    # SmolLM2 (Hugging Face 2024): deep and narrow, tied embeddings, a 49,152-token vocabulary.
+    "SmolLM2-135M": dict(SMOLLM2, n_layer=30, n_head=9, n_embd=576, n_kv_heads=3, intermediate_size=1536),
+    "SmolLM2-360M": dict(SMOLLM2, n_layer=32, n_head=15, n_embd=960, n_kv_heads=5, intermediate_size=2560),
+    "SmolLM2-1.7B": dict(SMOLLM2, rope_theta=130000.0, n_layer=24, n_head=32, n_embd=2048, intermediate_size=8192),
     # For tests and CPU experiments: ~4.5M parameters, mostly the Llama 2 sized embedding and head.
     "tiny": dict(block_size=512, n_layer=2, n_head=4, n_embd=64, n_kv_heads=2, intermediate_size=176),
 }
@@ -119,11 +140,35 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_size: int, theta: float, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(head_size: int, theta: float, scaling: Optional[Dict[str, Any]] = None,
+                     device: Optional[torch.device] = None) -> torch.Tensor:
+    """RoPE's frequencies f_i = theta^(-2i / hs), (hs/2,), optionally rescaled for a longer context.
+
+    Feature pair i turns by a full circle every 2 pi / f_i positions (its wavelength). Scaling lowers
+    frequencies so that positions beyond the trained context map onto angles the model has seen:
+      linear (Chen et al. 2023, "position interpolation"): every frequency divided by `factor`.
+      llama3 (Llama 3.1/3.2): only pairs whose wavelength exceeds original_max_position_embeddings /
+        low_freq_factor are divided by `factor`; those shorter than original / high_freq_factor (they
+        tell neighbouring tokens apart) keep theirs; in between, a linear blend of the two.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        cycles_in_context = scaling["original_max_position_embeddings"] / (2 * math.pi / inv_freq)
+        keep = ((cycles_in_context - low) / (high - low)).clamp(0, 1)  # 0: long wavelengths, 1: short ones
+        return (1 - keep) * inv_freq / scaling["factor"] + keep * inv_freq
+    return inv_freq
+
+
+def rope_cos_sin(positions: torch.Tensor, head_size: int, theta: float, dtype: torch.dtype,
+                 scaling: Optional[Dict[str, Any]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding tables (Su et al. 2021, "RoFormer", section 3.4) for `positions`.
 
     RoPE encodes position p by rotating each pair of query/key features by the angle p * f_i, with
-    frequencies f_i = theta^(-2i / hs). The dot product of a rotated query at position m and a
+    frequencies f_i (`rope_frequencies`). The dot product of a rotated query at position m and a
     rotated key at position n then depends only on m - n: attention sees relative positions.
 
     Layout: we pair feature i with feature i + hs/2 ("rotate half", the Hugging Face layout), so HF
@@ -136,7 +181,7 @@ def rope_cos_sin(positions: torch.Tensor, head_size: int, theta: float, dtype: t
     positions: (T,), one position list for every row, or (B, T), each row its own (packed rows, left-padded
     prompts). Returns cos and sin of shape (1, T, hs) or (B, 1, T, hs): broadcastable against (B, n, T, hs).
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, device=positions.device, dtype=torch.float32) / head_size)
+    inv_freq = rope_frequencies(head_size, theta, scaling, positions.device)
     angles = positions.float()[..., None] * inv_freq  # (..., T, hs/2)
     angles = torch.cat((angles, angles), dim=-1).unsqueeze(-3)  # (..., 1, T, hs): feature i and i + hs/2 share an angle
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -335,7 +380,8 @@ class Llama(nn.Module):
             if end > cache.k.size(2) or B > cache.k.size(0):
                 raise ValueError(f"position {end - 1} / batch {B} do not fit the KV cache of shape {tuple(cache.k.shape)}")
             positions, mask = cached_positions_and_mask(input_pos, end, left_pad)
-        cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta, self.tok_embeddings.weight.dtype)
+        cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta, self.tok_embeddings.weight.dtype,
+                                self.config.rope_scaling)
 
         x = self.tok_embeddings(idx)  # (B, T, C)
         for block in self.layers:

@@ -71,9 +71,9 @@ class Chat:
         while cached < min(len(self.cached_ids), len(ids) - 1) and self.cached_ids[cached] == ids[cached]:
             cached += 1  # the longest prefix the KV cache already holds (leaving at least one token to feed)
         output = generate(self.model, torch.tensor(ids), min(self.max_new_tokens, self.block_size - len(ids)),
-                          eos_id=self.tokenizer.eos_id, on_token=on_token, cached=cached, **self.sampling)
+                          eos_id=self.tokenizer.stop_ids, on_token=on_token, cached=cached, **self.sampling)
         new = output[len(ids):].tolist()
         self.cached_ids = output[:-1].tolist()  # the last token sampled was never fed to the model
-        answer = self.tokenizer.decode([t for t in new if t != self.tokenizer.eos_id])
+        answer = self.tokenizer.decode([t for t in new if t not in self.tokenizer.stop_ids])
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         return Turn(answer, len(ids) - cached, len(new), self.block_size - len(output))
