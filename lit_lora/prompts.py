@@ -144,7 +144,7 @@ def check_dialog(messages: Sequence[Dict[str, str]], ends_with: str, tags: Seque
             raise ValueError(f"message {number} ({message['role']}) has no content")
         found = next((tag for tag in tags if tag in content), None)
         if found is not None:
-            raise ValueError(f"message {number} ({message['role']}) contains the format's tag {found}")
+            raise ValueError(f"message {number} ({message['role']}) contains one of the format's tags ({found})")
     turns = roles[1:] if roles[:1] == ["system"] else roles
     expected = ["user", "assistant"] * (len(turns) // 2 + 1)
     if not turns or turns != expected[: len(turns)]:

@@ -91,10 +91,14 @@ class Tokenizer:
             raise ValueError(f"{path.parent}: no eos_token in tokenizer_config.json and no eos_token_id in "
                              "generation_config.json: the model's end of text is unknown")
         self.pad_id = ids.get("pad_token", generation.get("pad_token_id"))
-        if isinstance(settings.get("add_bos_token"), bool):  # written by the model's tokenizer class
-            self.add_bos = settings["add_bos_token"] and self.bos_id is not None
-        else:  # else tokenizer.json's post-processor decides (Llama 3's adds <|begin_of_text|>)
-            self.add_bos = self.bos_id is not None and self.hf.encode("a").ids[:1] == [self.bos_id]
+        # Whether a sequence starts with BOS: tokenizer.json's post-processor decides when it adds special tokens
+        # (Llama 3's adds <|begin_of_text|>), as in transformers; otherwise tokenizer_config.json's add_bos_token
+        # (what llama.cpp's GGUF files and the older Llama tokenizer classes record), by default none.
+        with_specials = self.hf.encode("a").ids
+        if len(with_specials) > len(self.hf.encode("a", add_special_tokens=False).ids):
+            self.add_bos = with_specials[0] == self.bos_id
+        else:
+            self.add_bos = settings.get("add_bos_token") is True and self.bos_id is not None
         end_of_turn = [self.hf.token_to_id(token) for token in END_OF_TURN_TOKENS]
         self.stop_ids = tuple(dict.fromkeys([self.eos_id, *eos_ids, *(i for i in end_of_turn if i is not None)]))
         self.chat_template = _chat_template(path.parent, settings)

@@ -34,15 +34,16 @@ def llama2_tokenizer_path(shared_data: Path) -> Path:
 
 
 def make_hf_llama(n_kv_heads: int = 4, n_head: int = 4, n_layer: int = 3, hidden_size: int = 64,
-                  vocab_size: int = 256, tie: bool = False, seed: int = 0):
+                  vocab_size: int = 256, tie: bool = False, seed: int = 0, **config):
     """A tiny random transformers `LlamaForCausalLM` in float32, with weights large enough that
-    any mistake (a wrong rotary layout, a swapped projection) moves the logits well above 1e-4."""
+    any mistake (a wrong rotary layout, a swapped projection) moves the logits well above 1e-4.
+    `config`: further LlamaConfig settings (rope_parameters, max_position_embeddings, ...)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size + 12,
                          num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv_heads,
-                         max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=tie)
+                         **{"max_position_embeddings": 128, **config}, rms_norm_eps=1e-5, tie_word_embeddings=tie)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
