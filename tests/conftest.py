@@ -184,6 +184,8 @@ TOKENIZER_CORPUS = [
     "def add(a, b):\n    return a + b  # adds two numbers\n\nprint(add(2, 3))",
     "Ünïcödé: naïve café, 日本語のテキスト, emoji 🙂🚀, Ελληνικά, русский текст.",
     "You are a helpful assistant. What is the capital of France? Paris is the capital of France.",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\nName thing number 3.\n\n### Response:Yes. Question 5? Sure?",
 ] * 4
 
 
@@ -209,7 +211,7 @@ def make_hf_tokenizer(directory: Path, family: str = "llama3", add_bos_token=Non
             pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<file_sep>"]
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(TOKENIZER_CORPUS, trainer)
     tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
     ids = {token: tokenizer.token_to_id(token) for token in specials}

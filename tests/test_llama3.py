@@ -266,9 +266,9 @@ def test_smollm2_prepare_finetune_generate_and_chat_stop_at_the_end_of_turn(smol
     (root / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
     script = lambda folder, name: runpy.run_path(str(ROOT / folder / f"{name}.py"))["main"]  # noqa: E731
     script("scripts", "prepare_json")(data_file=root / "alpaca.json", destination_path=root / "alpaca",
-                                      checkpoint_dir=root / "lit", val_size=2, max_seq_length=128)
+                                      checkpoint_dir=root / "lit", val_size=2, max_seq_length=256)
     config = script("scripts", "prepare_chat")(data_file=root / "chat.jsonl", destination_path=root / "chat",
-                                               checkpoint_dir=root / "lit", val_size=2, max_seq_length=128)
+                                               checkpoint_dir=root / "lit", val_size=2, max_seq_length=256)
     tokenizer = Tokenizer(root / "lit")
     im_end = tokenizer.token_to_id("<|im_end|>")
     assert config["prompt_style"] == "chatml"
@@ -278,11 +278,11 @@ def test_smollm2_prepare_finetune_generate_and_chat_stop_at_the_end_of_turn(smol
 
     from lit_lora.train import TrainArgs
 
-    train = TrainArgs(learning_rate=3e-2, global_batch_size=8, micro_batch_size=8, warmup_steps=2, max_steps=40,
+    train = TrainArgs(learning_rate=3e-2, global_batch_size=8, micro_batch_size=8, warmup_steps=2, max_steps=20,
                       eval_interval=1000, eval_iters=1, seed=1, sample_instruction="Hi")
     for data in ("alpaca", "chat"):
         script("finetune", "lora")(checkpoint_dir=root / "lit", data_dir=root / data, out_dir=root / f"lora-{data}",
-                                   lora=LoRAConfig(r=8, alpha=16, dropout=0.0, targets=("q", "k", "v", "o", "mlp", "head")),
+                                   lora=LoRAConfig(r=8, alpha=16, dropout=0.0, targets=("q", "k", "v", "o", "mlp")),
                                    train=train, accelerator="cpu")
     answers = script("generate", "lora")(checkpoint_dir=root / "lit", lora_path=root / "lora-alpaca" / "lit_lora.safetensors",
                                          prompt="Name thing number 3.", temperature=0.0, max_new_tokens=20,
