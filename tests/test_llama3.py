@@ -94,6 +94,17 @@ def test_lora_on_the_switches_equals_peft(switch):
         torch.testing.assert_close(ours_state[hf_to_lit_name(name)], weight, atol=1e-6, rtol=0)
 
 
+def test_compiled_decodings_rotary_tables_follow_the_scaling():
+    """The compiled decoder computes its rotary tables apart from the model: they must scale the same way."""
+    from lit_lora.model import rope_cos_sin
+    from lit_lora.speed.decoding import CompiledDecoding
+
+    config = config_from_hf(make_hf_llama(n_layer=1, **SWITCHES["llama3-rope"]).config.to_dict())
+    cos, sin = CompiledDecoding(Llama(config)).rope_tables(100)
+    expected = rope_cos_sin(torch.arange(100), config.head_size, config.rope_theta, torch.float32, config.rope_scaling)
+    assert torch.equal(cos, expected[0][0]) and torch.equal(sin, expected[1][0])
+
+
 # 2. Presets: the published configs, counted by transformers --------------------------------------------
 
 LLAMA3_SCALING = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
