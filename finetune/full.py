@@ -32,7 +32,7 @@ def main(
     """Finetune all weights; writes a standalone lit-lora checkpoint to `out_dir/final/`.
 
     Args:
-        checkpoint_dir: the base model (lit_model.safetensors, model_config.json, tokenizer.model).
+        checkpoint_dir: the base model (lit_model.safetensors, model_config.json, tokenizer.model or tokenizer.json).
         data_dir: prepared data (scripts/prepare_alpaca.py, prepare_dolly.py or prepare_json.py).
         out_dir: logs, resumable checkpoints, the loss plot and the finetuned checkpoint.
         train: optimisation hyperparameters.

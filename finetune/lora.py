@@ -34,7 +34,7 @@ def main(
     """Finetune a lit-lora checkpoint with LoRA; writes `out_dir/lit_lora.safetensors` (adapter only).
 
     Args:
-        checkpoint_dir: the base model (lit_model.safetensors, model_config.json, tokenizer.model).
+        checkpoint_dir: the base model (lit_model.safetensors, model_config.json, tokenizer.model or tokenizer.json).
         data_dir: prepared data (scripts/prepare_alpaca.py, prepare_dolly.py or prepare_json.py).
         out_dir: logs, resumable checkpoints, the loss plot and the final adapter.
         lora: rank r, alpha (the update is scaled by alpha / r, or alpha / sqrt(r) with use_rslora), dropout,

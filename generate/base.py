@@ -39,7 +39,7 @@ def main(
     """Generate a continuation of `prompt` with a lit-lora checkpoint.
 
     Args:
-        checkpoint_dir: the model (lit_model.safetensors, model_config.json, tokenizer.model).
+        checkpoint_dir: the model (lit_model.safetensors, model_config.json, tokenizer.model or tokenizer.json).
         prompt: the text to continue.
         max_new_tokens: the most tokens to generate (fewer if the model emits EOS or the context ends).
         temperature: 0 is greedy decoding; below 1 sharper, above 1 more random.

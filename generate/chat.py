@@ -1,6 +1,8 @@
-"""Step 5 (conversation): chat with a model in the terminal, turn after turn, in the Llama 2 chat format.
+"""Step 5 (conversation): chat with a model in the terminal, turn after turn, in the model's chat format.
 
     python generate/chat.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-chat-hf
+    python generate/chat.py --checkpoint_dir checkpoints/meta-llama/Llama-3.2-1B-Instruct    # Llama 3's template
+    python generate/chat.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct  # ChatML
     python generate/chat.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf \
         --lora_path out/lora/chat/lit_lora.safetensors --system "You are a concise assistant."
     printf 'Hi!\nTell me more.\n' | python generate/chat.py ...          # scripted: one user turn per line
@@ -18,7 +20,7 @@ from typing import List, Optional
 import torch
 
 from lit_lora.generate import NonFiniteLogits, check_generation_settings
-from lit_lora.prompts import LLAMA2_CHAT
+from lit_lora.prompts import chat_style
 from lit_lora.speed.quantize import QuantizeMode
 from lit_lora.workflows.chat import Chat
 from lit_lora.workflows.cli import run
@@ -48,7 +50,7 @@ def main(
         checkpoint_dir: the model (a chat model, a merged checkpoint, or the base of the adapter).
         lora_path: a LoRA file (finetune/lora.py) to apply, merged into the weights.
         adapter_path: a LLaMA-Adapter file (finetune/adapter.py) to apply.
-        system: a system message, folded into the first user turn as Llama 2 chat models expect.
+        system: a system message (Llama 2 chat folds it into the first user turn).
         max_new_tokens: the longest answer per turn.
         temperature: 0 is greedy decoding; below 1 sharper, above 1 more random.
         top_k: sample only among the k most likely tokens (null: all).
@@ -67,9 +69,10 @@ def main(
     tokenizer, _ = encode_prompts(checkpoint_dir, [], max_new_tokens)
     model = load_for_generation(checkpoint_dir, device, dtype, quantize)
     weights = apply_adapter_file(model, lora_path, adapter_path)
-    if weights is not None and weights.prompt_style not in (None, LLAMA2_CHAT.name):
+    style = chat_style(tokenizer)
+    if weights is not None and weights.prompt_style not in (None, style.name):
         print(f"note: {lora_path or adapter_path} was trained with the {weights.prompt_style!r} prompt style; this "
-              f"chat speaks {LLAMA2_CHAT.name!r}", file=sys.stderr)
+              f"chat speaks {style.name!r}", file=sys.stderr)
     torch.manual_seed(seed)
     chat = Chat(model, tokenizer, system, max_new_tokens, temperature, top_k, top_p)
     interactive = sys.stdin.isatty()

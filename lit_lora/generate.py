@@ -100,7 +100,7 @@ def check_generation_settings(max_new_tokens: int, temperature: float, top_k: Op
 
 @torch.inference_mode()
 def generate(model: Llama, prompt_ids: Union[torch.Tensor, Sequence[torch.Tensor]], max_new_tokens: int, *, temperature: float = 0.8,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Union[int, Sequence[int], None] = None,
              on_token: Optional[Callable[[torch.Tensor], None]] = None,
              generator: Optional[torch.Generator] = None, cache_length: Optional[int] = None,
              cached: Optional[int] = None) -> Union[torch.Tensor, List[torch.Tensor]]:
@@ -115,8 +115,10 @@ def generate(model: Llama, prompt_ids: Union[torch.Tensor, Sequence[torch.Tensor
             [pad pad p p p | n n n EOS ...]    row 0: positions 0 1 2 | 3 4 5 6    (the pads are skipped)
             [p   p   p p p | n n n n   ...]    row 1: positions 0 1 2 3 4 | 5 6 ...
     temperature, top_k, top_p: see `sample_next_token`; temperature=0 is greedy decoding.
-    eos_id: stop once every sequence has produced it. The EOS token is included in the output; in a
-        batch, sequences that finished early are padded with eos_id. None: always max_new_tokens.
+    eos_id: stop once every sequence has produced it, or any of several stop ids (`Tokenizer.stop_ids`:
+        Llama 3 ends a chat answer with <|eot_id|>, a text with <|end_of_text|>). The stop token is included
+        in the output; in a batch, sequences that finished early are padded with the first stop id.
+        None: always max_new_tokens.
     on_token: called after every step with that step's new ids, (B,): streaming, timing.
     generator: a seeded torch.Generator for reproducible sampling (else the global RNG).
     cache_length: positions to allocate in the KV cache; default just enough for this call (prompt +
@@ -153,6 +155,7 @@ def generate(model: Llama, prompt_ids: Union[torch.Tensor, Sequence[torch.Tensor
     tokens = torch.empty(B, total, dtype=torch.long, device=device)  # filled left to right, never reallocated
     tokens[:, :T] = prompt
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    stop_ids = None if eos_id is None else torch.tensor(eos_id, device=device).reshape(-1)  # (n_stop,)
     start = cached or 0
     if cached is None:
         model.set_kv_cache(batch_size=B, max_seq_length=max(total, cache_length or 0), device=device)
@@ -172,9 +175,9 @@ def generate(model: Llama, prompt_ids: Union[torch.Tensor, Sequence[torch.Tensor
         input_pos = torch.tensor([T], device=device)  # where the next token goes; advanced in place
         while length < total:
             next_ids = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
-            if eos_id is not None:
-                next_ids = next_ids.masked_fill(finished, eos_id)  # finished sequences only pad
-                finished |= next_ids == eos_id
+            if stop_ids is not None:
+                next_ids = next_ids.masked_fill(finished, stop_ids[0])  # finished sequences only pad
+                finished |= torch.isin(next_ids, stop_ids)
             tokens[:, length] = next_ids
             length += 1
             if on_token is not None:
@@ -206,10 +209,10 @@ def check_finite_logits(logits: torch.Tensor) -> None:
                               "--dtype float32 may help) or are damaged")
 
 
-def own_length(ids: torch.Tensor, prompt_length: int, eos_id: Optional[int]) -> int:
-    """How many of `ids` (a prompt and its generated ids) belong to this row: up to its first new EOS."""
+def own_length(ids: torch.Tensor, prompt_length: int, eos_id: Union[int, Sequence[int], None]) -> int:
+    """How many of `ids` (a prompt and its generated ids) belong to this row: up to its first new stop id."""
     if eos_id is not None:
-        ends = (ids[prompt_length:] == eos_id).nonzero()
+        ends = torch.isin(ids[prompt_length:], torch.tensor(eos_id, device=ids.device)).nonzero()
         if len(ends):
             return prompt_length + int(ends[0]) + 1
     return len(ids)

@@ -22,9 +22,9 @@ import torch
 from lit_lora.adapter import (AdapterConfig, adapter_state_dict, adapter_state_shapes, add_adapter, load_adapter_state_dict,
                               mark_only_adapter_as_trainable, remove_adapter)
 # Each method says how its file is saved, loaded and merged: the registry calls lit_lora.files for that.
-from lit_lora.files.checkpoint import (TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, MethodFile, check_keys_and_shapes,
+from lit_lora.files.checkpoint import (WEIGHTS_NAME, CheckpointError, MethodFile, check_keys_and_shapes,
                                        check_same_base, load_checkpoint, load_config, read_method_file, refuse_to_overwrite,
-                                       removed_on_failure, save_checkpoint, save_method_file)
+                                       removed_on_failure, save_checkpoint, save_method_file, tokenizer_file)
 from lit_lora.files.utils import PathLike
 from lit_lora.lora import (LLAMA_TARGETS, LoRAConfig, add_lora, load_lora_state_dict, lora_lr_scale, lora_state_dict,
                            lora_state_shapes, mark_only_lora_as_trainable, merge_lora, remove_lora, unmerge_lora)
@@ -270,8 +270,7 @@ def merge_into_checkpoint(checkpoint_dir: PathLike, weights_path: PathLike, outp
     apply_weights(model, weights_path, weights.method)
     weights.method.merge(model)
     weights.method.remove(model)  # the merged weights stay: a plain Llama with the original parameter names
-    tokenizer = checkpoint_dir / TOKENIZER_NAME
     with removed_on_failure(output_dir):  # a failed save (a full disk) leaves no half-made directory
-        save_checkpoint(output_dir, model.state_dict(), model.config, tokenizer if tokenizer.is_file() else None,
+        save_checkpoint(output_dir, model.state_dict(), model.config, tokenizer_file(checkpoint_dir),
                         training=weights.training or None)
     return output_dir, weights

@@ -1,8 +1,9 @@
 """The prompt template, in one place: data preparation, finetuning and generation all format through here.
 
 A prompt style turns an (instruction, input) pair into the text the model reads before it answers.
-Lit-lora ships the Stanford Alpaca template and the Llama 2 chat format ("llama2-chat", which also lays
-out whole conversations: second half of this file); `register_prompt_style` adds others in one process.
+Lit-lora ships the Stanford Alpaca template and three chat formats, which also lay out whole conversations
+(second half of this file): Llama 2's ("llama2-chat"), Llama 3's ("llama3") and ChatML ("chatml", SmolLM2
+and many others); `register_prompt_style` adds others in one process.
 
 How the response joins the prompt (the one rule every part of lit-lora follows):
 
@@ -22,10 +23,14 @@ exactly the first `prompt_length` ids it was trained on.
 What text does the model see? SentencePiece starts every encoded string with a word-boundary marker
 "▁" (a space), so the response's ids read as " " + response: decode(ids) == prompt + " " + response.
 Decoding the generated ids alone drops that leading marker again and gives back the response verbatim.
+Byte-level BPE (Llama 3, SmolLM2; lit_lora/tokenizer.py) adds no marker: decode(ids) == prompt + response.
 """
 
+import json
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from lit_lora.tokenizer import Tokenizer
 
@@ -36,11 +41,15 @@ class PromptStyle:
 
     Both must contain `{instruction}`; `template_with_input` must also contain `{input}`. An empty or
     whitespace-only input selects the template without input, as in Stanford Alpaca's training.
+    A chat format's style also names the special token that ends an answer (`end_of_turn`; None: EOS) and
+    a Jinja chat template for tokenizers that ship none.
     """
 
     name: str
     template: str
     template_with_input: str
+    end_of_turn: Optional[str] = None
+    chat_template: Optional[str] = None
 
     def format(self, instruction: str, input: str = "") -> str:
         """The prompt text for one example; the response follows it (see the module docstring)."""
@@ -122,10 +131,10 @@ LLAMA2_CHAT = register_prompt_style(PromptStyle(
 ))
 
 
-def check_dialog(messages: Sequence[Dict[str, str]], ends_with: str) -> None:
+def check_dialog(messages: Sequence[Dict[str, str]], ends_with: str, tags: Sequence[str] = SPECIAL_TAGS) -> None:
     """A ValueError saying what is wrong unless `messages` is a dialog the format can lay out: an optional
     leading system message, then user and assistant alternating, ending with `ends_with`'s role, every
-    content a non-empty string without the format's tags."""
+    content a non-empty string without the format's `tags` (`dialog_tags(tokenizer)`)."""
     roles = [message.get("role") for message in messages]
     for number, message in enumerate(messages, start=1):
         if message.get("role") not in ROLES:
@@ -133,8 +142,9 @@ def check_dialog(messages: Sequence[Dict[str, str]], ends_with: str) -> None:
         content = message.get("content")
         if not isinstance(content, str) or not content.strip():
             raise ValueError(f"message {number} ({message['role']}) has no content")
-        if any(tag in content for tag in SPECIAL_TAGS):
-            raise ValueError(f"message {number} ({message['role']}) contains one of the format's tags {', '.join(SPECIAL_TAGS)}")
+        found = next((tag for tag in tags if tag in content), None)
+        if found is not None:
+            raise ValueError(f"message {number} ({message['role']}) contains one of the format's tags ({found})")
     turns = roles[1:] if roles[:1] == ["system"] else roles
     expected = ["user", "assistant"] * (len(turns) // 2 + 1)
     if not turns or turns != expected[: len(turns)]:
@@ -151,9 +161,13 @@ def encode_dialog(tokenizer: Tokenizer, messages: Sequence[Dict[str, str]],
     A dialog ending with an assistant message is a training sample: every answer and its EOS are learned.
     One ending with a user message is a prompt for generation: it ends with that turn's "[/INST]", and
     nothing is learned. The system message, if any, is folded into the first user message. `check=False`
-    skips `check_dialog` (a chat whose own model gave an empty answer)."""
+    skips `check_dialog` (a chat whose own model gave an empty answer). A tokenizer with a chat template
+    (Llama 3, ChatML) lays the dialog out with that template instead: `encode_with_template`."""
     if check:
-        check_dialog(messages, ends_with=messages[-1].get("role", "user") if messages else "user")
+        check_dialog(messages, ends_with=messages[-1].get("role", "user") if messages else "user",
+                     tags=dialog_tags(tokenizer))
+    if chat_style(tokenizer) is not LLAMA2_CHAT:
+        return encode_with_template(tokenizer, messages)
     if messages[0]["role"] == "system":
         first = messages[1]
         messages = [{"role": "user", "content": B_SYS + messages[0]["content"] + E_SYS + first["content"]},
@@ -176,3 +190,116 @@ def encode_dialog(tokenizer: Tokenizer, messages: Sequence[Dict[str, str]],
         ids += pair
         learned += [False] * len(question) + [True] * (len(pair) - len(question))
     return ids, learned
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conversations: Llama 3 and ChatML, laid out by the model's own chat template
+# ----------------------------------------------------------------------------------------------------
+#
+# Newer models ship their chat format as a Jinja template in tokenizer_config.json ("chat_template"), and
+# transformers' `apply_chat_template` renders it to text and tokenizes that text in one piece. The two
+# layouts lit-lora knows, one turn each (the special tokens are single ids, never text):
+#
+#   Llama 3   <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>
+#             <|start_header_id|>assistant<|end_header_id|>\n\n{answer}<|eot_id|>
+#   ChatML    <|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n
+#
+# Why render the template itself rather than write each layout by hand? The templates carry details a
+# hand-written copy would have to chase model by model: Llama 3.1's always opens with a system block
+# ("Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n", then the system message), Llama
+# 3.2's puts today's date there, SmolLM2's adds a default system message when the dialog has none. Rendering
+# the checkpoint's template with jinja2's sandbox (as transformers does: no template can run Python code)
+# gives the exact text, and tokenizing it whole gives the exact ids; the tests compare both with
+# `apply_chat_template`. Hand-written here are only the two facts a template does not state: which token
+# ends an answer (`end_of_turn`), and which characters of the text are the answers (found by rendering the
+# dialog up to each answer, see `encode_with_template`), so that the labels learn exactly each answer and
+# its end-of-turn token, not the headers, the user's turns or the newline ChatML puts after <|im_end|>.
+
+_LLAMA3_USER = "<|start_header_id|>user<|end_header_id|>\n\n{instruction}"
+_LLAMA3_ANSWER = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+# Single-turn use (instruction data, generate/*.py): one user turn, then the assistant header. Llama 3.1's
+# template would add its system block in front; these prompts are the plain Llama 3 turn layout.
+LLAMA3 = register_prompt_style(PromptStyle(
+    name="llama3", template=_LLAMA3_USER + _LLAMA3_ANSWER,
+    template_with_input=_LLAMA3_USER + "\n\n{input}" + _LLAMA3_ANSWER, end_of_turn="<|eot_id|>",
+    chat_template=("{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>"
+                   "\n\n{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
+))
+CHATML = register_prompt_style(PromptStyle(
+    name="chatml", template="<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n",
+    template_with_input="<|im_start|>user\n{instruction}\n\n{input}<|im_end|>\n<|im_start|>assistant\n",
+    end_of_turn="<|im_end|>",
+    chat_template=("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+))
+
+
+def chat_style(tokenizer: Tokenizer) -> PromptStyle:
+    """The chat format of a checkpoint, from its tokenizer: the one whose end-of-turn token its chat template
+    uses (or, without a template, its vocabulary holds); Llama 2's for a SentencePiece tokenizer."""
+    if tokenizer.backend == "sentencepiece":
+        return LLAMA2_CHAT
+    for style in (LLAMA3, CHATML):
+        if style.end_of_turn in (tokenizer.chat_template or "") or (
+                tokenizer.chat_template is None and tokenizer.token_to_id(style.end_of_turn) is not None):
+            return style
+    raise ValueError(f"the chat template of {tokenizer.model_path} is neither Llama 3's nor ChatML: lit-lora lays out "
+                     "conversations in those two formats and Llama 2's")
+
+
+def dialog_tags(tokenizer: Tokenizer) -> Tuple[str, ...]:
+    """What no message may contain: the Llama 2 format's tags, or the text of any special token."""
+    return SPECIAL_TAGS if tokenizer.backend == "sentencepiece" else tokenizer.special_tags
+
+
+@lru_cache(maxsize=8)
+def _compiled_template(template: str) -> Any:
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(f"the chat template refuses the dialog: {message}")
+
+    # The settings transformers renders chat templates with, so that the whitespace comes out the same.
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    environment.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    environment.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return environment.from_string(template)
+    except TemplateError as error:
+        raise ValueError(f"the chat template is not valid Jinja ({error})") from None
+
+
+def render_chat(tokenizer: Tokenizer, messages: Sequence[Dict[str, str]], add_generation_prompt: bool) -> str:
+    """The text the model's chat template makes of `messages` (with the assistant header after them when
+    `add_generation_prompt`), as transformers' `apply_chat_template(..., tokenize=False)`."""
+    template = tokenizer.chat_template or chat_style(tokenizer).chat_template
+    return _compiled_template(template).render(messages=[dict(m) for m in messages],
+                                               add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens)
+
+
+def encode_with_template(tokenizer: Tokenizer, messages: Sequence[Dict[str, str]]) -> Tuple[List[int], List[bool]]:
+    """`encode_dialog` for a model with a chat template: the ids of the rendered dialog (tokenized whole,
+    as `apply_chat_template(tokenize=True)`), and which of them are learned: every answer and its
+    end-of-turn token. A dialog ending with a user message gets the assistant header after it."""
+    open_prompt = messages[-1]["role"] == "user"
+    text = render_chat(tokenizer, messages, add_generation_prompt=open_prompt)
+    end_of_turn = chat_style(tokenizer).end_of_turn
+    answers = []  # (first, last + 1) character of each answer and its end-of-turn token in `text`
+    for position, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:position], add_generation_prompt=True)  # ends with the header
+        through = render_chat(tokenizer, messages[: position + 1], add_generation_prompt=False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise ValueError("the chat template does not lay a dialog out as its earlier turns followed by the new one")
+        end = through.find(end_of_turn, len(before))
+        answers.append((len(before), len(through) if end < 0 else end + len(end_of_turn)))
+    encoding = tokenizer.hf.encode(text, add_special_tokens=False)
+    learned = []
+    for start, stop in encoding.offsets:  # characters of the text each token covers
+        if any(start < edge < stop for span in answers for edge in span):
+            raise ValueError("a token of the rendered dialog straddles the start or end of an answer")
+        learned.append(any(first <= start and stop <= last for first, last in answers))
+    return encoding.ids, learned

@@ -41,8 +41,7 @@ from lit_lora.data import (IGNORE_INDEX, BatchSampler, PackedBatchSampler, check
                            load_prepared_split)
 # The loop saves, resumes and plots through lit_lora.files, and takes the faster loss, attention and quantized
 # loading from lit_lora.speed (each call below names the plain formula it stands for).
-from lit_lora.files.checkpoint import (TOKENIZER_NAME, CheckpointError, check_finite, check_keys_and_shapes, load_checkpoint,
-                                       save_json)
+from lit_lora.files.checkpoint import CheckpointError, check_finite, check_keys_and_shapes, load_checkpoint, save_json
 from lit_lora.files.plots import plot_losses
 from lit_lora.files.run_dir import (CHECKPOINT_DIR_NAME, FINISHED_NAME, claim_out_dir, deferred_signals, find_resume_checkpoints,
                                     remove_path, set_aside)
@@ -218,7 +217,7 @@ def start_run(settings: RunSettings) -> Run:
         model = load_checkpoint_quantized(settings.checkpoint_dir, mode=settings.quantize, dtype=dtype,
                                           device=fabric.device)
     data_dir = Path(settings.data_dir)
-    tokenizer = Tokenizer(Path(settings.checkpoint_dir) / TOKENIZER_NAME)
+    tokenizer = Tokenizer(settings.checkpoint_dir)
     check_same_tokenizer(data_dir, tokenizer.model_path)
     prepared = load_prepare_config(data_dir)
     train_data = load_prepared_split(data_dir, "train", model.config.vocab_size)
@@ -239,7 +238,7 @@ def answer_sampler(tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 48) 
         was_training = model.training
         model.eval()
         output = generate(model, prompt_ids.to(model.tok_embeddings.weight.device), max_new_tokens,
-                          temperature=0.0, eos_id=tokenizer.eos_id)
+                          temperature=0.0, eos_id=tokenizer.stop_ids)
         model.train(was_training)
         return tokenizer.decode(output[len(prompt_ids):])
 

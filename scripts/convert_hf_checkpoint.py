@@ -1,9 +1,11 @@
 """Step 2 (Hugging Face format): turn a downloaded Hugging Face Llama checkpoint into a lit-lora one.
 
     python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
+    python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/meta-llama/Llama-3.2-1B
+    python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M
 
 writes `lit_model.safetensors` and `model_config.json` beside the Hugging Face files (or into
---output_dir), one tensor at a time: converting 7B needs about one model's worth of RAM, or less.
+--output_dir) with copies of the tokenizer files, one tensor at a time: converting 7B needs about one model's worth of RAM, or less.
 """
 
 from pathlib import Path

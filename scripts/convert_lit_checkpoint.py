@@ -2,7 +2,8 @@
 
     python scripts/convert_lit_checkpoint.py --checkpoint_dir checkpoints/merged --output_dir checkpoints/merged-hf
 
-writes `config.json`, `model.safetensors` and `tokenizer.model`; then
+writes `config.json` (with Llama 3's RoPE scaling when the model has it), `model.safetensors` and the
+tokenizer files (`tokenizer.model`, or `tokenizer.json` and its side files); then
 `transformers.LlamaForCausalLM.from_pretrained("checkpoints/merged-hf")` loads it. Every tensor is
 copied bit for bit, so Hugging Face -> lit-lora -> Hugging Face gives back the original weights.
 """

@@ -1,10 +1,13 @@
-"""Step 1: download a Llama-2-architecture checkpoint from the Hugging Face Hub.
+"""Step 1: download a Llama-architecture checkpoint from the Hugging Face Hub.
 
     python scripts/download.py --repo_id meta-llama/Llama-2-7b-hf --access_token hf_...   # gated: see howto
+    python scripts/download.py --repo_id meta-llama/Llama-3.2-1B --access_token hf_...    # gated, 2.5 GB
+    python scripts/download.py --repo_id HuggingFaceTB/SmolLM2-135M-Instruct              # public, 0.27 GB
     python scripts/download.py --repo_id TinyLlama/TinyLlama-1.1B-Chat-v1.0                # public, 2.2 GB
 
 The repository's file list decides what to fetch: the weights as safetensors when the repository has
-them, otherwise as PyTorch .bin files (or Meta's consolidated.NN.pth), plus config and tokenizer files.
+them, otherwise as PyTorch .bin files (or Meta's consolidated.NN.pth), plus config and tokenizer files
+(tokenizer.model, or tokenizer.json with tokenizer_config.json, generation_config.json and the chat template).
 Files land in <checkpoint_dir>/<repo_id>; an interrupted download resumes where it stopped.
 """
 
@@ -20,7 +23,7 @@ from lit_lora.workflows.cli import run
 
 
 SIDE_FILES = ("config.json", "generation_config.json", "params.json", "tokenizer.model", "tokenizer.json",
-              "tokenizer_config.json", "special_tokens_map.json")
+              "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 # Each weight format: (file name pattern, the script that converts it).
 WEIGHT_FORMATS = (
     (r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json", "convert_hf_checkpoint.py"),
@@ -66,10 +69,11 @@ def explain_hub_error(error: Exception, repo_id: str, token_given: bool) -> str:
 
 
 def main(repo_id: str, access_token: Optional[str] = None, checkpoint_dir: Path = Path("checkpoints")) -> Path:
-    """Download the weights, config and tokenizer of a Llama-2-architecture model from the Hugging Face Hub.
+    """Download the weights, config and tokenizer of a Llama-architecture model from the Hugging Face Hub.
 
     Args:
-        repo_id: the repository, e.g. meta-llama/Llama-2-7b-hf or TinyLlama/TinyLlama-1.1B-Chat-v1.0.
+        repo_id: the repository, e.g. meta-llama/Llama-2-7b-hf, meta-llama/Llama-3.2-1B or
+            HuggingFaceTB/SmolLM2-135M.
         access_token: a Hugging Face read token, needed for gated repositories such as Meta's Llama 2
             (after accepting the license on the model page). Defaults to HF_TOKEN or a saved login.
         checkpoint_dir: the files go to checkpoint_dir/repo_id.

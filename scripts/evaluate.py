@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from lit_lora.evaluation.evaluate import INSTALL_HINT, perplexity_of_prepared, perplexity_of_text, results_table, run_tasks
-from lit_lora.files.checkpoint import TOKENIZER_NAME, atomic_path, save_json
+from lit_lora.files.checkpoint import atomic_path, save_json
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.workflows.cli import run
 from lit_lora.workflows.inference import apply_adapter_file, blame_weights, load_for_generation
@@ -59,7 +59,7 @@ def main(
         raise ValueError("nothing to evaluate: give --tasks and/or --perplexity")
     if tasks and importlib.util.find_spec("lm_eval") is None:  # before loading a model for nothing
         raise ValueError(INSTALL_HINT)
-    tokenizer = Tokenizer(Path(checkpoint_dir) / TOKENIZER_NAME)
+    tokenizer = Tokenizer(checkpoint_dir)
     model = load_for_generation(checkpoint_dir, device, dtype)
     apply_adapter_file(model, lora_path, adapter_path, merge)
     scores: Dict[str, float] = {}

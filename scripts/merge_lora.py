@@ -9,7 +9,7 @@ result runs at exactly the base model's speed and loads like any other checkpoin
 
 from pathlib import Path
 
-from lit_lora.files.checkpoint import TOKENIZER_NAME
+from lit_lora.files.checkpoint import tokenizer_file
 from lit_lora.methods import merge_into_checkpoint
 from lit_lora.workflows.cli import run
 
@@ -25,9 +25,9 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, overwrite: boo
         overwrite: replace an earlier result at the output (refused otherwise).
     """
     output_dir, weights = merge_into_checkpoint(checkpoint_dir, lora_path, output_dir, overwrite)
-    copied = (Path(checkpoint_dir) / TOKENIZER_NAME).is_file()
+    copied = tokenizer_file(checkpoint_dir) is not None
     print(f"merged {weights.config} into the base; saved {output_dir}"
-          + ("" if copied else f" (no {TOKENIZER_NAME} in {checkpoint_dir} to copy)"))
+          + ("" if copied else f" (no tokenizer.model or tokenizer.json in {checkpoint_dir} to copy)"))
     return output_dir
 
 if __name__ == "__main__":

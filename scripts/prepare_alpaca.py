@@ -33,8 +33,8 @@ def main(
     Args:
         destination_path: where train.safetensors, val.safetensors and prepare_config.json are written
             (and the downloaded alpaca_data.json, unless --data_file is given).
-        checkpoint_dir: the model checkpoint whose tokenizer.model tokenizes the data.
-        tokenizer_path: a tokenizer.model to use instead of the checkpoint's.
+        checkpoint_dir: the model checkpoint whose tokenizer.model or tokenizer.json tokenizes the data.
+        tokenizer_path: a tokenizer.model or tokenizer.json to use instead of the checkpoint's.
         data_file: a local copy of alpaca_data.json; without it the file is downloaded from `data_url`.
         data_url: where to download Alpaca from.
         max_seq_length: the longest sample in tokens (BOS + prompt + response + EOS).

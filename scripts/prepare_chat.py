@@ -1,11 +1,16 @@
-"""Step 3 (conversations): prepare multi-turn chat data in the Llama 2 chat format for finetuning.
+"""Step 3 (conversations): prepare multi-turn chat data in the model's chat format for finetuning.
 
     python scripts/prepare_chat.py --data_file conversations.jsonl --destination_path data/chat \
         --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
+    python scripts/prepare_chat.py --data_file conversations.jsonl --destination_path data/chat-smollm2 \
+        --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+
+The checkpoint's tokenizer chooses the format: Llama 2's [INST] layout for a tokenizer.model, the chat
+template in tokenizer_config.json (Llama 3's or ChatML) for a tokenizer.json.
 
 Reads OpenAI-style {"messages": [{"role", "content"}, ...]} or ShareGPT-style
 {"conversations": [{"from", "value"}, ...]} records (a JSON list or JSON Lines). The loss covers every
-answer and the EOS closing it; long conversations keep their longest prefix of whole exchanges that
+answer and the EOS or end-of-turn token closing it; long conversations keep their longest prefix of whole exchanges that
 fits. See howto/chat.md.
 """
 
@@ -34,8 +39,8 @@ def main(
     Args:
         data_file: a JSON list of conversation records, or one record per line (JSON Lines).
         destination_path: where train.safetensors, val.safetensors and prepare_config.json are written.
-        checkpoint_dir: the model checkpoint whose tokenizer.model tokenizes the data.
-        tokenizer_path: a tokenizer.model to use instead of the checkpoint's.
+        checkpoint_dir: the model checkpoint whose tokenizer (tokenizer.model or tokenizer.json) lays out the data.
+        tokenizer_path: a tokenizer.model or tokenizer.json to use instead of the checkpoint's.
         file_format: "json" (a list), "jsonl" (a record per line), or "auto".
         max_seq_length: the longest sample in tokens; longer conversations keep their first exchanges.
         val_split_fraction: the fraction of records held out for validation.

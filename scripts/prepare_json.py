@@ -36,8 +36,8 @@ def main(
     Args:
         data_file: a JSON list of records, or one JSON record per line (JSON Lines).
         destination_path: where train.safetensors, val.safetensors and prepare_config.json are written.
-        checkpoint_dir: the model checkpoint whose tokenizer.model tokenizes the data.
-        tokenizer_path: a tokenizer.model to use instead of the checkpoint's.
+        checkpoint_dir: the model checkpoint whose tokenizer.model or tokenizer.json tokenizes the data.
+        tokenizer_path: a tokenizer.model or tokenizer.json to use instead of the checkpoint's.
         file_format: "json" (a list), "jsonl" (a record per line), or "auto" (a list if the file starts with "[").
         instruction_key: the record field holding the instruction (required, a non-empty string).
         input_key: the record field holding the optional input/context (may be missing, null or empty).

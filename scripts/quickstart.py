@@ -104,7 +104,7 @@ def main(
         print(f"trained a {TINY_BASE.vocab_size}-piece BPE tokenizer: {tokenizer_path}")
         pretrained = pretrain(base_dir, world.corpus, tokenizer_path, TINY_BASE, pretrain_args, accelerator=accelerator)
         save_json({"settings": settings, "val_loss": pretrained["val_loss"]}, stamp)
-    tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
+    tokenizer = Tokenizer(checkpoint_dir)
 
     banner(3, "the instructions prepared like Alpaca (lit_lora.workflows.prepare.prepare_instruction_data)")
     data_dir = out_dir / "data"
@@ -162,7 +162,7 @@ def main(
                               max_new_tokens=16, device=device.type, dtype="float32")[0]
     merged = load_checkpoint(merged_dir, device=device).eval()
     prompt_ids = tokenizer.encode(style.format(question.instruction), bos=True)
-    merged_ids = generate(merged, prompt_ids, 16, temperature=0.0, eos_id=tokenizer.eos_id)[len(prompt_ids):]
+    merged_ids = generate(merged, prompt_ids, 16, temperature=0.0, eos_id=tokenizer.stop_ids)[len(prompt_ids):]
     merged_answer = tokenizer.decode(merged_ids.tolist())
     print(f"the merged checkpoint {merged_dir} answers {merged_answer!r}: "
           f"{'the same' if merged_answer.strip() == answer.strip() else 'NOT the same'} as the base with the LoRA file")

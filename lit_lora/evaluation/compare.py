@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from lit_lora.data import load_prepare_config
-from lit_lora.files.checkpoint import TOKENIZER_NAME, TRAINING_NAME, atomic_path, load_checkpoint, load_json, save_json
+from lit_lora.files.checkpoint import TRAINING_NAME, atomic_path, load_checkpoint, load_json, save_json
 from lit_lora.files.plots import plot_loss_curves, plot_update_heatmap
 from lit_lora.files.run_dir import FINISHED_NAME
 from lit_lora.files.utils import PathLike
@@ -314,9 +314,10 @@ def exact_match(model: Llama, tokenizer: Tokenizer, style: PromptStyle, records:
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
             batch = torch.stack([prompts[i] for i in chunk]).to(device)  # (B, T)
-            output = generate(model, batch, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id)
+            output = generate(model, batch, max_new_tokens, temperature=0.0, eos_id=tokenizer.stop_ids)
             for row, index in zip(output[:, length:].tolist(), chunk):
-                new = row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
+                ends = [position for position, token in enumerate(row) if token in tokenizer.stop_ids]
+                new = row[: ends[0]] if ends else row
                 predictions[index] = tokenizer.decode(new)
     rows, per_task = [], {}
     for record, prediction in zip(records, predictions):
@@ -478,7 +479,7 @@ def compare_methods(checkpoint_dir: PathLike, data_dir: PathLike, out_dir: PathL
     results += finished
 
     if records is not None or tasks:
-        tokenizer = Tokenizer(Path(checkpoint_dir) / TOKENIZER_NAME)
+        tokenizer = Tokenizer(checkpoint_dir)
         data_style = load_prepare_config(data_dir)["prompt_style"]
         results.insert(0, RunResult("base model (no finetuning)", "base"))
         for result in results:

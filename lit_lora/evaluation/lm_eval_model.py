@@ -40,7 +40,8 @@ class LitLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        return self.tokenizer_.bos_id  # what an empty context, or a rolling window, starts with
+        # What an empty context, or a rolling window, starts with: BOS, or EOS for a model without one (SmolLM2).
+        return self.tokenizer_.bos_id if self.tokenizer_.add_bos else self.tokenizer_.eos_id
 
     @property
     def max_length(self) -> int:
@@ -97,7 +98,7 @@ class LitLM(TemplateLM):
             temperature = float(settings.get("temperature", 1.0)) if settings.get("do_sample") else 0.0
             prompt = self.tok_encode(context)[-max(1, self.max_length - max_new):]  # room for the answer, as HFLM
             output = generate(self.model, torch.tensor(prompt), max_new, temperature=temperature,
-                              eos_id=self.eot_token_id)
+                              eos_id=self.tokenizer_.stop_ids)
             text = self.tok_decode(output[len(prompt):].tolist())
             for stop in until:
                 text = text.split(stop)[0] if stop else text

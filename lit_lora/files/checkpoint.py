@@ -5,7 +5,8 @@ A lit-lora model checkpoint is a directory:
     checkpoint_dir/
         lit_model.safetensors   the weights (safetensors: no pickle, memory-mapped when read)
         model_config.json       every `Config` field: the model is rebuilt from this, nothing retyped
-        tokenizer.model         the SentencePiece model, when the source had one
+        tokenizer.model         the SentencePiece model, when the source had one, or
+        tokenizer.json, ...     the Hugging Face tokenizer files (TOKENIZER_FILES), when it had those
         training.json           for a fully finetuned model: the prompt style it learned, its max sequence length
 
 A method's weights file (a LoRA or LLaMA-Adapter adapter) is one small `.safetensors` file holding
@@ -41,6 +42,11 @@ from lit_lora.model import Config, Llama
 WEIGHTS_NAME = "lit_model.safetensors"
 CONFIG_NAME = "model_config.json"
 TOKENIZER_NAME = "tokenizer.model"
+HF_TOKENIZER_NAME = "tokenizer.json"
+# Everything that describes a tokenizer: SentencePiece's one file, or Hugging Face's tokenizer.json and the
+# side files that name its special tokens, the chat template and the ids that end a generation.
+TOKENIZER_FILES = (TOKENIZER_NAME, HF_TOKENIZER_NAME, "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
 TRAINING_NAME = "training.json"  # a finetuned checkpoint's prompt style and maximum sequence length
 
 
@@ -151,6 +157,29 @@ def model_state_shapes(model: torch.nn.Module) -> Dict[str, torch.Size]:
     return shapes
 
 
+def tokenizer_file(directory: PathLike) -> Optional[Path]:
+    """The tokenizer a directory holds: its tokenizer.model, else its tokenizer.json, else None."""
+    for name in (TOKENIZER_NAME, HF_TOKENIZER_NAME):
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
+
+
+def copy_tokenizer_files(tokenizer_path: PathLike, destination_dir: PathLike) -> None:
+    """Copy a tokenizer file (as tokenizer.model or tokenizer.json) and, for a Hugging Face one, the other
+    TOKENIZER_FILES beside it into `destination_dir`, each atomically."""
+    tokenizer_path = Path(tokenizer_path)
+    huggingface = tokenizer_path.suffix == ".json"
+    copies = {tokenizer_path: HF_TOKENIZER_NAME if huggingface else TOKENIZER_NAME}
+    if huggingface:
+        copies.update({tokenizer_path.parent / name: name for name in TOKENIZER_FILES[2:]})
+    for source, name in copies.items():
+        destination = Path(destination_dir) / name
+        if source.is_file() and source.resolve() != destination.resolve():
+            with atomic_path(destination) as tmp:
+                shutil.copyfile(source, tmp)
+
+
 def save_checkpoint(checkpoint_dir: PathLike, state: Mapping[str, torch.Tensor], config: Config,
                     tokenizer_path: Optional[PathLike] = None, training: Optional[Dict[str, Any]] = None) -> Path:
     """Write a lit-lora checkpoint directory (weights, config and optionally the tokenizer, and for a
@@ -164,9 +193,8 @@ def save_checkpoint(checkpoint_dir: PathLike, state: Mapping[str, torch.Tensor],
     save_json(config.to_dict(), checkpoint_dir / CONFIG_NAME)
     if training is not None:
         save_json(training, checkpoint_dir / TRAINING_NAME)
-    if tokenizer_path is not None and Path(tokenizer_path).resolve() != (checkpoint_dir / TOKENIZER_NAME).resolve():
-        with atomic_path(checkpoint_dir / TOKENIZER_NAME) as tmp:
-            tmp.write_bytes(Path(tokenizer_path).read_bytes())
+    if tokenizer_path is not None:
+        copy_tokenizer_files(tokenizer_path, checkpoint_dir)
     return checkpoint_dir
 
 

@@ -31,7 +31,6 @@ import json
 import math
 import pickle
 import re
-import shutil
 import struct
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -43,8 +42,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lit_lora.files.checkpoint import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, atomic_path,
-                                       check_finite, check_keys_and_shapes, load_config, load_json, model_state_shapes, refuse_to_overwrite,
-                                       removed_on_failure, save_json)
+                                       check_finite, check_keys_and_shapes, copy_tokenizer_files, load_config, load_json,
+                                       model_state_shapes, refuse_to_overwrite, removed_on_failure, save_json, tokenizer_file)
 from lit_lora.files.hf_names import config_from_hf, config_to_hf, hf_to_lit_name, lit_to_hf_name
 from lit_lora.files.utils import PathLike, inside
 from lit_lora.model import Config, Llama
@@ -188,13 +187,6 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _copy_file(source: Path, destination: Path) -> None:
-    if source.resolve() == destination.resolve():
-        return
-    with atomic_path(destination) as tmp:
-        shutil.copyfile(source, tmp)
-
-
 def _check_plan(config: Config, layout: Layout, source: str, config_path: Path) -> None:
     """Every key and shape the planned checkpoint holds, against the model `config` describes."""
     with torch.device("meta"):  # shapes only: no memory, no random init
@@ -214,7 +206,7 @@ def _write_lit_checkpoint(output_dir: Path, config: Config, layout: Layout,
         save_tensors_streaming(output_dir / WEIGHTS_NAME, layout, tensors, metadata={"format": "pt"})
         save_json(config.to_dict(), output_dir / CONFIG_NAME)
         if tokenizer is not None:
-            _copy_file(tokenizer, output_dir / TOKENIZER_NAME)
+            copy_tokenizer_files(tokenizer, output_dir)
     return output_dir
 
 
@@ -257,7 +249,7 @@ def load_hf_config(checkpoint_dir: PathLike) -> Config:
     except KeyError as error:
         raise CheckpointError(f"{path}: missing field {error} of a Llama config") from None
     except (TypeError, ValueError, AttributeError) as error:
-        raise CheckpointError(f"{path}: not a supported Llama 2 config ({error})") from None
+        raise CheckpointError(f"{path}: not a supported Llama config ({error})") from None
     return config if config.name else replace(config, name=Path(checkpoint_dir).resolve().name)
 
 
@@ -280,7 +272,7 @@ def convert_hf_checkpoint(checkpoint_dir: PathLike, output_dir: Optional[PathLik
             try:
                 name = hf_to_lit_name(key)
             except KeyError:
-                raise CheckpointError(f"{file}: unexpected tensor {key!r} (not part of a Llama 2 model)") from None
+                raise CheckpointError(f"{file}: unexpected tensor {key!r} (not part of a Llama model)") from None
             if name == "lm_head.weight" and config.tie_embeddings:  # the head is the embedding matrix
                 continue
             if name in sources:
@@ -297,9 +289,8 @@ def convert_hf_checkpoint(checkpoint_dir: PathLike, output_dir: Optional[PathLik
                     for name in layer:
                         yield name, get(sources[name][1]).to(layout[name][1])
 
-    tokenizer = checkpoint_dir / TOKENIZER_NAME
     return _write_lit_checkpoint(Path(output_dir or checkpoint_dir), config, layout, tensors(),
-                                 tokenizer if tokenizer.is_file() else None, overwrite)
+                                 tokenizer_file(checkpoint_dir), overwrite)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -469,6 +460,21 @@ def convert_meta_checkpoint(checkpoint_dir: PathLike, output_dir: Optional[PathL
 # ---------------------------------------------------------------------------------------------------
 
 
+def _bos_eos_ids(checkpoint_dir: Path) -> Tuple[Optional[int], object]:
+    """The BOS and EOS ids transformers should know: generation_config.json's (EOS may be a list), else those
+    tokenizer_config.json names, looked up in tokenizer.json; SentencePiece's 1 and 2 without either."""
+    generation, settings = checkpoint_dir / "generation_config.json", checkpoint_dir / "tokenizer_config.json"
+    if generation.is_file():
+        values = load_json(generation)
+        return values.get("bos_token_id"), values.get("eos_token_id")
+    if settings.is_file() and (checkpoint_dir / "tokenizer.json").is_file():
+        names = {role: token.get("content") if isinstance(token, dict) else token
+                 for role, token in load_json(settings).items() if role in ("bos_token", "eos_token")}
+        ids = {token["content"]: token["id"] for token in load_json(checkpoint_dir / "tokenizer.json").get("added_tokens", [])}
+        return ids.get(names.get("bos_token")), ids.get(names.get("eos_token"))
+    return 1, 2
+
+
 def convert_lit_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, overwrite: bool = False) -> Path:
     """lit-lora checkpoint -> Hugging Face directory (`config.json`, `model.safetensors`, tokenizer)
     that `transformers.LlamaForCausalLM.from_pretrained` loads. Tensors are copied bit for bit."""
@@ -487,14 +493,14 @@ def convert_lit_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, overw
                 yield lit_to_hf_name(name), get(name)
 
     dtypes = {dtype for _, dtype in layout.values()}
-    hf_config = config_to_hf(config)
+    tokenizer = tokenizer_file(checkpoint_dir)
+    hf_config = config_to_hf(config, *_bos_eos_ids(checkpoint_dir))
     if len(dtypes) == 1:  # what from_pretrained(dtype="auto") loads the weights as
         hf_config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
-    tokenizer = checkpoint_dir / TOKENIZER_NAME
     refuse_to_overwrite(output_dir / HF_WEIGHTS_NAME, overwrite)
     with removed_on_failure(output_dir):
         save_tensors_streaming(output_dir / HF_WEIGHTS_NAME, hf_layout, tensors(), metadata={"format": "pt"})
         save_json(hf_config, output_dir / HF_CONFIG_NAME)
-        if tokenizer.is_file():
-            _copy_file(tokenizer, output_dir / TOKENIZER_NAME)
+        if tokenizer is not None:
+            copy_tokenizer_files(tokenizer, output_dir)
     return output_dir

@@ -5,9 +5,9 @@ formats is a renaming only: no tensor is permuted.
 """
 
 import re
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
-from lit_lora.model import Config
+from lit_lora.model import ROPE_SCALING_KEYS, Config
 
 
 # lit-lora parameter name pattern -> Hugging Face parameter name pattern ({} is the layer index).
@@ -53,9 +53,15 @@ def config_from_hf(hf: Dict[str, Any]) -> Config:
         raise ValueError(f"model_type {hf.get('model_type')!r} is not a Llama model")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError("Llama variants with bias terms (attention_bias/mlp_bias) are not supported")
-    rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
-    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        raise ValueError("RoPE scaling (Llama 3 style) is not part of the Llama 2 family and is not supported")
+    # transformers >= 5 writes rope_theta and the scaling into one "rope_parameters" dict; older files have
+    # "rope_theta" and "rope_scaling" (whose type key was once "type") side by side.
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None
+    if kind != "default":
+        if kind not in ROPE_SCALING_KEYS:
+            raise ValueError(f"RoPE scaling {kind!r} is not supported (only linear and llama3)")
+        scaling = {"rope_type": kind, **{key: rope[key] for key in ROPE_SCALING_KEYS[kind]}}
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
         raise ValueError(f"head_dim {head_dim} x num_attention_heads != hidden_size is not supported")
@@ -69,13 +75,15 @@ def config_from_hf(hf: Dict[str, Any]) -> Config:
         n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         intermediate_size=hf["intermediate_size"],
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_scaling=scaling,
         norm_eps=hf.get("rms_norm_eps", 1e-5),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
 
 
-def config_to_hf(config: Config) -> Dict[str, Any]:
-    """The Hugging Face `config.json` dictionary describing the same architecture."""
+def config_to_hf(config: Config, bos_id: Optional[int] = 1, eos_id: Optional[int] = 2) -> Dict[str, Any]:
+    """The Hugging Face `config.json` dictionary describing the same architecture (and the tokenizer's
+    bos/eos ids, which transformers' generation reads from it)."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -89,10 +97,11 @@ def config_to_hf(config: Config) -> Dict[str, Any]:
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope_scaling,
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
     }

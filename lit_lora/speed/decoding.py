@@ -190,7 +190,8 @@ class CompiledDecoding(torch.nn.Module):
         table = self.rope_table
         if table is None or table[0].size(0) < cache_length or table[0].dtype != weight.dtype or table[0].device != weight.device:
             positions = torch.arange(cache_length, device=weight.device)
-            cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta, weight.dtype)  # (1, S, hs)
+            cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta, weight.dtype,
+                                    self.config.rope_scaling)  # (1, S, hs)
             self.rope_table = table = (cos[0], sin[0])
         return table[0][:cache_length], table[1][:cache_length]
 

@@ -1,8 +1,9 @@
-"""A multi-turn conversation with a model, in the Llama 2 chat format, its keys and values kept in the KV
-cache from one turn to the next.
+"""A multi-turn conversation with a model, in its chat format (Llama 2's, Llama 3's or ChatML), its keys
+and values kept in the KV cache from one turn to the next.
 
 Each turn lays the whole dialog out again (`prompts.encode_dialog`: every finished exchange with its
-BOS and EOS, then the new question), compares those ids with the ones the KV cache already holds, and
+BOS and EOS, or the chat template's end-of-turn token, then the new question), compares those ids with
+the ones the KV cache already holds, and
 feeds the model only the difference: usually the space and EOS that close the last answer, and the new
 question. The answers are therefore exactly those of a generation from scratch over the formatted
 history (greedy decoding gives the same tokens), at the cost of one turn's tokens instead of the whole
@@ -19,7 +20,7 @@ import torch
 
 from lit_lora.generate import generate
 from lit_lora.model import Llama
-from lit_lora.prompts import check_dialog, encode_dialog
+from lit_lora.prompts import check_dialog, dialog_tags, encode_dialog
 from lit_lora.tokenizer import Tokenizer
 
 
@@ -62,7 +63,8 @@ class Chat:
         """The ids of the whole conversation with `text` as the next user turn (a ValueError for text the
         format cannot carry, e.g. one of its tags)."""
         question = {"role": "user", "content": text}
-        check_dialog([*self.messages[:1], question] if self.system else [question], ends_with="user")
+        check_dialog([*self.messages[:1], question] if self.system else [question], ends_with="user",
+                     tags=dialog_tags(self.tokenizer))
         return encode_dialog(self.tokenizer, [*self.messages, question], check=False)[0]
 
     def respond(self, text: str, on_token: Optional[Callable[[torch.Tensor], None]] = None) -> Turn:
@@ -81,9 +83,9 @@ class Chat:
         while cached < min(len(self.cached_ids), len(ids) - 1) and self.cached_ids[cached] == ids[cached]:
             cached += 1  # the longest prefix the KV cache already holds (leaving at least one token to feed)
         output = generate(self.model, torch.tensor(ids), min(self.max_new_tokens, self.block_size - len(ids)),
-                          eos_id=self.tokenizer.eos_id, on_token=on_token, cached=cached, **self.sampling)
+                          eos_id=self.tokenizer.stop_ids, on_token=on_token, cached=cached, **self.sampling)
         new = output[len(ids):].tolist()
         self.cached_ids = output[:-1].tolist()  # the last token sampled was never fed to the model
-        answer = self.tokenizer.decode([t for t in new if t != self.tokenizer.eos_id])
+        answer = self.tokenizer.decode([t for t in new if t not in self.tokenizer.stop_ids])
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         return Turn(answer, len(ids) - cached, len(new), self.block_size - len(output))

@@ -1,6 +1,6 @@
 """Conversation data for chat finetuning: read OpenAI- or ShareGPT-style records, lay each dialog out in the
-Llama 2 chat format (lit_lora/prompts.py), learn every answer and its EOS, and write the usual prepared
-train/val files.
+model's chat format (lit_lora/prompts.py: Llama 2's, or the checkpoint's Llama 3 or ChatML template), learn
+every answer and its EOS or end-of-turn token, and write the usual prepared train/val files.
 
 Two record shapes are read, from a JSON list or JSON Lines, and give identical samples:
 
@@ -9,7 +9,7 @@ Two record shapes are read, from a JSON list or JSON Lines, and give identical s
     ShareGPT   {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}
 
 A usable conversation is an optional system message, then user and assistant turns alternating, ending
-with an answer; every content non-empty and free of the format's tags ([INST], <<SYS>>, ...). Anything
+with an answer; every content non-empty and free of the format's tags ([INST], <|eot_id|>, ...). Anything
 else is skipped and counted (or, with `strict`, stops with a one-line error naming the record).
 
 Truncation policy: a conversation longer than `max_seq_length` tokens keeps the longest prefix of whole
@@ -18,11 +18,11 @@ stop mid-sentence with EOS; one whose first exchange alone does not fit is dropp
 """
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from lit_lora.data import IGNORE_INDEX
 from lit_lora.files.utils import PathLike
-from lit_lora.prompts import LLAMA2_CHAT, check_dialog, encode_dialog
+from lit_lora.prompts import LLAMA2_CHAT, SPECIAL_TAGS, chat_style, check_dialog, dialog_tags, encode_dialog
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.workflows.prepare import (MAX_LISTED_PROBLEMS, choose_val_positions, describe_inputs, length_percentiles,
                                         read_records, write_prepared_set)
@@ -32,8 +32,9 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 Messages = List[Dict[str, str]]
 
 
-def to_messages(record: Any) -> Messages:
-    """The dialog of one record as [{"role", "content"}, ...], checked; a ValueError says what is wrong."""
+def to_messages(record: Any, tags: Sequence[str] = SPECIAL_TAGS) -> Messages:
+    """The dialog of one record as [{"role", "content"}, ...], checked (no content may hold one of the chat
+    format's `tags`); a ValueError says what is wrong."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, found {type(record).__name__}")
     if isinstance(record.get("messages"), list):
@@ -53,7 +54,7 @@ def to_messages(record: Any) -> Messages:
                 content.encode("utf-8")
             except UnicodeEncodeError:
                 raise ValueError("a message holds a lone UTF-16 surrogate, which is not a character") from None
-    check_dialog(messages, ends_with="assistant")
+    check_dialog(messages, ends_with="assistant", tags=tags)
     return messages
 
 
@@ -89,6 +90,7 @@ def prepare_conversation_data(data_file: PathLike, destination_path: PathLike, t
     if max_seq_length < 1:
         raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
     tokenizer = Tokenizer(tokenizer_path)
+    style, tags = chat_style(tokenizer), dialog_tags(tokenizer)
     rows = read_records(data_file, file_format)
     val_positions = choose_val_positions(len(rows), val_split_fraction, val_size, seed)
 
@@ -100,7 +102,7 @@ def prepare_conversation_data(data_file: PathLike, destination_path: PathLike, t
         try:
             if parse_error is not None:
                 raise ValueError(parse_error)
-            messages = to_messages(record)
+            messages = to_messages(record, tags)
         except ValueError as problem:
             if strict:
                 raise ValueError(f"{data_file}: {where}: {problem} (fix it, or leave out --strict to skip bad records)") from None
@@ -126,9 +128,11 @@ def prepare_conversation_data(data_file: PathLike, destination_path: PathLike, t
     counts.update(train=len(splits["train"][0]), val=len(splits["val"][0]))
     config = {
         **describe_inputs(data_file, tokenizer, {"openai": "messages", "sharegpt": "conversations"}),
-        "prompt_style": LLAMA2_CHAT.name,
-        "sample_layout": "per exchange: [BOS] + encode('[INST] {user} [/INST] {answer} ') + [EOS]",
-        "mask_prompt": True, "ignore_index": IGNORE_INDEX, "learned": "every answer and its EOS",
+        "prompt_style": style.name,
+        "sample_layout": ("per exchange: [BOS] + encode('[INST] {user} [/INST] {answer} ') + [EOS]" if style is LLAMA2_CHAT
+                          else "the model's chat template, rendered and tokenized whole (as apply_chat_template)"),
+        "mask_prompt": True, "ignore_index": IGNORE_INDEX,
+        "learned": f"every answer and its {style.end_of_turn or 'EOS'}",
         "max_seq_length": max_seq_length, "truncation": "keep the longest prefix of whole exchanges",
         "seed": seed, "val_split_fraction": val_split_fraction, "val_size": val_size,
         "counts": counts, "token_lengths": length_percentiles(lengths) if lengths else {},

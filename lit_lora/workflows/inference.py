@@ -13,7 +13,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple, Unio
 
 import torch
 
-from lit_lora.files.checkpoint import (TOKENIZER_NAME, TRAINING_NAME, WEIGHTS_NAME, check_same_base, load_checkpoint, load_config,
+from lit_lora.files.checkpoint import (TRAINING_NAME, WEIGHTS_NAME, check_same_base, load_checkpoint, load_config,
                                        load_json)
 from lit_lora.files.utils import DTYPES, PathLike, parse_dtype, peak_memory
 from lit_lora.generate import NonFiniteLogits, check_prompt_fits, generate
@@ -119,7 +119,7 @@ def encode_prompts(checkpoint_dir: PathLike, prompts: Sequence[str], max_new_tok
     before any weight is read: a prompt that is too long fails in a second with a one-line error, not after
     loading 13 GB. A note goes to stderr if an answer will be cut short by the end of the context."""
     config = load_config(checkpoint_dir)
-    tokenizer = Tokenizer(Path(checkpoint_dir) / TOKENIZER_NAME)
+    tokenizer = Tokenizer(checkpoint_dir)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{tokenizer.model_path} has {tokenizer.vocab_size} pieces but the model in {checkpoint_dir} "
                          f"knows only {config.vocab_size} tokens: use the tokenizer the model was trained with")
@@ -244,7 +244,7 @@ def generate_streaming(model: Llama, tokenizer: Tokenizer, prompt_ids: torch.Ten
     print(echo, end="", file=file or sys.stdout, flush=True)
     start = time.perf_counter()
     output = generate(runner, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      eos_id=tokenizer.eos_id, on_token=on_token, cache_length=cache_length)
+                      eos_id=tokenizer.stop_ids, on_token=on_token, cache_length=cache_length)
     seconds = time.perf_counter() - start
     text = streamer.finish()
     new_tokens = output.size(-1) - prompt_ids.size(-1)
@@ -292,11 +292,11 @@ def generate_batches(model: Llama, tokenizer: Tokenizer, prompts: Sequence[torch
     for first in range(0, len(order), batch_size):
         chunk = order[first:first + batch_size]
         outputs = generate(model, [prompts[i] for i in chunk], max_new_tokens, temperature=temperature, top_k=top_k,
-                           top_p=top_p, eos_id=tokenizer.eos_id)
+                           top_p=top_p, eos_id=tokenizer.stop_ids)
         for i, ids in zip(chunk, outputs):
             new = ids[len(prompts[i]):].tolist()
             new_tokens += len(new)
-            answers[i] = decode_new(tokenizer, new[:-1] if new and new[-1] == tokenizer.eos_id else new,
+            answers[i] = decode_new(tokenizer, new[:-1] if new and new[-1] in tokenizer.stop_ids else new,
                                     prompts[i] if continuation else None)
         while printed in answers:  # in the file's order: each answer as soon as those before it are printed
             print(f"### prompt {printed + 1}\n{answers[printed]}", file=file or sys.stdout, flush=True)

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
-import torch
 
 from lit_lora.data import FORMAT_NAME, FORMAT_VERSION, IGNORE_INDEX, PREPARE_CONFIG_NAME, file_sha256, save_prepared
-from lit_lora.files.checkpoint import CONFIG_NAME, atomic_path, removed_on_failure, save_json
+from lit_lora.files.checkpoint import CONFIG_NAME, atomic_path, removed_on_failure, save_json, tokenizer_file
 from lit_lora.files.utils import PathLike
 from lit_lora.prompts import get_prompt_style
 from lit_lora.tokenizer import Tokenizer
@@ -76,11 +75,11 @@ def download_if_missing(url: str, path: PathLike) -> Path:
 
 
 def resolve_tokenizer_path(checkpoint_dir: PathLike, tokenizer_path: Optional[PathLike] = None) -> Path:
-    """`tokenizer_path` if given, else the checkpoint's tokenizer.model."""
-    path = Path(tokenizer_path) if tokenizer_path is not None else Path(checkpoint_dir) / "tokenizer.model"
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer not found: {path} (pass --checkpoint_dir holding tokenizer.model, "
-                                "or --tokenizer_path)")
+    """`tokenizer_path` if given, else the checkpoint's tokenizer.model or tokenizer.json."""
+    path = Path(tokenizer_path) if tokenizer_path is not None else tokenizer_file(checkpoint_dir)
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"tokenizer not found: {path or Path(checkpoint_dir) / 'tokenizer.model'} (pass "
+                                "--checkpoint_dir holding tokenizer.model or tokenizer.json, or --tokenizer_path)")
     return path
 
 
@@ -241,9 +240,10 @@ def choose_val_positions(n_records: int, val_split_fraction: float, val_size: Op
     return set(permutation[:val_size].tolist())
 
 
-def fit_sample(prompt_ids: List[int], response_ids: List[int], bos_id: int, eos_id: int, max_seq_length: int,
+def fit_sample(prompt_ids: List[int], response_ids: List[int], bos_id: Optional[int], eos_id: int, max_seq_length: int,
                truncation: str) -> Tuple[Optional[List[int]], str]:
-    """Build [BOS] + prompt + response + [EOS] within `max_seq_length`. Returns (ids or None, outcome):
+    """Build [BOS] + prompt + response + [EOS] within `max_seq_length` (no BOS when `bos_id` is None: SmolLM2
+    starts a sequence without one). Returns (ids or None, outcome):
 
     "kept"             it fits as it is
     "truncated"        truncation="truncate_response": the response's tail is cut, EOS still ends it
@@ -251,15 +251,16 @@ def fit_sample(prompt_ids: List[int], response_ids: List[int], bos_id: int, eos_
     "prompt_too_long"  not even BOS + prompt + one response token + EOS fit: dropped (a cut prompt would
                        teach the model a template it never sees at generation time)
     """
-    ids = [bos_id] + prompt_ids + response_ids + [eos_id]
+    bos = [] if bos_id is None else [bos_id]
+    ids = bos + prompt_ids + response_ids + [eos_id]
     if len(ids) <= max_seq_length:
         return ids, "kept"
     if truncation == "drop":
         return None, "too_long"
-    room = max_seq_length - len(prompt_ids) - 2  # response tokens that fit beside BOS, the prompt and EOS
+    room = max_seq_length - len(bos) - len(prompt_ids) - 1  # response tokens that fit beside BOS, the prompt and EOS
     if room < 1:
         return None, "prompt_too_long"
-    return [bos_id] + prompt_ids + response_ids[:room] + [eos_id], "truncated"
+    return bos + prompt_ids + response_ids[:room] + [eos_id], "truncated"
 
 
 def length_percentiles(lengths: List[int]) -> Dict[str, int]:
@@ -293,21 +294,24 @@ def prepare_instruction_data(data_file: PathLike, destination_path: PathLike, to
     # One batched call per side: SentencePiece spreads it over `threads` C++ threads (as many as torch may
     # use). On a busy 2-core machine it is no faster than a loop (benchmarks/benchmark_prepare.py); the
     # whole 52k Alpaca still prepares in about 12 s there.
-    encode_batch = tokenizer.processor.encode
-    threads = torch.get_num_threads()
-    prompt_ids = encode_batch([style.format(e.instruction, e.input) for e in examples], out_type=int, num_threads=threads)
-    response_ids = encode_batch([e.output for e in examples], out_type=int, num_threads=threads)
+    prompt_ids = tokenizer.encode_batch([style.format(e.instruction, e.input) for e in examples])
+    response_ids = tokenizer.encode_batch([e.output for e in examples])
+    bos_id = tokenizer.bos_id if tokenizer.add_bos else None
+    eos_id = tokenizer.eos_id if style.end_of_turn is None else tokenizer.token_to_id(style.end_of_turn)
+    if eos_id is None:
+        raise ValueError(f"prompt style {style.name!r} ends an answer with {style.end_of_turn}, which the tokenizer "
+                         f"{tokenizer.model_path} does not have: choose a prompt style of this model's family")
 
     splits = {"train": ([], []), "val": ([], [])}  # split -> (samples, prompt lengths)
     outcomes = {"kept": 0, "truncated": 0, "too_long": 0, "prompt_too_long": 0}
     for example, prompt, response in zip(examples, prompt_ids, response_ids):
-        ids, outcome = fit_sample(prompt, response, tokenizer.bos_id, tokenizer.eos_id, max_seq_length, truncation)
+        ids, outcome = fit_sample(prompt, response, bos_id, eos_id, max_seq_length, truncation)
         outcomes[outcome] += 1
         if ids is not None:
             samples, prompt_lengths = splits["val" if example.position in val_positions else "train"]
             samples.append(ids)
-            prompt_lengths.append(1 + len(prompt))  # BOS + prompt: the positions whose labels are masked
-    lengths = [len(p) + len(r) + 2 for p, r in zip(prompt_ids, response_ids)]
+            prompt_lengths.append((bos_id is not None) + len(prompt))  # BOS + prompt: the positions whose labels are masked
+    lengths = [(bos_id is not None) + len(p) + len(r) + 1 for p, r in zip(prompt_ids, response_ids)]
     if not splits["train"][0]:
         raise ValueError(f"{data_file}: no training sample left with max_seq_length={max_seq_length} (median "
                          f"record length {length_percentiles(lengths)['p50']} tokens): raise --max_seq_length")
