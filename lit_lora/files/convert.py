@@ -52,6 +52,11 @@ from lit_lora.model import Config, Llama
 
 HF_CONFIG_NAME = "config.json"
 HF_WEIGHTS_NAME = "model.safetensors"
+# The Hugging Face files that describe the tokenizer and generation, carried along unchanged when present.
+HF_TOKENIZER_JSON_NAME = "tokenizer.json"
+HF_TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+HF_GENERATION_CONFIG_NAME = "generation_config.json"
+HF_SIDE_FILES = (HF_TOKENIZER_JSON_NAME, HF_TOKENIZER_CONFIG_NAME, HF_GENERATION_CONFIG_NAME, "special_tokens_map.json")
 META_PARAMS_NAME = "params.json"
 Shape = Tuple[int, ...]
 Layout = Dict[str, Tuple[Shape, torch.dtype]]  # tensor name -> (shape, dtype), in file order
@@ -488,6 +493,7 @@ def convert_lit_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, overw
     hf_config = config_to_hf(config)
     if len(dtypes) == 1:  # what from_pretrained(dtype="auto") loads the weights as
         hf_config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    hf_config.update(_special_token_ids(checkpoint_dir))
     tokenizer = checkpoint_dir / TOKENIZER_NAME
     refuse_to_overwrite(output_dir / HF_WEIGHTS_NAME, overwrite)
     with removed_on_failure(output_dir):
@@ -495,4 +501,22 @@ def convert_lit_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, overw
         save_json(hf_config, output_dir / HF_CONFIG_NAME)
         if tokenizer.is_file():
             _copy_file(tokenizer, output_dir / TOKENIZER_NAME)
+        _copy_hf_side_files(checkpoint_dir, output_dir)
     return output_dir
+
+
+def _copy_hf_side_files(checkpoint_dir: Path, output_dir: Path) -> None:
+    """tokenizer.json, tokenizer_config.json (with the chat template), generation_config.json ...: what
+    llama.cpp's convert_hf_to_gguf.py reads to rebuild a byte-level BPE tokenizer and its chat template."""
+    for name in HF_SIDE_FILES:
+        if (checkpoint_dir / name).is_file():
+            _copy_file(checkpoint_dir / name, output_dir / name)
+
+
+def _special_token_ids(checkpoint_dir: Path) -> Dict[str, object]:
+    """The BOS/EOS/pad ids generation_config.json records, for config.json (Llama 2's 1 and 2 otherwise)."""
+    path = checkpoint_dir / HF_GENERATION_CONFIG_NAME
+    generation = load_json(path) if path.is_file() else {}
+    if not isinstance(generation, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return {key: generation[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in generation}
