@@ -25,6 +25,7 @@ from lit_lora.adapter import (AdapterConfig, adapter_state_dict, adapter_state_s
 from lit_lora.files.checkpoint import (TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, MethodFile, check_keys_and_shapes,
                                        check_same_base, load_checkpoint, load_config, read_method_file, refuse_to_overwrite,
                                        removed_on_failure, save_checkpoint, save_method_file)
+from lit_lora.files.convert import copy_hf_side_files
 from lit_lora.files.utils import PathLike
 from lit_lora.lora import (LLAMA_TARGETS, LoRAConfig, add_lora, load_lora_state_dict, lora_lr_scale, lora_state_dict,
                            lora_state_shapes, mark_only_lora_as_trainable, merge_lora, remove_lora, unmerge_lora)
@@ -274,4 +275,5 @@ def merge_into_checkpoint(checkpoint_dir: PathLike, weights_path: PathLike, outp
     with removed_on_failure(output_dir):  # a failed save (a full disk) leaves no half-made directory
         save_checkpoint(output_dir, model.state_dict(), model.config, tokenizer if tokenizer.is_file() else None,
                         training=weights.training or None)
+        copy_hf_side_files(checkpoint_dir, output_dir)  # tokenizer.json, the chat template: what exports need
     return output_dir, weights

@@ -60,6 +60,18 @@ def lit_from_hf(hf_model) -> Llama:
     return model
 
 
+def add_random_lora(model, targets=("q", "k", "v", "o"), std: float = 0.3):
+    """LoRA (r = 4, alpha = 8) on `targets` with random B, so that the adapter changes the outputs; its config."""
+    from lit_lora.lora import LoRAConfig, add_lora, lora_layers
+
+    lora_config = LoRAConfig(r=4, alpha=8, targets=targets)
+    add_lora(model, lora_config)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0.0, std)
+    return lora_config
+
+
 @pytest.fixture
 def hf_llama_factory():
     return make_hf_llama

@@ -2,7 +2,6 @@
 on GGUF files written here with the `gguf` writer and on the real SmolLM2-135M-Instruct file."""
 
 import json
-import os
 import runpy
 import zipfile
 from pathlib import Path
@@ -10,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_hf_llama
+from conftest import add_random_lora, make_hf_llama
 
 from lit_lora.files.checkpoint import CheckpointError, load_checkpoint, read_tensor
 from lit_lora.files.hf_names import lit_to_hf_name
 
 gguf = pytest.importorskip("gguf")
 from lit_lora.files.gguf import GGUFFile, convert_gguf_checkpoint  # noqa: E402  (needs gguf)
-from lit_lora.files.packaged import PACKAGED_MODELS, PackagedModel, sha256_of  # noqa: E402
+from lit_lora.files.packaged import PACKAGED_MODELS, PackagedModel  # noqa: E402
+from lit_lora.files.utils import file_sha256  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 Q = gguf.GGMLQuantizationType
@@ -76,7 +76,7 @@ _HF_TO_GGUF = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "se
                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
-def hf_llama_to_gguf(hf_model, path, qtype=Q.F32, pre="smollm", vocab=None, add_bos=False):
+def hf_llama_to_gguf(hf_model, path, qtype=Q.F32, pre="smollm", vocab=None, add_bos=False, replace=None):
     """What llama.cpp's convert_hf_to_gguf.py writes for a Hugging Face Llama: its names, its metadata, q and k
     permuted; 2-D weights quantized to `qtype` where their rows fit its blocks (F32 otherwise, as llama.cpp does)."""
     c = hf_model.config
@@ -100,6 +100,7 @@ def hf_llama_to_gguf(hf_model, path, qtype=Q.F32, pre="smollm", vocab=None, add_
             gguf_name = f"blk.{layer}.{_HF_TO_GGUF[rest.removesuffix('.weight')]}.weight"
         block = gguf.GGML_QUANT_SIZES[qtype][0]
         tensors[gguf_name] = (array, qtype) if array.ndim == 2 and array.shape[1] % block == 0 else array
+    tensors.update(replace or {})  # name -> (bytes, ggml type) stored as they are
     tokens, types, merges = vocab or tiny_bpe(pre)
     metadata = [("add_context_length", c.max_position_embeddings), ("add_embedding_length", c.hidden_size),
                 ("add_block_count", c.num_hidden_layers), ("add_feed_forward_length", c.intermediate_size),
@@ -159,9 +160,10 @@ def test_each_quantization_type_reads_as_gguf_dequantizes_it(type_name, tmp_path
 
 
 def test_a_quantization_type_it_does_not_read_is_named_before_anything_is_written(tmp_path, vocab):
-    hf_model = make_hf_llama(n_layer=1, hidden_size=256, vocab_size=len(vocab[0]))
-    path = hf_llama_to_gguf(hf_model, tmp_path / "model.gguf", qtype=Q.TQ2_0, vocab=vocab)
-    with pytest.raises(CheckpointError, match=r"model.gguf: tensor 'token_embd.weight' has quantization type TQ2_0, "
+    hf_model = make_hf_llama(n_layer=1, vocab_size=len(vocab[0]))
+    iq4_nl = np.random.default_rng(0).integers(0, 256, size=(64, 2 * 18), dtype=np.uint8)  # 64 rows of 2 blocks
+    path = hf_llama_to_gguf(hf_model, tmp_path / "model.gguf", vocab=vocab, replace={"blk.0.attn_v.weight": (iq4_nl, Q.IQ4_NL)})
+    with pytest.raises(CheckpointError, match=r"model.gguf: tensor 'blk.0.attn_v.weight' has quantization type IQ4_NL, "
                                               r"which this importer does not read \(supported: F32, .*Q6_K\)"):
         convert_gguf_checkpoint(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -279,11 +281,11 @@ def stand_in_wheel(tmp_path, vocab):
     cache = tmp_path / "cache"
     cache.mkdir()
     model = PackagedModel(repo_id="test-owner/Tiny", package="tiny-model", version="0.0.1", wheel_sha256="",
-                          member="tiny_model/Tiny.F32.gguf", member_sha256=sha256_of(gguf_path))
+                          member="tiny_model/Tiny.F32.gguf", member_sha256=file_sha256(gguf_path))
     with zipfile.ZipFile(cache / model.wheel_name, "w") as wheel:
         wheel.write(gguf_path, model.member)
         wheel.writestr("tiny_model/__init__.py", "")
-    return PackagedModel(**{**model.__dict__, "wheel_sha256": sha256_of(cache / model.wheel_name)}), cache, hf_model
+    return PackagedModel(**{**model.__dict__, "wheel_sha256": file_sha256(cache / model.wheel_name)}), cache, hf_model
 
 
 @pytest.fixture
@@ -401,3 +403,41 @@ def test_smollm2_logits_and_greedy_answer_match_transformers(smollm2_checkpoint,
         answer = generate(ours, prompt[0], 40, temperature=0.0, eos_id=eos)
     assert_greedy_tokens(answer, expected, lambda ids: reference(ids[None]).logits[0], prompt_length=prompt.shape[1], eos_id=eos)
     assert tokenizer.decode(answer[prompt.shape[1]:], skip_special_tokens=True).startswith("The capital of France is Paris.")
+
+
+# ----------------------------------------------------------------------------- back out: merged, exported to Hugging Face
+
+def test_gguf_finetuned_merged_and_exported_keeps_tokenizer_and_chat_template(tmp_path, vocab):
+    """GGUF -> lit-lora -> LoRA -> merged -> Hugging Face: the directory convert_hf_to_gguf.py reads, with
+    tokenizer.json, the chat template and the special token ids the GGUF had."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from lit_lora.methods import save_weights
+
+    hf_model = make_hf_llama(n_layer=2, vocab_size=len(vocab[0]))
+    path = hf_llama_to_gguf(hf_model, tmp_path / "model.gguf", vocab=vocab)
+    base = convert_gguf_checkpoint(path, tmp_path / "base")
+    model = load_checkpoint(base)
+    lora_config = add_random_lora(model)
+    save_weights(tmp_path / "lora.safetensors", model, "lora", lora_config)
+    script = lambda name: runpy.run_path(str(ROOT / "scripts" / f"{name}.py"))["main"]  # noqa: E731
+    script("merge_lora")(checkpoint_dir=base, lora_path=tmp_path / "lora.safetensors", output_dir=tmp_path / "merged")
+    script("convert_lit_checkpoint")(checkpoint_dir=tmp_path / "merged", output_dir=tmp_path / "hf")
+
+    hf_dir = tmp_path / "hf"
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (hf_dir / name).read_bytes() == (base / name).read_bytes()
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 0)
+    merged = load_checkpoint(tmp_path / "merged").eval()
+    exported = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    ids = torch.randint(0, len(vocab[0]), (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, merged(ids), rtol=0, atol=1e-4)
+        assert (merged(ids) - hf_model(ids).logits).abs().max() > 1e-2  # the adapter is in the weights
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    reference = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    messages = [{"role": "user", "content": "Hello world"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer(TEXTS[4])["input_ids"] == reference(TEXTS[4])["input_ids"]

@@ -8,7 +8,7 @@
     hf_names.py     Hugging Face's parameter names and config.json beside lit-lora's
     run_dir.py      a training run's folder: claiming it, its resumable checkpoints, deferred signals
     plots.py        the PNG figures (loss curves, update heatmaps), written atomically
-    utils.py        path and dtype names, parameter counts, memory
+    utils.py        path and dtype names, file digests, parameter counts, memory
 
 May import: `lit_lora.model` only (and the standard library, torch, safetensors, matplotlib; gguf.py also
 the optional `gguf` and `tokenizers` packages, imported when a GGUF file is read). The teaching

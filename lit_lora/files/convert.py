@@ -501,11 +501,11 @@ def convert_lit_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, overw
         save_json(hf_config, output_dir / HF_CONFIG_NAME)
         if tokenizer.is_file():
             _copy_file(tokenizer, output_dir / TOKENIZER_NAME)
-        _copy_hf_side_files(checkpoint_dir, output_dir)
+        copy_hf_side_files(checkpoint_dir, output_dir)
     return output_dir
 
 
-def _copy_hf_side_files(checkpoint_dir: Path, output_dir: Path) -> None:
+def copy_hf_side_files(checkpoint_dir: Path, output_dir: Path) -> None:
     """tokenizer.json, tokenizer_config.json (with the chat template), generation_config.json ...: what
     llama.cpp's convert_hf_to_gguf.py reads to rebuild a byte-level BPE tokenizer and its chat template."""
     for name in HF_SIDE_FILES:

