@@ -142,8 +142,8 @@ def gguf_config(file: GGUFFile) -> Config:
     Llama cannot run (another architecture, RoPE scaling, a mixture of experts, partial rotary)."""
     architecture = file.require("general.architecture")
     if architecture != "llama":
-        raise CheckpointError(f"{file.path}: architecture {architecture!r} is not supported (only 'llama': "
-                              "Llama 2 and 3, SmolLM, TinyLlama, Mistral 7B and other Llama-architecture models)")
+        raise CheckpointError(f"{file.path}: architecture {architecture!r} is not supported (only 'llama', "
+                              "the architecture of Llama, SmolLM and their relatives)")
     arch = f"{architecture}."
     if file.get(arch + "expert_count", 0):
         raise CheckpointError(f"{file.path}: a mixture of experts ({arch}expert_count = {file.get(arch + 'expert_count')}) is not supported")
@@ -178,7 +178,7 @@ def gguf_config(file: GGUFFile) -> Config:
         raise CheckpointError(f"{file.path}: invalid model metadata ({error})") from None
 
 
-def gguf_layout(file: GGUFFile) -> Dict[str, str]:
+def gguf_plan(file: GGUFFile) -> Dict[str, str]:
     """Our name -> the GGUF tensor, in file order, every name and ggml type checked (shapes: `_check_plan`)."""
     plan: Dict[str, str] = {}
     for name in file.tensors:
@@ -324,7 +324,7 @@ def convert_gguf_checkpoint(gguf_path: PathLike, output_dir: Optional[PathLike] 
     llama.cpp computes with), then stored as `dtype`."""
     file = GGUFFile(gguf_path)
     config = gguf_config(file)
-    plan = gguf_layout(file)
+    plan = gguf_plan(file)
     layout: Layout = {name: (file.shape(source), dtype) for name, source in plan.items()}
     _check_plan(config, layout, str(file.path), file.path)
     side_files = gguf_tokenizer_files(file, config.block_size)  # before any weight: a bad tokenizer fails fast
