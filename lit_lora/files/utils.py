@@ -1,5 +1,6 @@
-"""Small helpers shared by the library and the scripts: path and dtype names, parameter counts, memory."""
+"""Small helpers shared by the library and the scripts: path and dtype names, file digests, parameter counts, memory."""
 
+import hashlib
 import resource
 from pathlib import Path, PurePath
 from typing import Dict, Optional, Tuple, Union
@@ -30,6 +31,15 @@ def inside(directory: PathLike, name: str, source: str) -> Path:
     if relative.is_absolute() or ".." in relative.parts or not relative.parts:
         raise ValueError(f"{source} names {name!r}, which lies outside {directory}: refused")
     return Path(directory) / relative
+
+
+def file_sha256(path: PathLike) -> str:
+    """The sha256 hex digest of a file, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def count_parameters(model: nn.Module) -> Tuple[int, int]:
