@@ -137,7 +137,7 @@ class RowAdapters:
         prompts: Dict[int, Dict[int, tuple]] = {}
         for adapter, (name, path) in enumerate(files.items(), start=1):
             weights = apply_weights(model, path)
-            self.methods[name] = weights.method.name
+            self.methods[name] = "dora" if getattr(weights.config, "use_dora", False) else weights.method.name
             if weights.method.name == "lora":
                 for module, layer in lora_layers(model).items():
                     factor = None
@@ -159,7 +159,7 @@ class RowAdapters:
         self.row_prompts = {index: RowPrompts(layer_prompts) for index, layer_prompts in prompts.items()}
 
     def method(self, adapter: int) -> str:
-        """'base', 'lora' (DoRA too) or 'adapter' for an adapter id."""
+        """'base', 'lora', 'dora' or 'adapter' for an adapter id."""
         return "base" if adapter == 0 else self.methods[self.names[adapter - 1]]
 
     def use(self, ids: Sequence[int]) -> None:
