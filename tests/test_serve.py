@@ -4,6 +4,7 @@ input gets OpenAI-format errors and the server goes on; disconnects and SIGTERM 
 
 import json
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -111,6 +112,10 @@ def server(checkpoint, tmp_path_factory):
                                 "--max_batch_size", "8", "--max_waiting", "24")
     yield url
     stop_server(process)
+
+
+def runpy_main(script):
+    return runpy.run_path(str(ROOT / script))["main"]
 
 
 def client(url):
@@ -353,3 +358,26 @@ def test_text_is_released_piece_by_piece_and_held_back_at_a_possible_stop(llama2
         parse_adapters(["lora"], "base")
     with pytest.raises(ValueError, match="given twice"):
         parse_adapters(["a=x", "a=y"], "base")
+
+
+def test_exported_adapters_have_the_fields_and_names_vllm_reads(checkpoint, tmp_path):
+    """scripts/export_peft.py writes what vLLM's multi-LoRA loader takes (howto/serve.md): adapter_config.json
+    with r, lora_alpha and target_modules, no DoRA, no modules_to_save, one rank and alpha for every layer;
+    tensors named base_model.model.<Hugging Face module>.lora_A/B.weight, (r, in) and (out, r)."""
+    from safetensors.torch import load_file
+
+    export = runpy_main("scripts/export_peft.py")
+    export(lora_path=checkpoint / "lora.safetensors", output_dir=tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and (config["r"], config["lora_alpha"]) == (4, 8)
+    assert set(config["target_modules"]) == {"q_proj", "v_proj", "lm_head"} and config["bias"] == "none"
+    assert not config["use_dora"] and not config.get("modules_to_save") and not config["rank_pattern"]
+    tensors = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    for name, tensor in tensors.items():
+        module, _, kind = name.removeprefix("base_model.model.").rpartition(".lora_")
+        assert name.startswith("base_model.model.") and kind in ("A.weight", "B.weight"), name
+        assert module in ("lm_head",) or module.startswith("model.layers."), name
+        assert tensor.shape[0 if kind == "A.weight" else 1] == 4
+    assert len(tensors) == 2 * (2 * 2 + 1)  # q and v in both layers, and the head
+    export(lora_path=checkpoint / "dora.safetensors", output_dir=tmp_path / "dora")  # PEFT takes it; vLLM refuses DoRA
+    assert json.loads((tmp_path / "dora" / "adapter_config.json").read_text())["use_dora"]

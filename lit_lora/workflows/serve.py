@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import sys
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -144,17 +145,39 @@ class TextOutput:
 # ----------------------------------------------------------------------------------------------------
 
 
+class Relay:
+    """Hands the engine's tokens to the event loop: one wake-up of the loop per decoding step, not per token
+    (each wake-up is a system call, and at 16 rows there would be 16 per step)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.lock = loop, threading.Lock()
+        self.pending: List[Tuple[asyncio.Queue, Optional[int], Optional[str]]] = []
+
+    def emit(self, queue: asyncio.Queue, token: Optional[int], reason: Optional[str]) -> None:  # the engine's thread
+        with self.lock:
+            self.pending.append((queue, token, reason))
+            if len(self.pending) > 1:  # a flush is already on its way
+                return
+        try:
+            self.loop.call_soon_threadsafe(self.flush)
+        except RuntimeError:  # the event loop is already closed: nobody is waiting any more
+            pass
+
+    def flush(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, token, reason in pending:
+            queue.put_nowait((token, reason))
+
+
 class Job:
     """One request on the HTTP side: the engine's tokens arrive in an asyncio queue."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.queue = loop, asyncio.Queue()
+    def __init__(self, relay: Relay) -> None:
+        self.relay, self.queue = relay, asyncio.Queue()
 
-    def emit(self, token: Optional[int], reason: Optional[str]) -> None:  # called on the engine's thread
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (token, reason))
-        except RuntimeError:  # the event loop is already closed: nobody is waiting any more
-            pass
+    def emit(self, token: Optional[int], reason: Optional[str]) -> None:
+        self.relay.emit(self.queue, token, reason)
 
 
 class Server:
@@ -166,6 +189,7 @@ class Server:
         for index, name in enumerate(adapters.names if adapters else [], start=1):
             self.models[name] = (index, adapters.method(index))
         self.created = int(time.time())
+        self.relay: Optional[Relay] = None  # made on the event loop's first request
 
     def app(self) -> FastAPI:
         @asynccontextmanager
@@ -252,7 +276,9 @@ class Server:
             generator.manual_seed(body.seed)
         else:
             generator.seed()
-        job = Job(asyncio.get_running_loop())
+        if self.relay is None:
+            self.relay = Relay(asyncio.get_running_loop())
+        job = Job(self.relay)
         request = Request(ids, max_tokens, job.emit, adapter=self.models[body.model][0], temperature=temperature,
                           top_p=top_p, generator=generator, ignore_stop=body.ignore_eos)
         if not self.engine.submit(request):
@@ -275,18 +301,23 @@ class Answer:
         self.token_ids: List[int] = []
 
     async def next(self) -> Tuple[str, Optional[str]]:
-        """(text to send, finish_reason or None) after the next token; finish_reason 'stop' at a stop string."""
+        """(text to send, finish_reason or None) after the next tokens (all that have arrived: one chunk for
+        several when the client reads slower than the engine decodes); finish_reason 'stop' at a stop string."""
+        pieces = []
         token, reason = await self.job.queue.get()
-        if reason is not None and (reason == "cancelled" or reason.startswith("error")):
-            raise APIError(503 if reason == "cancelled" else 500,
-                           "the server is shutting down" if reason == "cancelled" else f"generation failed ({reason})")
-        if token is not None:
-            self.token_ids.append(token)
-        piece = self.text.add(token, final=reason is not None)
-        if self.text.stopped:
-            self.server.engine.cancel(self.request)  # its row is freed at the next step
-            return piece, "stop"
-        return piece, reason
+        while True:
+            if reason is not None and (reason == "cancelled" or reason.startswith("error")):
+                raise APIError(503 if reason == "cancelled" else 500, "the server is shutting down"
+                               if reason == "cancelled" else f"generation failed ({reason})")
+            if token is not None:
+                self.token_ids.append(token)
+            pieces.append(self.text.add(token, final=reason is not None))
+            if self.text.stopped:
+                self.server.engine.cancel(self.request)  # its row is freed at the next step
+                return "".join(pieces), "stop"
+            if reason is not None or self.job.queue.empty():
+                return "".join(pieces), reason
+            token, reason = self.job.queue.get_nowait()
 
     def choice(self, text: str, reason: Optional[str], delta: bool, token_ids: List[int]) -> Dict[str, Any]:
         choice: Dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
