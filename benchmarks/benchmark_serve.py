@@ -25,7 +25,6 @@ slots, as many threads) and the ratio of the two throughputs is printed; without
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from lit_lora.lora import LoRAConfig, add_lora, lora_layers, remove_lora
 from lit_lora.methods import save_weights
 from lit_lora.model import Config, Llama
 from lit_lora.workflows.cli import run
+from lit_lora.workflows.serve import free_port, wait_until_serving
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,25 +67,6 @@ def build_checkpoint(root: Path, tokenizer: Path, adapters: int) -> Dict[str, Pa
         files[f"adapter{index}"] = save_weights(root / f"adapter{index}.safetensors", model, "lora", LoRAConfig(r=8, alpha=16))
         remove_lora(model)
     return files
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(process: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(url + "/v1/models", timeout=2).read()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"the server did not start in 300 s: {log.read_text()[-2000:]}")
 
 
 def load(url: str, models: List[str], clients: int, requests_per_client: int, prompt_length: int,
@@ -146,7 +127,7 @@ def llama_server_load(llama_cpp_dir: Path, checkpoint: Path, workdir: Path, clie
                                     "-t", str(threads)], stdout=output, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_until_up(process, url, log)
+        wait_until_serving(process, url, log)
         return load(url, ["base"], clients, requests_per_client, prompt_length, new_tokens)
     finally:
         process.terminate()
@@ -196,7 +177,7 @@ def main(
             process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment)
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_until_up(process, url, log)
+            wait_until_serving(process, url, log)
             load(url, names[:1], 2, 1, prompt_length, 8)  # warm up: first calls allocate and page in
             loads = {"1 client, 1 adapter": (names[:1], 1, single_requests),
                      f"{clients} clients, 1 adapter": (names[:1], clients, requests_per_client),

@@ -6,7 +6,6 @@ import json
 import os
 import runpy
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from lit_lora.model import Config, Llama
 from lit_lora.prompts import encode_dialog
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.workflows.inference import decode_new
-from lit_lora.workflows.serve import TextOutput, parse_adapters
+from lit_lora.workflows.serve import TextOutput, free_port, parse_adapters, wait_until_serving
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -67,12 +66,6 @@ def checkpoint(tmp_path_factory, llama2_tokenizer_path):
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(checkpoint, log_path, *options):
     """generate/serve.py in a process of its own, once it answers /v1/models: (process, base URL)."""
     port = free_port()
@@ -83,17 +76,12 @@ def start_server(checkpoint, log_path, *options):
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny matrices: threads would only contend with the tests
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited: {Path(log_path).read_text()}")
-        try:
-            urllib.request.urlopen(url + "/v1/models", timeout=2).read()
-            return process, url
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"the server did not start: {Path(log_path).read_text()}")
+    try:
+        wait_until_serving(process, url, Path(log_path), timeout=90)
+    except RuntimeError:
+        process.kill()
+        raise
+    return process, url
 
 
 def stop_server(process) -> None:
@@ -256,6 +244,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
         (lambda: api.completions.create(model="base", prompt="Hi", n=2), 400, None),
         (lambda: api.completions.create(model="base", prompt="Hi", stop=["a", "b", "c", "d", "e"]), 400, None),
         (lambda: api.completions.create(model="base", prompt=[5, 99999]), 400, None),
+        (lambda: api.completions.create(model="base", prompt="Hi", seed=2 ** 70), 400, None),
         (lambda: api.completions.create(model="base", prompt="Hi", extra_body={"max_tokens": "many"}), 400, None),
         (lambda: api.chat.completions.create(model="base", messages=[{"role": "assistant", "content": "Hi"}]), 400, None),
         (lambda: api.chat.completions.create(model="base", messages=[]), 400, None),

@@ -44,7 +44,6 @@ with each request's own settings and random generator (a seed gives the same ans
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 

@@ -21,9 +21,12 @@ server; it finishes in-flight requests on SIGTERM, then stops). The model runs o
 import asyncio
 import json
 import logging
+import socket
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -238,12 +241,12 @@ class Server:
             messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
                          "".join(part.get("text", "") for part in m.content if part.get("type") == "text")}
                         for m in body.messages]
-            try:
-                ids = encode_dialog(self.tokenizer, messages)[0] if messages else []
-            except ValueError as error:
-                raise APIError(400, str(error), "messages") from None
             if not messages:
                 raise APIError(400, "messages is empty", "messages")
+            try:
+                ids = encode_dialog(self.tokenizer, messages)[0]
+            except ValueError as error:
+                raise APIError(400, str(error), "messages") from None
             limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             return await self.generate(body, ids, limit, "chat.completion", http, context=None)
 
@@ -272,10 +275,10 @@ class Server:
             raise APIError(400, str(error)) from None
         stops = stop_strings(body.stop)
         generator = torch.Generator()
-        if body.seed is not None:
-            generator.manual_seed(body.seed)
-        else:
-            generator.seed()
+        try:
+            generator.manual_seed(body.seed) if body.seed is not None else generator.seed()
+        except (RuntimeError, ValueError) as error:  # a seed beyond 64 bits
+            raise APIError(400, f"seed: {error}", "seed") from None
         if self.relay is None:
             self.relay = Relay(asyncio.get_running_loop())
         job = Job(self.relay)
@@ -414,6 +417,28 @@ def load_server(checkpoint_dir: Path, adapters: Mapping[str, Path], name: Option
     print("serving " + ", ".join(f"{n} ({method})" for n, (_, method) in server.models.items())
           + f"; up to {max_batch_size} rows decode together, {max_waiting} more wait", file=sys.stderr)
     return server
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (for a server started right after: tests, benchmarks)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_serving(process: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
+    """Return once the server `process` started answers `url`/v1/models; an error with the end of its `log`
+    if it exits first or does not answer within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url + "/v1/models", timeout=2).read()
+            return
+        except OSError:  # not listening yet (URLError and ConnectionError are OSErrors)
+            time.sleep(0.2)
+    raise RuntimeError(f"the server did not answer within {timeout:.0f} s: {log.read_text()[-2000:]}")
 
 
 def serve(server: Server, host: str, port: int, shutdown_timeout: float) -> None:
