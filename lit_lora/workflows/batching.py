@@ -29,8 +29,9 @@ positions count from its own first token, so every row computes what it would al
                                                        prefilled apart, copied into the columns before s
 
 A new request is prefilled on its own small KV cache (with the other newcomers of that step, left-padded
-together), then its keys and values are copied into a free row of the batch's cache, ending at column s;
-the row a finished request leaves is filled by the batch's last row, so the rows stay contiguous. When s
+together), then its keys and values are copied into a free row of the batch's cache, ending at column s
+(if its prompt is longer than s, all rows first move right to make room); the row a finished request
+leaves is filled by the batch's last row, so the rows stay contiguous. When s
 would pass the end of the cache, or the padding every row skips grows past half of s, all rows move left
 by the padding they share (`_realign`): the attention then reads only useful columns again.
 
