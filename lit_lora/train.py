@@ -294,10 +294,22 @@ def check_one_step_fits(batches_per_epoch: int, accumulation: int, samples: int,
                      f"{fix}, or prepare more data")
 
 
-def small_data_notes(val_data: List[Dict[str, torch.Tensor]], total_steps: int, args: TrainArgs) -> List[str]:
+def plan_steps(fabric: L.Fabric, sampler: Sampler, samples: int, val_samples: int, accumulation: int,
+               args: TrainArgs) -> int:
+    """The optimizer steps of the run (max_steps, or `epochs` passes), after checking that one step fits an
+    epoch and printing a note for each setting a small dataset or a short run quietly changes."""
+    batches_per_epoch = len(rank_batches(sampler, 0, fabric))
+    check_one_step_fits(batches_per_epoch, accumulation, samples, args, fabric.world_size)
+    total_steps = args.max_steps or args.epochs * max(1, batches_per_epoch // accumulation)
+    for note in small_data_notes(val_samples, total_steps, args):
+        fabric.print(f"note: {note}")
+    return total_steps
+
+
+def small_data_notes(val_samples: int, total_steps: int, args: TrainArgs) -> List[str]:
     """What a small dataset or a short run quietly changes, said once at the start."""
     notes = []
-    if not val_data:
+    if not val_samples:
         notes.append("the prepared data has no validation samples: no validation loss or perplexity will be "
                      "reported (prepare it with --val_size N to hold some records out)")
     if args.warmup_steps > total_steps:
@@ -608,10 +620,7 @@ def fit(fabric: L.Fabric, model: Llama, train_data: List[Dict[str, torch.Tensor]
         raise ValueError("the training split is empty: prepare more data or lower --val_size")
     accumulation = args.accumulation_steps(fabric.world_size)
     sampler = make_sampler(train_data, args)
-    check_one_step_fits(len(rank_batches(sampler, 0, fabric)), accumulation, len(train_data), args, fabric.world_size)
-    total_steps = args.max_steps or args.epochs * max(1, len(rank_batches(sampler, 0, fabric)) // accumulation)
-    for note in small_data_notes(val_data, total_steps, args):
-        fabric.print(f"note: {note}")
+    total_steps = plan_steps(fabric, sampler, len(train_data), len(val_data), accumulation, args)
 
     with claim_out_dir(fabric, out_dir, resume, overwrite, weights_name, hyperparameters):
         model.activation_checkpointing = args.activation_checkpointing and not isinstance(fabric.strategy, FSDPStrategy)
@@ -641,8 +650,7 @@ def fit(fabric: L.Fabric, model: Llama, train_data: List[Dict[str, torch.Tensor]
                 progress = loop.progress
                 batches = rank_batches(sampler, progress["epoch"], fabric)
                 if progress["batch_in_epoch"] + accumulation > len(batches):  # a partial window ends the epoch
-                    if progress["batch_in_epoch"] == 0:  # an epoch (of packed rows) too short for one step: never loop
-                        check_one_step_fits(len(batches), accumulation, len(train_data), args, fabric.world_size)
+                    check_one_step_fits(len(batches), accumulation, len(train_data), args, fabric.world_size)  # no endless skip
                     progress["epoch"], progress["batch_in_epoch"] = progress["epoch"] + 1, 0
                     continue
                 step_start = time.perf_counter()

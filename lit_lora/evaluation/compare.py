@@ -171,6 +171,7 @@ def _finetune_in_child(connection: Any, method: str, arguments: Dict[str, Any], 
         connection.close()
 
 
+FRESH_PROCESS_METHODS = frozenset(METHODS)  # the methods lit_lora.methods registers when a process imports it
 PEAK_MEMORY_NOTE = ("peak memory: each method trained in a fresh process of its own; the peak resident set size "
                     "less what that process held before training (Python and libraries)",
                     "peak memory: GPU memory allocated, each method trained in a fresh process of its own")
@@ -187,6 +188,10 @@ def finetune(variant: Variant, out_dir: PathLike, device: torch.device, **argume
     memory less what the child held before training (the interpreter and libraries)."""
     out_dir = Path(out_dir)
     arguments = {"out_dir": out_dir, **variant.settings, **arguments}
+    if variant.method not in FRESH_PROCESS_METHODS:  # registered in this process only: a fresh one lacks it
+        with measure_peak_memory(device) as peak:
+            metrics = finetune_method(variant.method, arguments)
+        return _run_result(variant, out_dir, metrics, peak)
     context = multiprocessing.get_context("spawn")  # a fresh process, not a copy of this one
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_finetune_in_child, args=(sender, variant.method, arguments, device.type))
@@ -202,6 +207,10 @@ def finetune(variant: Variant, out_dir: PathLike, device: torch.device, **argume
     if kind == "error":
         raise value
     metrics, peak = value
+    return _run_result(variant, out_dir, metrics, peak)
+
+
+def _run_result(variant: Variant, out_dir: Path, metrics: Dict[str, Any], peak: Dict[str, Any]) -> RunResult:
     if not metrics.get("finished"):
         raise RuntimeError(f"{variant.name}: training stopped at step {metrics['steps']} of {metrics['total_steps']}")
     history = json.loads((out_dir / "history.json").read_text())["history"]
