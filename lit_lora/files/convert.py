@@ -479,6 +479,12 @@ def _bos_eos_ids(checkpoint_dir: Path) -> Tuple[Optional[int], object]:
     return 1, 2
 
 
+def _pad_id(checkpoint_dir: Path) -> Optional[int]:
+    """The padding id generation_config.json records, for config.json (None when it names none)."""
+    generation = checkpoint_dir / "generation_config.json"
+    return load_json(generation).get("pad_token_id") if generation.is_file() else None
+
+
 def convert_lit_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, overwrite: bool = False) -> Path:
     """lit-lora checkpoint -> Hugging Face directory (`config.json`, `model.safetensors`, tokenizer)
     that `transformers.LlamaForCausalLM.from_pretrained` loads. Tensors are copied bit for bit."""
@@ -499,6 +505,9 @@ def convert_lit_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, overw
     dtypes = {dtype for _, dtype in layout.values()}
     tokenizer = tokenizer_file(checkpoint_dir)
     hf_config = config_to_hf(config, *_bos_eos_ids(checkpoint_dir))
+    pad_id = _pad_id(checkpoint_dir)
+    if pad_id is not None:
+        hf_config["pad_token_id"] = pad_id
     if len(dtypes) == 1:  # what from_pretrained(dtype="auto") loads the weights as
         hf_config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
     refuse_to_overwrite(output_dir / HF_WEIGHTS_NAME, overwrite)

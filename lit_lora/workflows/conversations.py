@@ -67,18 +67,27 @@ def text_of(content: Any) -> Any:
     return "".join(texts) if texts and all(isinstance(text, str) for text in texts) else None
 
 
-def fit_dialog(tokenizer: Tokenizer, messages: Messages, max_seq_length: int) -> Tuple[Optional[List[int]], Optional[List[bool]], int]:
-    """(ids, learned, exchanges dropped) of the longest prefix of whole exchanges within `max_seq_length`;
-    (None, None, all of them) when not even the first exchange fits.
+def fit_dialog(tokenizer: Tokenizer, messages: Messages, max_seq_length: int
+               ) -> Tuple[Optional[List[int]], Optional[List[bool]], int, int]:
+    """(ids, learned, exchanges dropped, length of the whole dialog) for the longest prefix of whole exchanges
+    within `max_seq_length`; ids and learned are None when not even the first exchange fits.
 
-    The dialog is encoded once: each exchange is tokenized on its own (lit_lora/prompts.py), so the ids of a
-    prefix of exchanges are a prefix of the ids, ending where an exchange's learned answer and EOS end."""
+    The whole dialog is encoded once. When it is too long, where its answers end says how many exchanges
+    can fit (the ids of a prefix of exchanges are a prefix of the ids), and only that prefix is encoded
+    again, on its own, so that it ends as the chat format ends a dialog (ChatML's newline after
+    <|im_end|>, say): a few encodings per dialog, not one per exchange."""
     ids, learned = encode_dialog(tokenizer, messages)
     ends = [i + 1 for i in range(len(ids)) if learned[i] and (i + 1 == len(ids) or not learned[i + 1])]
-    fitting = [end for end in ends if end <= max_seq_length]
-    if not fitting:
-        return None, None, len(ends)
-    return ids[: fitting[-1]], learned[: fitting[-1]], len(ends) - len(fitting)
+    if len(ids) <= max_seq_length:
+        return ids, learned, 0, len(ids)
+    system = 1 if messages[0]["role"] == "system" else 0
+    kept = sum(1 for end in ends if end <= max_seq_length)
+    while kept:
+        prefix_ids, prefix_learned = encode_dialog(tokenizer, messages[: system + 2 * kept])
+        if len(prefix_ids) <= max_seq_length:
+            return prefix_ids, prefix_learned, len(ends) - kept, len(ids)
+        kept -= 1
+    return None, None, len(ends), len(ids)
 
 
 def prepare_conversation_data(data_file: PathLike, destination_path: PathLike, tokenizer_path: PathLike, *,
@@ -109,8 +118,8 @@ def prepare_conversation_data(data_file: PathLike, destination_path: PathLike, t
             problems.append(f"{where}: {problem}")
             counts["dropped_malformed"] += 1
             continue
-        ids, learned, dropped = fit_dialog(tokenizer, messages, max_seq_length)
-        lengths.append(len(encode_dialog(tokenizer, messages)[0]) if dropped else len(ids))
+        ids, learned, dropped, length = fit_dialog(tokenizer, messages, max_seq_length)
+        lengths.append(length)
         if ids is None:
             counts["dropped_too_long"] += 1
             continue
