@@ -12,12 +12,13 @@ from typing import List, Literal, Optional, Union
 
 import torch
 
+from lit_lora.files.checkpoint import recorded_prompt_style
 from lit_lora.generate import check_generation_settings
 from lit_lora.prompts import get_prompt_style
 from lit_lora.speed.quantize import QuantizeMode
 from lit_lora.workflows.cli import run
 from lit_lora.workflows.inference import (NOT_COMPILED_IN_BATCHES, blame_weights, encode_prompts, generate_batches,
-                                          generate_streaming, load_for_generation, read_prompts_file, recorded_prompt_style)
+                                          generate_streaming, load_for_generation, read_prompts_file)
 
 
 def main(

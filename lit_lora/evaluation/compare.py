@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from lit_lora.data import load_prepare_config
-from lit_lora.files.checkpoint import TRAINING_NAME, atomic_path, load_checkpoint, load_json, save_json
+from lit_lora.files.checkpoint import atomic_path, load_checkpoint, load_json, recorded_prompt_style, save_json
 from lit_lora.files.plots import plot_loss_curves, plot_update_heatmap
 from lit_lora.files.run_dir import FINISHED_NAME
 from lit_lora.files.utils import PathLike
@@ -250,8 +250,7 @@ def trained_prompt_style(result: RunResult) -> Optional[str]:
         return None
     if get_method(result.method).saves_file:
         return read_weights(result.weights_path, result.method).prompt_style
-    training = result.weights_path / TRAINING_NAME
-    return load_json(training).get("prompt_style") if training.is_file() else None
+    return recorded_prompt_style(result.weights_path)
 
 
 def release_memory() -> None:

@@ -198,6 +198,17 @@ def save_checkpoint(checkpoint_dir: PathLike, state: Mapping[str, torch.Tensor],
     return checkpoint_dir
 
 
+def recorded_prompt_style(checkpoint_dir: PathLike) -> Optional[str]:
+    """The prompt style a merged or fully finetuned checkpoint records in its training.json (None for a
+    base model)."""
+    path = Path(checkpoint_dir) / TRAINING_NAME
+    if not path.is_file():
+        return None
+    training = load_json(path)
+    style = training.get("prompt_style") if isinstance(training, dict) else None
+    return style if isinstance(style, str) else None
+
+
 def load_config(checkpoint_dir: PathLike) -> Config:
     path = Path(checkpoint_dir) / CONFIG_NAME
     if not path.is_file():

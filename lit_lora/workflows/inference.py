@@ -13,8 +13,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple, Unio
 
 import torch
 
-from lit_lora.files.checkpoint import (TRAINING_NAME, WEIGHTS_NAME, check_same_base, load_checkpoint, load_config,
-                                       load_json)
+from lit_lora.files.checkpoint import WEIGHTS_NAME, check_same_base, load_checkpoint, load_config
 from lit_lora.files.utils import DTYPES, PathLike, parse_dtype, peak_memory
 from lit_lora.generate import NonFiniteLogits, check_prompt_fits, generate
 from lit_lora.lora import is_quantized
@@ -176,17 +175,6 @@ def blame_weights(checkpoint_dir: PathLike, *adapter_paths: Optional[PathLike]) 
     except NonFiniteLogits as error:
         files = [Path(checkpoint_dir) / WEIGHTS_NAME, *(Path(p) for p in adapter_paths if p is not None)]
         raise NonFiniteLogits(f"{' + '.join(map(str, files))}: {error}") from None
-
-
-def recorded_prompt_style(checkpoint_dir: PathLike) -> Optional[str]:
-    """The prompt style a merged or fully finetuned checkpoint records in its training.json (None for a
-    base model)."""
-    path = Path(checkpoint_dir) / TRAINING_NAME
-    if not path.is_file():
-        return None
-    training = load_json(path)
-    style = training.get("prompt_style") if isinstance(training, dict) else None
-    return style if isinstance(style, str) else None
 
 
 # ----------------------------------------------------------------------------------------------------
