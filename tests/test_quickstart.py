@@ -1,14 +1,19 @@
-"""The quickstart (scripts/quickstart.py) end to end in its reduced `--fast` form, and the library pieces
-it stands on: the synthetic world (lit_lora/evaluation/synthetic.py) and the comparison tools (lit_lora/evaluation/compare.py)."""
+"""The quickstart (scripts/quickstart.py) end to end in its reduced `--fast` form, on the tiny model and on
+SmolLM2-135M-Instruct, and the library pieces it stands on: the synthetic world (lit_lora/evaluation/synthetic.py),
+the date task (lit_lora/evaluation/dates.py) and the comparison tools (lit_lora/evaluation/compare.py)."""
 
+import datetime
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from lit_lora.evaluation.compare import RunResult, Variant, comparison_rows, exact_match, markdown_table, parse_variant
+from lit_lora.evaluation.compare import (ExactMatch, RunResult, Variant, comparison_rows, exact_match, markdown_table,
+                                         parse_variant, side_by_side)
+from lit_lora.evaluation.dates import FORMS, INSTRUCTION, SENTENCES, make_date_records
 from lit_lora.evaluation.synthetic import (TASKS, WorldConfig, build_world, pack_corpus, quiz_document, tokenizer_texts,
                                            train_tokenizer)
 from lit_lora.lora import LoRAConfig, add_lora, lora_layers
@@ -141,17 +146,78 @@ def test_variants_and_table():
     assert table[0].startswith("| method | trainable params |") and len(table) == 4
 
 
-def _run_quickstart(out: Path):
+# Python's own date parser reads each written form (the ordinal suffix taken off first): an independent check.
+STRPTIME_FORMS = {"Month D, YYYY": "%B %d, %Y", "D Month YYYY": "%d %B %Y", "the Dth of Month YYYY": "the %d of %B %Y",
+                  "Mon D, YYYY": "%b %d, %Y", "Dth Month, YYYY": "%d %B, %Y"}
+
+
+def test_date_records_are_right_held_out_and_reproducible():
+    train, test = make_date_records(400, 60, seed=5)
+    assert set(STRPTIME_FORMS) == set(FORMS) and {r["task"] for r in train} == set(FORMS)
+    for record in train + test:
+        assert record["instruction"] == INSTRUCTION
+        written = next(record["input"][len(before):len(record["input"]) - len(after)]
+                       for before, after in (sentence.split("{date}") for sentence in SENTENCES)
+                       if record["input"].startswith(before) and record["input"].endswith(after))
+        unsuffixed = re.sub(r"(\d+)(st|nd|rd|th)\b", r"\1", written)
+        parsed = datetime.datetime.strptime(unsuffixed, STRPTIME_FORMS[record["task"]]).date()
+        assert record["output"] == parsed.isoformat() and re.fullmatch(r"\d{4}-\d\d-\d\d", record["output"])
+        if "th of" in record["task"] or record["task"].startswith("Dth"):  # the right ordinal suffix
+            day = parsed.day
+            assert f"{day}{'th' if 11 <= day <= 13 else {1: 'st', 2: 'nd', 3: 'rd'}.get(day % 10, 'th')}" in written
+    assert not {r["output"] for r in test} & {r["output"] for r in train}  # held-out dates never trained on
+    assert len({r["output"] for r in train + test}) == 460
+    again_train, again_test = make_date_records(10, 60, seed=5)
+    assert again_test == test and again_train == train[:10]  # the test set does not depend on the train size
+    assert make_date_records(10, 60, seed=6)[1] != test
+    with pytest.raises(ValueError, match="must be positive"):
+        make_date_records(0, 5)
+
+
+def test_side_by_side_lists_each_models_answer_and_marks_the_wrong_ones():
+    def scored(name, predictions):
+        rows = [{"instruction": "Say it.", "input": f"prompt {i} | x", "answer": "yes", "prediction": p,
+                 "correct": p == "yes"} for i, p in enumerate(predictions)]
+        return RunResult(name, "lora", accuracy=ExactMatch(sum(r["correct"] for r in rows), len(rows), {}, rows))
+
+    table = side_by_side([scored("base", ["no", "maybe\nso"]), scored("LoRA", ["yes", "yes"])], count=5).splitlines()
+    assert table[0] == "| prompt | expected | base | LoRA |" and len(table) == 4
+    assert table[2] == "| prompt 0 \\| x | yes | no ✗ | yes |" and table[3].endswith("| maybe so ✗ | yes |")
+    assert side_by_side([RunResult("base", "base")]) is None
+
+
+def _run_quickstart(out: Path, **arguments):
     spec = importlib.util.spec_from_file_location("quickstart", ROOT / "scripts" / "quickstart.py")
     quickstart = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quickstart)
-    return quickstart.main(out_dir=out, fast=True, accelerator="cpu")
+    return quickstart.main(out_dir=out, fast=True, accelerator="cpu", **arguments)
+
+
+@pytest.mark.slow
+def test_quickstart_on_smollm2_fast_runs_end_to_end(tmp_path, capsys, smollm2_checkpoint):
+    """The default quickstart, reduced, on the real SmolLM2-135M-Instruct: the date task in ChatML, three
+    finetuned models, the table with the answers side by side, the merged LoRA answering like the file."""
+    out = tmp_path / "quickstart"
+    result = _run_quickstart(out, checkpoint_dir=smollm2_checkpoint)
+    log = capsys.readouterr().out
+    assert all(f"Step {step}/7" in log for step in range(1, 8)) and "prompts in its chat format, 'chatml'" in log
+    report = json.loads((out / "comparison.json").read_text())
+    assert [row["method"] for row in report["rows"]] == [
+        "base model (no finetuning)", "LoRA (r=8, q and v)", "DoRA (r=8, q and v)",
+        "LLaMA-Adapter (10 prompt tokens, top 10 layers)"]
+    assert set(result["accuracy"]) == {row["method"] for row in report["rows"]}
+    table = (out / "comparison.md").read_text()
+    assert "| prompt | expected | base model (no finetuning) | LoRA (r=8, q and v) |" in table
+    first = json.loads((out / "task" / "test.json").read_text())[0]
+    assert f"| {first['input']} | {first['output']} |" in table
+    assert (out / "data" / "prepare_config.json").is_file() and '"chatml"' in (out / "data" / "prepare_config.json").read_text()
+    assert "the same as the base with the LoRA file" in log
 
 
 @pytest.mark.slow
 def test_quickstart_fast_runs_end_to_end_and_reruns_identically(tmp_path, capsys):
     out = tmp_path / "quickstart"
-    _run_quickstart(out)
+    _run_quickstart(out, tiny=True)
     first_log = capsys.readouterr().out
     for step in range(1, 8):
         assert f"Step {step}/7" in first_log
@@ -168,7 +234,7 @@ def test_quickstart_fast_runs_end_to_end_and_reruns_identically(tmp_path, capsys
     assert (out / "merged" / "lit_model.safetensors").is_file()
     assert "the same as the base with the LoRA file" in first_log
 
-    _run_quickstart(out)  # the second run reuses the pretrained base and repeats every number but the measured ones
+    _run_quickstart(out, tiny=True)  # the second run reuses the pretrained base and repeats every number but the measured ones
     assert "reusing the base pretrained" in capsys.readouterr().out
     second = json.loads((out / "comparison.json").read_text())
     measured = ("peak memory", "s / step")

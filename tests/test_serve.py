@@ -370,3 +370,26 @@ def test_exported_adapters_have_the_fields_and_names_vllm_reads(checkpoint, tmp_
     assert len(tensors) == 2 * (2 * 2 + 1)  # q and v in both layers, and the head
     export(lora_path=checkpoint / "dora.safetensors", output_dir=tmp_path / "dora")  # PEFT takes it; vLLM refuses DoRA
     assert json.loads((tmp_path / "dora" / "adapter_config.json").read_text())["use_dora"]
+
+
+def test_row_adapters_follow_every_change_of_routing(checkpoint):
+    """The same routing twice keeps its gathered rows; a new one (rows swapped) gathers again: every row
+    computes as its adapter alone, in every order."""
+    from lit_lora.workflows.row_adapters import RowAdapters
+
+    files = {name: checkpoint / f"{name}.safetensors" for name in MODELS[1:]}
+    model = load_checkpoint(checkpoint / "base").eval()
+    rows = RowAdapters(model, files)
+    ids = torch.randint(0, 32000, (3, 5), generator=torch.Generator().manual_seed(0))
+    alone = {}
+    for name in ("lora", "dora"):
+        reference = load_checkpoint(checkpoint / "base").eval()
+        apply_weights(reference, files[name])
+        with torch.no_grad():
+            alone[name] = reference(ids)
+    for routing in (["lora", "dora", "lora"], ["lora", "dora", "lora"], ["dora", "lora", "dora"], ["lora"] * 3):
+        rows.use([rows.names.index(name) + 1 for name in routing])
+        with torch.no_grad():
+            logits = model(ids)
+        for b, name in enumerate(routing):
+            torch.testing.assert_close(logits[b], alone[name][b], rtol=1e-4, atol=1e-4)

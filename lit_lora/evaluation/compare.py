@@ -10,7 +10,8 @@
     method that can measure its update (LoRA), a heatmap of its size ||(alpha / r) B A|| per layer
 
 `compare_methods` runs it all; scripts/compare.py is its command line, and scripts/quickstart.py runs
-the same pieces on the synthetic world (lit_lora/evaluation/synthetic.py).
+the same pieces on SmolLM2-135M-Instruct and the date task (lit_lora/evaluation/dates.py), or with --tiny
+on the synthetic world (lit_lora/evaluation/synthetic.py).
 """
 
 import gc
@@ -333,8 +334,8 @@ def exact_match(model: Llama, tokenizer: Tokenizer, style: PromptStyle, records:
         task = record.get("task", "all")
         hits, seen = per_task.get(task, (0, 0))
         per_task[task] = (hits + correct, seen + 1)
-        rows.append({"task": task, "instruction": record["instruction"], "answer": record["answer"],
-                     "prediction": prediction, "correct": correct})
+        rows.append({"task": task, "instruction": record["instruction"], "input": record.get("input", ""),
+                     "answer": record["answer"], "prediction": prediction, "correct": correct})
     return ExactMatch(sum(r["correct"] for r in rows), len(rows), per_task, rows)
 
 
@@ -408,14 +409,36 @@ def per_task_table(results: Sequence[RunResult]) -> Optional[str]:
     return "\n".join(lines)
 
 
+def side_by_side(results: Sequence[RunResult], count: int = 6) -> Optional[str]:
+    """The first `count` held-out prompts with the expected answer and each model's answer, as a Markdown
+    table (None before any model is scored). A wrong answer is marked with a cross."""
+    scored = [r for r in results if r.accuracy is not None]
+    if not scored:
+        return None
+
+    def cell(text: str) -> str:  # one table cell: no line breaks, no column separators
+        return " ".join(text.split()).replace("|", "\\|") or "(nothing)"
+
+    lines = ["| prompt | expected | " + " | ".join(r.name for r in scored) + " |", "|---|---|" + "---|" * len(scored)]
+    for index, first in enumerate(scored[0].accuracy.predictions[:count]):
+        answers = [r.accuracy.predictions[index] for r in scored]
+        lines.append(f"| {cell(first['input'] or first['instruction'])} | {cell(first['answer'])} | " + " | ".join(
+            cell(a["prediction"]) + ("" if a["correct"] else " ✗") for a in answers) + " |")
+    return "\n".join(lines)
+
+
 def write_report(results: Sequence[RunResult], out_dir: PathLike, title: str, notes: Sequence[str] = ()) -> str:
-    """comparison.md (table, per-task accuracy, notes), comparison.json (numbers and every prediction)."""
+    """comparison.md (table, per-task accuracy, a few answers side by side, notes), comparison.json
+    (numbers and every prediction)."""
     out_dir = Path(out_dir)
     rows = comparison_rows(results)
     text = [f"# {title}", "", markdown_table(rows), ""]
     by_task = per_task_table(results)
     if by_task:
         text += ["Exact-match accuracy per task:", "", by_task, ""]
+    answers = side_by_side(results)
+    if answers:
+        text += ["The first held-out prompts, answered by each model (✗: not an exact match):", "", answers, ""]
     text += [f"- {note}" for note in notes]
     report = "\n".join(text).rstrip() + "\n"
     with atomic_path(out_dir / "comparison.md") as tmp:

