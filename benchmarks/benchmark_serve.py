@@ -18,8 +18,7 @@ Reported: tokens/s of all clients together (new tokens over the wall time of the
 token (the median and the slowest, from sending a request to its first streamed text), the rows per
 decoding step from the server's /metrics (medians over the rounds), and the ratios 16 clients / 1 client
 and 4 adapters / 1 adapter (median and range of the rounds' ratios). Then the model alone, without the
-server: one decoding step of 1 row and of 16 rows, with F.linear and with the speed room's FewRowProducts
-(lit_lora/speed/decoding.py), and the ratio each gives.
+server: one decoding step of 1 row and of 16 rows, and the ratio a server without overhead would reach.
 With --llama_cpp_dir (a llama.cpp tree with convert_hf_to_gguf.py and build/bin/llama-server) the same
 16-client load runs against llama-server on a GGUF conversion of the same base weights (f32, 16 parallel
 slots, as many threads) and the ratio of the two throughputs is printed; without it, that line says so.
@@ -45,6 +44,7 @@ from lit_lora.lora import LoRAConfig, add_lora, lora_layers, remove_lora
 from lit_lora.methods import save_weights
 from lit_lora.model import Config, Llama
 from lit_lora.workflows.cli import run
+from lit_lora.workflows.inference import load_for_generation
 from lit_lora.workflows.serve import free_port, wait_until_serving
 
 
@@ -108,30 +108,25 @@ def load(url: str, models: List[str], clients: int, requests_per_client: int, pr
             "ttft_max": max(first_token), "seconds": seconds}
 
 
-def decode_step_milliseconds(checkpoint: Path, rows: int, repeats: int = 30) -> Tuple[Dict[str, float], bool]:
-    """The model alone (no server): the median time of one decoding step of 1 row, and of `rows` rows with
-    F.linear as it is and with the speed room's FewRowProducts, interleaved so the machine's load hits all
-    three; and whether the server's probe (`few_row_products_help`) chooses it here."""
-    from contextlib import nullcontext
-
-    from lit_lora.files.checkpoint import load_checkpoint
-    from lit_lora.speed.decoding import FewRowProducts, few_row_products_help
-
-    model = load_checkpoint(checkpoint).eval()
-    chosen = few_row_products_help(model.tok_embeddings.weight, rows)  # as the server's Engine probes
+def decode_step_milliseconds(checkpoint: Path, rows: int, dtype: str, threads: Optional[int],
+                             repeats: int = 30) -> Dict[str, float]:
+    """The model alone (no server), loaded in the dtype and run on the threads the server gets: the median
+    time of one decoding step of 1 row and of `rows` rows, interleaved so the machine's load hits both."""
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_for_generation(checkpoint, "cpu", dtype)
     model.set_kv_cache(rows, 1024)
     ids = torch.randint(0, model.config.vocab_size, (rows, 1), generator=torch.Generator().manual_seed(0))
-    cases = {"1 row": (ids[:1], None), f"{rows} rows": (ids, None), f"{rows} rows, FewRowProducts": (ids, FewRowProducts(rows))}
+    cases = {"1 row": ids[:1], f"{rows} rows": ids}
     times: Dict[str, List[float]] = {label: [] for label in cases}
     with torch.inference_mode():
         for repeat in range(repeats + 3):
-            for label, (batch, mode) in cases.items():
+            for label, batch in cases.items():
                 start = time.perf_counter()
-                with mode or nullcontext():
-                    model(batch, torch.tensor([80]), left_pad=torch.zeros(len(batch), dtype=torch.long))
+                model(batch, torch.tensor([80]), left_pad=torch.zeros(len(batch), dtype=torch.long))
                 if repeat >= 3:  # the first calls allocate
                     times[label].append(time.perf_counter() - start)
-    return {label: 1000 * statistics.median(values) for label, values in times.items()}, chosen
+    return {label: 1000 * statistics.median(values) for label, values in times.items()}
 
 
 def metrics(url: str) -> Dict[str, float]:
@@ -227,7 +222,7 @@ def main(
                 llama_cpp_dir, workdir / "base", workdir, clients, threads or torch.get_num_threads(),
                 requests_per_client, prompt_length, new_tokens)]
         print(log.read_text().splitlines()[1])  # "serving base (base), adapter0 (lora), ..."
-        steps, chosen = decode_step_milliseconds(workdir / "base", clients)
+        step_ms = decode_step_milliseconds(workdir / "base", clients, dtype, threads)
 
     print(f"\n{'load (median of rounds)':<28} {'tokens/s':>9} {'TTFT median':>12} {'TTFT max':>9} {'rows/step':>10} {'mixed steps':>12}")
     for label, runs in results.items():
@@ -240,11 +235,10 @@ def main(
         print(f"{name}: {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} rounds; "
               f"target >= {target})")
     print("\nthe model alone, one decoding step at position 80 (medians): " + ", ".join(f"{label} {ms:.1f} ms"
-                                                                                for label, ms in steps.items()))
-    one, plain, few = steps.values()
-    print(f"  {clients} rows / 1 row, tokens per second: {clients * one / plain:.2f}x with F.linear, "
-          f"{clients * one / few:.2f}x with FewRowProducts (the server uses it where it probes faster: "
-          f"{'yes' if chosen else 'no'} on this machine)")
+                                                                                for label, ms in step_ms.items()))
+    one, many = step_ms["1 row"], step_ms[f"{clients} rows"]
+    print(f"  {clients} rows / 1 row, tokens per second: {clients * one / many:.2f}x, what a server without any "
+          "overhead would reach")
     if llama_cpp_dir is not None:
         theirs = results[f"llama-server, {clients} clients"][0]["tokens_per_second"]
         print(f"lit-lora (one LoRA adapter) / llama-server (the base) at {clients} clients: "

@@ -13,7 +13,7 @@ import torch
 
 from lit_lora.evaluation.compare import (ExactMatch, RunResult, Variant, comparison_rows, exact_match, markdown_table,
                                          parse_variant, side_by_side)
-from lit_lora.evaluation.dates import FORMS, INSTRUCTION, SENTENCES, make_date_records
+from lit_lora.evaluation.dates import FORMS, INSTRUCTION, SENTENCES, make_date_records, ordinal
 from lit_lora.evaluation.synthetic import (TASKS, WorldConfig, build_world, pack_corpus, quiz_document, tokenizer_texts,
                                            train_tokenizer)
 from lit_lora.lora import LoRAConfig, add_lora, lora_layers
@@ -162,14 +162,14 @@ def test_date_records_are_right_held_out_and_reproducible():
         unsuffixed = re.sub(r"(\d+)(st|nd|rd|th)\b", r"\1", written)
         parsed = datetime.datetime.strptime(unsuffixed, STRPTIME_FORMS[record["task"]]).date()
         assert record["output"] == parsed.isoformat() and re.fullmatch(r"\d{4}-\d\d-\d\d", record["output"])
-        if "th of" in record["task"] or record["task"].startswith("Dth"):  # the right ordinal suffix
-            day = parsed.day
-            assert f"{day}{'th' if 11 <= day <= 13 else {1: 'st', 2: 'nd', 3: 'rd'}.get(day % 10, 'th')}" in written
     assert not {r["output"] for r in test} & {r["output"] for r in train}  # held-out dates never trained on
     assert len({r["output"] for r in train + test}) == 460
     again_train, again_test = make_date_records(10, 60, seed=5)
     assert again_test == test and again_train == train[:10]  # the test set does not depend on the train size
     assert make_date_records(10, 60, seed=6)[1] != test
+    ordinals = {1: "1st", 2: "2nd", 3: "3rd", 4: "4th", 11: "11th", 12: "12th", 13: "13th", 21: "21st", 22: "22nd",
+                23: "23rd", 24: "24th", 30: "30th", 31: "31st"}
+    assert {day: ordinal(day) for day in ordinals} == ordinals
     with pytest.raises(ValueError, match="must be positive"):
         make_date_records(0, 5)
 

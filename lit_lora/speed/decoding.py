@@ -9,17 +9,12 @@ teaching files (generate.py) stay plain and lit_lora/workflows/inference.py call
     OneTokenForms                  F.linear on one row, attention of one query     loops a compiler streams, or
                                                                                    lit_lora/speed/row_kernels.py's bf16
                                                                                    kernel (inside CompiledDecoding)
-    FewRowProducts                 F.linear(x, W) = x W^T for a few float32 rows   the same product as (W x^T)^T,
-                                                                                   which the BLAS runs faster on some
-                                                                                   CPUs (probed: few_row_products_help)
 
 Int8 weight-only decoding (`Int8Linear`) is a quantization scheme and lives in lit_lora/speed/int8.py; the
 training half of this room is lit_lora/speed/training.py. benchmarks/benchmark_generate.py prints the
 same-run ratios.
 """
 
-import statistics
-import time
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
@@ -102,57 +97,6 @@ class OneTokenForms(TorchFunctionMode):
 def matvec_as_reduction(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, weight)` for one row x (..., in) and weight (out, in): h[o] = sum_i W[o, i] x[i], in float32."""
     return (x.unsqueeze(-2).float() * weight.float()).sum(-1).to(x.dtype)  # (..., 1, in) * (out, in) -> (..., out)
-
-
-class FewRowProducts(TorchFunctionMode):
-    """`F.linear(x, W)` for float32 x of 2 to `max_rows` rows on a CPU (a decoding step of a batch: one row
-    per request) computed as `(W @ x^T)^T`. The same products, handed to the BLAS with the operands the
-    other way round: W (out, in) on the left, x's few rows as the narrow right-hand side. MKL's sgemm
-    picks other blocking for that shape, and on some CPUs it is much faster: on an AMD EPYC with AVX2
-    (2 threads, MKL 2024.2), 16 rows through a 32000 x 512 output head took 17.3 ms as F.linear and 9.3 ms
-    so, through a 1376 x 512 MLP matrix 0.29 and 0.19 ms. Elsewhere it may not help: the caller asks
-    `few_row_products_help` first. The sums run in another order: the last bits can differ."""
-
-    def __init__(self, max_rows: int = 64) -> None:
-        super().__init__()
-        self.max_rows = max_rows
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        if func is F.linear and bias is None:
-            x, weight = args[:2]
-            rows = x.numel() // max(1, x.size(-1))
-            if (1 < rows <= self.max_rows and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-                    and weight.dim() == 2):
-                # (out, in) @ (in, N) -> (out, N) -> (N, out), copied row-major: the operations that follow
-                # (rotary, attention, SwiGLU) are slower on the transposed view than the copy costs
-                h = (weight @ x.reshape(rows, -1).T).T.contiguous()
-                return h.reshape(*x.shape[:-1], weight.size(0))  # (..., out)
-        return func(*args, **kwargs)
-
-
-def few_row_products_help(weight: torch.Tensor, rows: int, repeats: int = 7) -> bool:
-    """Whether `FewRowProducts` beats F.linear for `rows` float32 rows through `weight` (out, in) on this
-    machine: both timed here, medians of `repeats` calls; it must win by 10 %. False off a CPU or for
-    other dtypes (a few milliseconds for a large weight, once, where a server starts)."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or rows < 2:
-        return False
-    x = torch.randn(rows, weight.size(1))
-
-    def median_seconds(product: Callable[[], torch.Tensor]) -> float:
-        product()  # warm-up: first calls allocate
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            product()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    with torch.inference_mode():
-        plain = median_seconds(lambda: F.linear(x, weight))
-        swapped = median_seconds(lambda: (weight @ x.T).T.contiguous())
-    return swapped < 0.9 * plain
 
 
 def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

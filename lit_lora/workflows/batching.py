@@ -45,7 +45,6 @@ with each request's own settings and random generator (a seed gives the same ans
 
 import logging
 import threading
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -53,7 +52,6 @@ import torch
 
 from lit_lora.generate import sample_next_token
 from lit_lora.model import KVCache, Llama
-from lit_lora.speed.decoding import FewRowProducts, few_row_products_help
 from lit_lora.workflows.row_adapters import RowAdapters
 
 
@@ -120,10 +118,6 @@ class Engine:
         self.device = model.tok_embeddings.weight.device
         model.set_kv_cache(max_batch_size, self.cache_length, device=self.device)
         self.caches = [block.attn.kv_cache for block in model.layers]
-        # The speed room's form of F.linear for a batch's few float32 rows, where it is faster on this machine:
-        # timed once, here, on the embedding matrix (the output head's shape, V x C, and never wrapped by an adapter)
-        helps = few_row_products_help(model.tok_embeddings.weight, max_batch_size)
-        self.few_rows = FewRowProducts(max_batch_size) if helps else None
         self.rows: List[Request] = []  # row b of the batch's KV cache decodes rows[b]
         self.left_pad = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,)
         self.last_ids: List[int] = []  # each row's newest token, not yet fed to the model
@@ -206,8 +200,7 @@ class Engine:
         """Logits of the last position (B, V) of `ids` (B, T), each row with its own adapter."""
         if self.adapters is not None:
             self.adapters.use(adapters)
-        few_rows = self.few_rows if ids.size(0) > 1 else None  # one row: F.linear as it is, no mode to pass
-        with torch.inference_mode(), few_rows or nullcontext():
+        with torch.inference_mode():
             return self.model(ids, input_pos, left_pad=left_pad)[:, -1]
 
     def _sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> List[int]:
