@@ -53,29 +53,28 @@ STEPS = 7
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 Contestants = Sequence[Tuple[str, Variant, float]]  # (directory, variant, learning rate)
 
-# The contestants on SmolLM2 (30 layers): LoRA and DoRA on q_proj and v_proj (the LoRA paper's choice);
-# the Adapter in the top 10 layers (the paper adapts the top 30 of 32 layers of 7B; here backpropagation
-# then stops at layer 20: a trial on another draw of dates adapting the top 28 scored a few points higher
-# but took 1.5x as long to train on a 2-core AMD EPYC). Learning rates: LoRA's the tiny run's, 2e-3 (DoRA
-# takes it too); the Adapter's 2e-2, which beat 1e-2 in a trial.
-REAL_CONTESTANTS: Contestants = (
-    ("lora", Variant("LoRA (r=8, q and v)", "lora",
-                     {"lora": LoRAConfig(r=8, alpha=16, dropout=0.0, targets=("q", "v"))}), 2e-3),
-    ("dora", Variant("DoRA (r=8, q and v)", "lora",
-                     {"lora": LoRAConfig(r=8, alpha=16, dropout=0.0, targets=("q", "v"), use_dora=True)}), 2e-3),
-    ("adapter", Variant("LLaMA-Adapter (10 prompt tokens, top 10 layers)", "adapter",
-                        {"adapter": AdapterConfig(prompt_length=10, start_layer=20)}), 2e-2))
-# The contestants on the tiny model: LoRA and DoRA on every linear layer of the blocks; the Adapter in every
-# layer (with 4 layers, all of them). Learning rates: the best of {1e-2, 2e-2, 5e-2} for the Adapter and
-# {2e-3, 5e-3} for LoRA on this world; DoRA takes LoRA's.
-TINY_CONTESTANTS: Contestants = (
-    ("lora", Variant("LoRA (r=8, all linear layers)", "lora",
-                     {"lora": LoRAConfig(r=8, alpha=16, dropout=0.0, targets=("q", "k", "v", "o", "mlp"))}), 2e-3),
-    ("dora", Variant("DoRA (r=8, all linear layers)", "lora",
-                     {"lora": LoRAConfig(r=8, alpha=16, dropout=0.0, targets=("q", "k", "v", "o", "mlp"),
-                                         use_dora=True)}), 2e-3),
-    ("adapter", Variant("LLaMA-Adapter (10 prompt tokens, all layers)", "adapter",
-                        {"adapter": AdapterConfig(prompt_length=10, start_layer=0)}), 5e-2))
+def contestants(lora_targets: Tuple[str, ...], lora_label: str, adapter_start_layer: int, adapter_label: str,
+                adapter_learning_rate: float) -> Contestants:
+    """LoRA and DoRA (r=8, alpha 16, no dropout, learning rate 2e-3) on `lora_targets`, and LLaMA-Adapter
+    (10 prompt tokens) from `adapter_start_layer` up."""
+    lora = LoRAConfig(r=8, alpha=16, dropout=0.0, targets=lora_targets)
+    return (("lora", Variant(f"LoRA (r=8, {lora_label})", "lora", {"lora": lora}), 2e-3),
+            ("dora", Variant(f"DoRA (r=8, {lora_label})", "lora", {"lora": replace(lora, use_dora=True)}), 2e-3),
+            ("adapter", Variant(f"LLaMA-Adapter (10 prompt tokens, {adapter_label})", "adapter",
+                                {"adapter": AdapterConfig(prompt_length=10, start_layer=adapter_start_layer)}),
+             adapter_learning_rate))
+
+
+# On SmolLM2 (30 layers): LoRA and DoRA on q_proj and v_proj (the LoRA paper's choice); the Adapter in the
+# top 10 layers (the paper adapts the top 30 of 32 layers of 7B; here backpropagation then stops at layer
+# 20: a trial on another draw of dates adapting the top 28 scored a few points higher but took 1.5x as long
+# to train on a 2-core AMD EPYC). Learning rates: LoRA's the tiny run's, 2e-3 (DoRA takes it too); the
+# Adapter's 2e-2, which beat 1e-2 in a trial.
+REAL_CONTESTANTS = contestants(("q", "v"), "q and v", 20, "top 10 layers", 2e-2)
+# On the tiny model: LoRA and DoRA on every linear layer of the blocks; the Adapter in every layer (with 4
+# layers, all of them). Learning rates: the best of {1e-2, 2e-2, 5e-2} for the Adapter and {2e-3, 5e-3} for
+# LoRA on this world; DoRA takes LoRA's.
+TINY_CONTESTANTS = contestants(("q", "k", "v", "o", "mlp"), "all linear layers", 0, "all layers", 5e-2)
 
 
 @dataclass
@@ -90,7 +89,8 @@ class Prepared:
     budget: Dict[str, Any]  # TrainArgs fields shared by every contestant
     max_new_tokens: int
     title: str
-    notes: List[str]
+    test_note: str  # what the held-out records are
+    base_note: str  # what the base model is
 
 
 def banner(step: int, title: str) -> None:
@@ -100,8 +100,7 @@ def banner(step: int, title: str) -> None:
 def real_model_steps(out_dir: Path, seed: int, fast: bool, checkpoint_dir: Path) -> Prepared:
     """Steps 1-3 on SmolLM2-135M-Instruct: the model, the date task, the prepared records."""
     banner(1, f"the model: {SMOLLM2}")
-    # the files a conversion writes, the tokenizer's last: a conversion that was interrupted is done again
-    if all((checkpoint_dir / name).is_file() for name in (WEIGHTS_NAME, CONFIG_NAME, "tokenizer.json", "tokenizer_config.json")):
+    if (checkpoint_dir / CONFIG_NAME).is_file():  # the converters write it last: an interrupted one is done again
         print(f"using the checkpoint in {checkpoint_dir}")
     else:
         try:
@@ -134,12 +133,12 @@ def real_model_steps(out_dir: Path, seed: int, fast: bool, checkpoint_dir: Path)
     budget = dict(global_batch_size=batch, micro_batch_size=batch, warmup_steps=max(1, steps // 5), max_steps=steps,
                   eval_interval=max(1, steps // 3), eval_iters=1 if fast else 2, save_interval=100_000, log_interval=2, seed=seed,
                   sample_instruction=f"{test[0]['instruction']}\n\n{test[0]['input']}")
-    notes = [f"{len(test)} held-out sentences, dates never seen in finetuning, {len(FORMS)} written forms "
-             "(accuracy per form above); greedy decoding; exact match after stripping whitespace",
-             f"base model: {checkpoint_dir} ({config.name}: a name ending in Q4_1 is the package index's GGUF, "
-             "dequantized)"]
     return Prepared(checkpoint_dir, data_dir, task_dir / "test.json", style, REAL_CONTESTANTS, budget, 12,
-                    f"LoRA vs DoRA vs LLaMA-Adapter on {SMOLLM2.split('/')[1]}: dates to YYYY-MM-DD", notes)
+                    f"LoRA vs DoRA vs LLaMA-Adapter on {SMOLLM2.split('/')[1]}: dates to YYYY-MM-DD",
+                    test_note=f"{len(test)} held-out sentences, dates never seen in finetuning, {len(FORMS)} written "
+                              "forms (accuracy per form above); greedy decoding; exact match after stripping whitespace",
+                    base_note=f"base model: {checkpoint_dir} ({config.name}: a name ending in Q4_1 is the package "
+                              "index's GGUF, dequantized)")
 
 
 def tiny_model_steps(out_dir: Path, seed: int, fast: bool, device: torch.device, accelerator: str) -> Prepared:
@@ -180,12 +179,13 @@ def tiny_model_steps(out_dir: Path, seed: int, fast: bool, device: torch.device,
     budget = dict(global_batch_size=16, micro_batch_size=16, warmup_steps=20 // scale, max_steps=400 // scale,
                   eval_interval=50 // scale, eval_iters=4, save_interval=100_000, log_interval=10, seed=seed,
                   sample_instruction=world.test[0].instruction)
-    notes = [f"{len(world.test)} held-out test instructions ({', '.join(world.config.tasks)}), keys never seen in "
-             "finetuning; greedy decoding; exact match after stripping whitespace",
-             f"base model: a {TINY_BASE.n_layer}-layer Llama, n_embd {TINY_BASE.n_embd}, {TINY_BASE.vocab_size}-piece "
-             f"tokenizer, pretrained for {pretrain_args.max_steps} steps on the synthetic corpus"]
     return Prepared(checkpoint_dir, data_dir, paths["test"], style, TINY_CONTESTANTS, budget, 16,
-                    "LoRA vs DoRA vs LLaMA-Adapter on the synthetic world", notes)
+                    "LoRA vs DoRA vs LLaMA-Adapter on the synthetic world",
+                    test_note=f"{len(world.test)} held-out test instructions ({', '.join(world.config.tasks)}), keys "
+                              "never seen in finetuning; greedy decoding; exact match after stripping whitespace",
+                    base_note=f"base model: a {TINY_BASE.n_layer}-layer Llama, n_embd {TINY_BASE.n_embd}, "
+                              f"{TINY_BASE.vocab_size}-piece tokenizer, pretrained for {pretrain_args.max_steps} steps "
+                              "on the synthetic corpus")
 
 
 def compare_steps(prepared: Prepared, out_dir: Path, seed: int, device: torch.device, accelerator: str) -> List[RunResult]:
@@ -212,11 +212,11 @@ def compare_steps(prepared: Prepared, out_dir: Path, seed: int, device: torch.de
               f"   e.g. {example['input'] or example['instruction']!r} -> {example['prediction']!r}")
 
     banner(6, "the side-by-side table and answers, and the plots")
-    notes = [prepared.notes[0],
+    notes = [prepared.test_note,
              f"same budget: {budget['max_steps']} steps of {budget['global_batch_size']} samples in the same order "
              f"(seed {seed}); learning rate " + ", ".join(f"{rate:g} ({variant.name.split(' ')[0]})"
                                                            for _, variant, rate in prepared.contestants),
-             f"precision {precision}", PEAK_MEMORY_NOTE[device.type == "cuda"], STEP_SECONDS_NOTE, *prepared.notes[1:]]
+             f"precision {precision}", PEAK_MEMORY_NOTE[device.type == "cuda"], STEP_SECONDS_NOTE, prepared.base_note]
     if any(r.accuracy.right_but_misformatted() for r in results):  # the expected answer, then more (e.g. "15.")
         notes.insert(2, "the right answer in the wrong format (e.g. \"15.\" for \"15\"; counted as wrong): " + ", ".join(
             f"{r.name} {r.accuracy.right_but_misformatted()}/{r.accuracy.total}" for r in results))

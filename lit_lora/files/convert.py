@@ -204,13 +204,14 @@ def _check_plan(config: Config, layout: Layout, source: str, config_path: Path) 
 
 def _write_lit_checkpoint(output_dir: Path, config: Config, layout: Layout,
                           tensors: Iterable[Tuple[str, torch.Tensor]], tokenizer: Optional[Path], overwrite: bool) -> Path:
-    """Weights first (the step that can still fail on a bad file), then the config that describes them."""
+    """Weights first (the step that can still fail on a bad file), then the tokenizer, and last the config
+    that describes them: a directory with a config holds a whole checkpoint, even after an interruption."""
     refuse_to_overwrite(output_dir / WEIGHTS_NAME, overwrite)
     with removed_on_failure(output_dir):
         save_tensors_streaming(output_dir / WEIGHTS_NAME, layout, tensors, metadata={"format": "pt"})
-        save_json(config.to_dict(), output_dir / CONFIG_NAME)
         if tokenizer is not None:
             copy_tokenizer_files(tokenizer, output_dir)
+        save_json(config.to_dict(), output_dir / CONFIG_NAME)
     return output_dir
 
 

@@ -342,11 +342,11 @@ def convert_gguf_checkpoint(gguf_path: PathLike, output_dir: Optional[PathLike] 
     refuse_to_overwrite(output_dir / WEIGHTS_NAME, overwrite)
     with removed_on_failure(output_dir):
         save_tensors_streaming(output_dir / WEIGHTS_NAME, layout, tensors(), metadata={"format": "pt"})
-        save_json(config.to_dict(), output_dir / CONFIG_NAME)
         for name, contents in side_files.items():
             if isinstance(contents, str):
                 with atomic_path(output_dir / name) as tmp:
                     tmp.write_text(contents)
             else:
                 save_json(contents, output_dir / name)
+        save_json(config.to_dict(), output_dir / CONFIG_NAME)  # last: a config means the whole checkpoint is there
     return output_dir

@@ -74,16 +74,11 @@ class RowLoRALinear(nn.Module):
                 self.factor[i] = factor
             self.coefficient[i] = self.factor[i] * scaling
         self.has_dora = any(factor is not None for _, _, _, factor in updates.values())
-        self.ids: Optional[List[int]] = None  # the routing the gathered rows below were made for
         self.use([0])
 
     def use(self, ids: Sequence[int]) -> None:
-        """Route the rows of the next forward passes: row b uses adapter ids[b]. The same routing as
-        before keeps the rows gathered then (a decoding loop routes before every step)."""
-        ids = list(ids)
-        if ids == self.ids:
-            return
-        self.ids, self.single = ids, ids[0] if len(set(ids)) == 1 else None
+        """Route the rows of the next forward passes: row b uses adapter ids[b]."""
+        self.single = ids[0] if len(set(ids)) == 1 else None
         if self.single is None:
             index = torch.tensor(ids, device=self.A.device)
             self.A_rows, self.B_rows = self.A[index], self.B[index]  # (B, r, in), (B, out, r): gathered once
@@ -138,6 +133,7 @@ class RowAdapters:
 
     def __init__(self, model: Llama, files: Mapping[str, Path]) -> None:
         self.model, self.names, self.methods = model, list(files), {}
+        self.routing: Optional[List[int]] = None  # the ids of the last use()
         lora: Dict[str, Dict[int, tuple]] = {}
         prompts: Dict[int, Dict[int, tuple]] = {}
         for adapter, (name, path) in enumerate(files.items(), start=1):
@@ -168,8 +164,13 @@ class RowAdapters:
         return "base" if adapter == 0 else self.methods[self.names[adapter - 1]]
 
     def use(self, ids: Sequence[int]) -> None:
-        """Route the rows of the next forward passes: row b uses adapter ids[b] (0: the base alone)."""
+        """Route the rows of the next forward passes: row b uses adapter ids[b] (0: the base alone). The
+        routing of the previous call is kept as it is (a decoding loop routes before every step; the rows
+        are gathered again only when the batch changes)."""
         ids = list(ids)
+        if ids == self.routing:
+            return
+        self.routing = ids
         for layer in self.row_layers:
             layer.use(ids)
         for index, seam in self.row_prompts.items():  # a layer no row adapts computes as plain Llama
